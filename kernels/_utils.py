@@ -1,0 +1,56 @@
+"""Helpers every kernel module shares: interpreter detection, autotune config lists, launch sizes."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Read when kernels are defined: Triton decides then whether @triton.jit functions are interpreted.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The configs to autotune over: all on a GPU, the first alone under the interpreter.
+
+    Triton's interpreter cannot time configs (it fails with "0 active drivers" for more than one),
+    so the first entry of every list must be a sound default.
+    """
+    return configs[:1] if INTERPRET else configs
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors on a CUDA device (a fixed small number under the interpreter)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(t: torch.Tensor) -> int:
+    return num_sms(t.device.index or 0) if t.is_cuda else num_sms(-1)
+
+
+def row_block(n: int, max_block: int) -> int:
+    """Power-of-two block covering a row of ``n`` elements, capped at ``max_block``."""
+    return min(triton.next_power_of_2(max(n, 1)), max_block)
+
+
+def warps_for_block(block: int) -> int:
+    """Warps for a row-wise kernel holding ``block`` elements: about 8 elements per thread."""
+    return max(1, min(16, block // 256))
+
+
+# Tests set LIGHTLLM_POISON_OUTPUTS=1 so every output buffer starts as NaN: an element a kernel
+# forgets to write then fails the parity check instead of passing on leftover memory.
+POISON_OUTPUTS = os.environ.get("LIGHTLLM_POISON_OUTPUTS", "0") == "1"
+
+
+def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled when poisoning is on)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

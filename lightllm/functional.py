@@ -1,0 +1,1 @@
+"""The ops, with the exact semantics of their PyTorch twins (DESIGN.md §3)."""

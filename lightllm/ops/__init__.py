@@ -1,0 +1,1 @@
+"""Validation, autograd and ``torch.library`` registration of every op, one file per op."""

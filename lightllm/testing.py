@@ -1,0 +1,55 @@
+"""Parity checking by the tolerance rule of DESIGN.md §4 (the FlashAttention rule).
+
+The reference is computed in float64; PyTorch's own op runs in the test dtype. The kernel's largest
+error against the reference may be at most ``factor`` times PyTorch's (2 for outputs, 3 for gradients)
+plus a small absolute floor for the case where PyTorch happens to be exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Absolute floors: a few units in the last place of each dtype at magnitude 1.
+ATOL_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference, treating matching NaNs and matching infinities as equal."""
+    a = actual.detach().to(torch.float64)
+    r = reference.detach().to(torch.float64)
+    if a.shape != r.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != reference shape {tuple(r.shape)}")
+    same = (a == r) | (a.isnan() & r.isnan())
+    diff = (a - r).abs().masked_fill(same, 0.0)
+    # A NaN where the reference has a number (or the reverse) is an infinite error.
+    diff = diff.nan_to_num(nan=float("inf"))
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_parity(
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    torch_result: torch.Tensor,
+    *,
+    grad: bool = False,
+    atol: float | None = None,
+    name: str = "output",
+) -> None:
+    """Assert ``actual`` is within the tolerance rule of ``reference`` (float64).
+
+    ``torch_result`` is PyTorch's own result in the test dtype; its error sets the budget.
+    """
+    if actual.dtype != torch_result.dtype:
+        raise AssertionError(f"{name}: dtype {actual.dtype} != PyTorch's {torch_result.dtype}")
+    factor = 3.0 if grad else 2.0
+    floor = ATOL_FLOOR[actual.dtype] if atol is None else atol
+    err = max_error(actual, reference)
+    torch_err = max_error(torch_result, reference)
+    scale = reference.detach().abs().nan_to_num(posinf=0, neginf=0).max().item() if reference.numel() else 0
+    budget = factor * torch_err + floor * max(1.0, scale)
+    if not err <= budget:
+        raise AssertionError(
+            f"{name}: max error {err:.3e} exceeds {factor:g} x PyTorch's {torch_err:.3e} "
+            f"+ floor {floor:.1e} (budget {budget:.3e}, reference max |x| {scale:.3e})"
+        )
+

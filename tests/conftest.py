@@ -1,0 +1,50 @@
+"""Shared test setup: interpreter on CPU-only machines, poisoned outputs, seeds, device and dtype
+parametrisation. The parity assertion itself lives in ``lightllm.testing``."""
+
+import os
+import zlib
+
+import torch
+
+# Before any kernel is defined: Triton decides at decoration time whether to interpret.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LIGHTLLM_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+BF16_ON_CPU = ("Triton's interpreter does not support bfloat16 arithmetic (dot products multiply "
+               "raw bits; upstream says cast to float32): bfloat16 is checked on the GPU")
+
+
+def dtype_params(*dtypes, interpreted=True):
+    """pytest params for dtypes; bfloat16 is skipped with the interpreter's reason when the kernel
+    under test runs in the interpreter (``interpreted=False`` for C++ kernels, which handle it)."""
+    out = []
+    for dt in dtypes or (torch.float32, torch.float16, torch.bfloat16):
+        marks = []
+        if dt == torch.bfloat16 and interpreted and not HAS_CUDA:
+            marks.append(pytest.mark.skip(reason=BF16_ON_CPU))
+        out.append(pytest.param(dt, id=str(dt).replace("torch.", ""), marks=marks))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fresh but reproducible stream per test: random inputs differ between cases.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
