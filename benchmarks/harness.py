@@ -59,19 +59,21 @@ def measure_ceilings() -> dict[str, float]:
     """Copy bandwidth (bytes read + written per second) and dense bf16 matmul rate (FLOP/s)."""
     from triton.testing import do_bench
 
-    n = 1 << 28  # 1 GiB of float32 per buffer: far beyond any L2
-    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
-    copy_bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
-    del src, dst
+    def copy_rate(n=1 << 28):  # 1 GiB of float32 per buffer: far beyond any L2
+        src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+        dst = torch.empty_like(src)
+        ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
+        return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
-    m = 8192
-    a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
-    ms = do_bench(lambda: a @ b, warmup=50, rep=300)
-    mm_rate = 2 * m**3 / (ms * 1e-3)
-    return {"copy_bytes_per_s": copy_bw, "bf16_matmul_flop_per_s": mm_rate}
+    def matmul_rate(m=8192):
+        a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+        ms = do_bench(lambda: a @ b, warmup=50, rep=300)
+        return 2 * m**3 / (ms * 1e-3)
+
+    ceilings = {"copy_bytes_per_s": copy_rate(), "bf16_matmul_flop_per_s": matmul_rate()}
+    torch.cuda.empty_cache()
+    return ceilings
 
 
 # --------------------------------------------------------------------------------------------

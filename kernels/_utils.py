@@ -21,7 +21,7 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     return configs[:1] if INTERPRET else configs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int) -> int:
     """Streaming multiprocessors on a CUDA device (a fixed small number under the interpreter)."""
     if INTERPRET or not torch.cuda.is_available():

@@ -1,1 +1,2 @@
 """The ops, with the exact semantics of their PyTorch twins (DESIGN.md §3)."""
+from .ops.layer_norm import add_layer_norm, layer_norm  # noqa: F401

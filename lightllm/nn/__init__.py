@@ -1,1 +1,2 @@
 """Drop-in modules with the constructor arguments and state-dict keys of their torch.nn twins."""
+from .layer_norm import AddLayerNorm, LayerNorm  # noqa: F401

@@ -1,0 +1,291 @@
+"""LayerNorm and fused residual-add + LayerNorm ("Add & Norm"), forward and backward.
+
+Forward, one program per row of ``N`` features:
+  s    = x + residual                      (only with a residual; written once, rounded to x's dtype)
+  mean = sum(s) / N,  var = sum((s - mean)^2) / N,  rstd = 1 / sqrt(var + eps)
+  y    = (s - mean) * rstd * w + b
+A row of up to ``MAX_FUSED_FWD`` elements is held in registers: one read of each input, one write of
+each output, plus 8 bytes of statistics per row. Longer rows stream through ``CHUNK`` wide tiles:
+the statistics come from one pass that merges per-tile (mean, M2) pairs (Chan et al.), then a second
+pass normalises, so such rows are read twice (the second read mostly from L2).
+
+Backward, with xhat = (s - mean) * rstd and g = w * dy:
+  ds = rstd * (g - xhat * mean(g * xhat) - mean(g))  (+ the gradient of the returned sum, if any)
+  dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+Each of ``G`` programs owns a contiguous run of rows and accumulates its dw/db in fp32 (registers for
+short rows, its own row of the partial buffer for long rows); the ``G`` partials are then summed. The
+reduction is deterministic and never serialises on a lock across the grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import empty, row_block, sm_count, warps_for_block
+
+MAX_FUSED_FWD = 16384  # longest row the forward keeps in registers
+MAX_FUSED_BWD = 8192  # the backward holds more per element (x, dy, w, dw, db)
+CHUNK = 4096  # tile width for rows longer than that
+
+
+@triton.jit
+def _layer_norm_fwd(
+    X, R, W, B, Y, S, Mean, Rstd,
+    stride_x, stride_r, stride_y, stride_s,
+    N, eps,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    Y += row * stride_y
+    R += row * stride_r
+    S += row * stride_s
+    cols = tl.arange(0, BLOCK_N)
+
+    if SINGLE_TILE:
+        # -- the row in registers: load, add the residual, statistics, normalise, store --
+        mask = cols < N
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x += tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
+            s = x.to(S.dtype.element_ty)
+            tl.store(S + cols, s, mask=mask)
+            x = s.to(tl.float32)  # normalise exactly the sum that is returned (and saved)
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = xc * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # -- pass 1: per-tile (mean, M2), merged into the row's running statistics --
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for start in range(0, N, BLOCK_N):
+            offs = start + cols
+            mask = offs < N
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+                s = x.to(S.dtype.element_ty)
+                tl.store(S + offs, s, mask=mask)
+                x = s.to(tl.float32)
+            n_tile = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+            mean_tile = tl.sum(x, axis=0) / n_tile
+            xc = tl.where(mask, x - mean_tile, 0.0)
+            m2_tile = tl.sum(xc * xc, axis=0)
+            total = count + n_tile
+            delta = mean_tile - mean
+            mean += delta * (n_tile / total)
+            m2 += m2_tile + delta * delta * (count * n_tile / total)
+            count = total
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        # -- pass 2: normalise tile by tile (the sum, when there is one, is re-read from S) --
+        for start in range(0, N, BLOCK_N):
+            offs = start + cols
+            mask = offs < N
+            if HAS_RESIDUAL:
+                x = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd(
+    DY, X, W, Mean, Rstd, DS, DX, DW, DB,
+    stride_dy, stride_x, stride_ds, stride_dx,
+    M, N, rows_per_program,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    # Row pointers advance by one stride per row: 64-bit pointer arithmetic, no int32 products.
+    first = row_start.to(tl.int64)
+    X += first * stride_x
+    DY += first * stride_dy
+    DS += first * stride_ds
+    DX += first * stride_dx
+    Mean += first
+    Rstd += first
+    # This program's row of the (G, N) fp32 partial sums of dw and db.
+    DW += pid.to(tl.int64) * N
+    DB += pid.to(tl.int64) * N
+
+    if SINGLE_TILE:
+        mask = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for _ in range(row_start, row_end):
+            # -- recompute xhat from the saved statistics --
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean)
+            rstd = tl.load(Rstd)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            if HAS_WEIGHT:
+                g = dy * w
+            else:
+                g = dy
+            # -- dx from the two row reductions --
+            c1 = tl.sum(xhat * g, axis=0) / N
+            c2 = tl.sum(g, axis=0) / N
+            dx = (g - (xhat * c1 + c2)) * rstd
+            if HAS_DS:
+                dx += tl.load(DS + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            # -- accumulate this program's share of dw, db --
+            dw_acc += dy * xhat
+            db_acc += dy
+            X += stride_x
+            DY += stride_dy
+            DS += stride_ds
+            DX += stride_dx
+            Mean += 1
+            Rstd += 1
+        if NEED_DW:
+            tl.store(DW + cols, dw_acc, mask=mask)
+        if NEED_DB:
+            tl.store(DB + cols, db_acc, mask=mask)
+    else:
+        for _ in range(row_start, row_end):
+            mean = tl.load(Mean)
+            rstd = tl.load(Rstd)
+            # -- pass 1: the two row reductions, and dw/db into this program's partial row --
+            c1 = 0.0
+            c2 = 0.0
+            for start in range(0, N, BLOCK_N):
+                offs = start + cols
+                mask = offs < N
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                if HAS_WEIGHT:
+                    g = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    g = dy
+                c1 += tl.sum(xhat * g, axis=0)
+                c2 += tl.sum(g, axis=0)
+                if NEED_DW:
+                    tl.store(DW + offs, tl.load(DW + offs, mask=mask) + dy * xhat, mask=mask)
+                if NEED_DB:
+                    tl.store(DB + offs, tl.load(DB + offs, mask=mask) + dy, mask=mask)
+            c1 = c1 / N
+            c2 = c2 / N
+            # -- pass 2: dx tile by tile --
+            for start in range(0, N, BLOCK_N):
+                offs = start + cols
+                mask = offs < N
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+                xhat = (x - mean) * rstd
+                if HAS_WEIGHT:
+                    g = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    g = dy
+                dx = (g - (xhat * c1 + c2)) * rstd
+                if HAS_DS:
+                    dx += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            X += stride_x
+            DY += stride_dy
+            DS += stride_ds
+            DX += stride_dx
+            Mean += 1
+            Rstd += 1
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D view whose rows are contiguous (the row stride may be anything)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def layer_norm_fwd(x, residual, weight, bias, eps: float):
+    """Launch the forward on a 2-D ``x`` (M, N). Returns ``(y, s, mean, rstd)``; ``s`` (the sum
+    x + residual) is None without a residual. ``mean``/``rstd`` are fp32 of shape (M,)."""
+    x = _rows(x)
+    M, N = x.shape
+    y = empty((M, N), dtype=x.dtype, device=x.device)
+    s = None
+    if residual is not None:
+        residual = _rows(residual)
+        s = empty((M, N), dtype=x.dtype, device=x.device)
+    mean = empty((M,), dtype=torch.float32, device=x.device)
+    rstd = empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y, s, mean, rstd
+    single = N <= MAX_FUSED_FWD
+    block = row_block(N, MAX_FUSED_FWD if single else CHUNK)
+    _layer_norm_fwd[(M,)](
+        x, residual if residual is not None else x,
+        weight if weight is not None else x, bias if bias is not None else x,
+        y, s if s is not None else y, mean, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0,
+        y.stride(0), s.stride(0) if s is not None else 0,
+        N, eps,
+        BLOCK_N=block, SINGLE_TILE=single, HAS_RESIDUAL=residual is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        num_warps=warps_for_block(block),
+    )
+    return y, s, mean, rstd
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
+    """Launch the backward on 2-D ``dy``/``x`` (M, N); ``x`` is what was normalised (the sum for
+    Add & Norm) and ``ds`` the gradient of the returned sum, or None. Returns ``(dx, dw, db)`` with
+    dw/db fp32 of shape (N,), or None where not needed."""
+    dy, x = _rows(dy), _rows(x)
+    ds = _rows(ds) if ds is not None else None
+    M, N = x.shape
+    dx = empty((M, N), dtype=x.dtype, device=x.device)
+    single = N <= MAX_FUSED_BWD
+    block = row_block(N, MAX_FUSED_BWD if single else CHUNK)
+    # Enough programs to fill the GPU twice over, each owning a contiguous run of rows.
+    programs = max(1, min(M, 2 * sm_count(x)))
+    rows_per_program = triton.cdiv(M, programs) if M else 0
+    programs = triton.cdiv(M, rows_per_program) if M else 1
+    alloc = empty if single else torch.zeros  # the long-row path accumulates in place
+    dw_partial = alloc((programs, N), dtype=torch.float32, device=x.device) if need_dw else None
+    db_partial = alloc((programs, N), dtype=torch.float32, device=x.device) if need_db else None
+    if M > 0:
+        _layer_norm_bwd[(programs,)](
+            dy, x, weight if weight is not None else x, mean, rstd,
+            ds if ds is not None else dy, dx,
+            dw_partial if need_dw else dx, db_partial if need_db else dx,
+            dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
+            M, N, rows_per_program,
+            BLOCK_N=block, SINGLE_TILE=single, HAS_WEIGHT=weight is not None,
+            HAS_DS=ds is not None, NEED_DW=need_dw, NEED_DB=need_db,
+            num_warps=warps_for_block(block),
+        )
+    dw = dw_partial.sum(0) if need_dw else None
+    db = db_partial.sum(0) if need_db else None
+    return dx, dw, db
