@@ -166,6 +166,8 @@ def run_case(case: Case, ceilings: dict[str, float] | None, only: Sequence[str] 
         for provider, fn in case.providers.items():
             if only and provider not in only:
                 continue
+            if not HAS_CUDA and provider.startswith("compile"):
+                continue  # minutes of CPU compilation for a timing that means nothing here
             row = {"op": case.op, "case": case.label, "mode": mode, "provider": provider,
                    **case.params}
             try:
@@ -241,7 +243,7 @@ def _fmt(v: Any) -> str:
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    cols = ["case", "mode", "provider", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s", "%roof",
+    cols = ["op", "case", "mode", "provider", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s", "%roof",
             "peak_mib"]
     extra = sorted({k for r in rows for k in r if k.startswith("x_vs_")})
     cols += extra + ["error", "note"]

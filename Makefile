@@ -1,0 +1,40 @@
+# lightllm: every target sets itself up from nothing.
+#   make test       CPU or GPU: create .venv, install torch + the project (building lightllm._C), run tests
+#   make bench      the quick benchmark pass (a smoke pass without a GPU) into benchmarks/results/local
+#   make gpu-check  on a GPU machine with torch/triton preinstalled and no network (DESIGN.md §6)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+JOBS ?= 2
+STAMP := $(VENV)/.lightllm-installed
+RESULTS ?=
+
+.PHONY: install test bench gpu-check lint clean
+
+# Rebuilt when the build description or the C++/CUDA sources change.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja pybind11 setuptools wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,dev]"
+	$(PY) -m lightllm.env
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -n $(JOBS) tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --quick --out benchmarks/results/local
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(RESULTS)
+
+clean:
+	rm -rf build *.egg-info lightllm/_C*.so benchmarks/results/local .pytest_cache

@@ -1,0 +1,86 @@
+"""LayerNorm and Add & Norm: forward, backward and both, hidden 512 ... 16384.
+
+Ideal traffic (e = element size, M rows of N features; parameters and statistics are negligible):
+  layer_norm      fwd 2·M·N·e (x in, y out)        bwd 3·M·N·e (x, dy in, dx out)
+  add_layer_norm  fwd 4·M·N·e (x, r in, y, s out)  bwd 4·M·N·e (s, dy, ds in, dx out)
+Memory-bound, so figures are GB/s and % of the measured copy bandwidth.
+
+    python -m benchmarks.bench_layer_norm [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import lightllm.functional as LF
+from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from lightllm.reference import layer_norm as reference
+
+TRAFFIC = {"layer_norm": (2, 3), "add_layer_norm": (4, 4)}
+
+
+def _torch_add_layer_norm(x, r, w, b):
+    s = x + r
+    return F.layer_norm(s, s.shape[-1:], w, b), s
+
+
+def _providers(op: str):
+    if op == "layer_norm":
+        eager = lambda x, w, b: reference.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
+        return {
+            "eager": eager,
+            "torch": lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b),
+            "compile": compiled(eager),
+            "lightllm": lambda x, w, b: LF.layer_norm(x, x.shape[-1:], w, b),
+        }
+    eager = lambda x, r, w, b: reference.add_layer_norm(x, r, x.shape[-1:], w, b)  # noqa: E731
+    return {
+        "eager": eager,
+        "torch": _torch_add_layer_norm,
+        "compile": compiled(eager),
+        "lightllm": lambda x, r, w, b: LF.add_layer_norm(x, r, x.shape[-1:], w, b),
+    }
+
+
+def build_cases(quick: bool) -> list[Case]:
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    if HAS_CUDA:
+        hiddens = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+    else:
+        hiddens = [64]
+    cases = []
+    for op in ("layer_norm", "add_layer_norm"):
+        fwd, bwd = TRAFFIC[op]
+        for n in hiddens:
+            m = (1 << 25) // n if HAS_CUDA else 4  # 32M elements: 64 MiB per bf16 tensor
+
+            def make(device, m=m, n=n, op=op):
+                x = torch.randn(m, n, device=device, dtype=dtype)
+                w = torch.randn(n, device=device, dtype=dtype)
+                b = torch.randn(n, device=device, dtype=dtype)
+                if op == "layer_norm":
+                    return x, w, b
+                return x, torch.randn_like(x), w, b
+
+            size = m * n * dtype.itemsize
+            cases.append(Case(
+                op=op, label=f"{m}x{n} {str(dtype)[6:]}", params={"M": m, "N": n},
+                make_inputs=make, providers=_providers(op), modes=("fwd", "bwd", "fwd+bwd"),
+                grad_inputs=(0, 1, 2) if op == "layer_norm" else (0, 1, 2, 3),
+                bytes={"fwd": fwd * size, "bwd": bwd * size, "fwd+bwd": (fwd + bwd) * size},
+            ))
+    return cases
+
+
+def test_layer_norm_benchmark(benchmark):
+    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd+bwd")
+
+
+def test_add_layer_norm_benchmark(benchmark):
+    case = next(c for c in build_cases(quick=True) if c.op == "add_layer_norm")
+    pytest_benchmark(benchmark, case, "lightllm", "fwd+bwd")
+
+
+if __name__ == "__main__":
+    main("layer_norm", build_cases)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# make gpu-check: the one script for a GPU machine (DESIGN.md §6).
+#
+# Uses the python3 it finds (torch, triton, ninja, pytest preinstalled; no venv, no network):
+# builds lightllm._C, runs the whole test suite on CUDA (bfloat16 included), runs
+# compute-sanitizer (memcheck, racecheck) over the extension's CUDA tests, runs the quick
+# benchmarks, and leaves at most eight files in the results folder (argument 1; default
+# benchmarks/results/<card>-<date>): env.txt, build.log, tests.log, sanitizer.log, bench.log,
+# summary.md, results.tar.gz (every benchmark JSON and Markdown table). The summary prints last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo unknown)
+OUT=${1:-benchmarks/results/${card}-$(date +%Y-%m-%d)}
+mkdir -p "$OUT"
+status=()
+
+step() {  # step NAME LOG COMMAND...: run, log, remember the outcome
+  local name=$1 log=$2; shift 2
+  local start=$SECONDS
+  "$@" >"$log" 2>&1
+  local rc=$?
+  status+=("$name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $((SECONDS - start)) s")
+  return $rc
+}
+
+step build "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -e .
+$PY -m lightllm.env >"$OUT/env.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv >>"$OUT/env.txt" 2>&1
+
+step tests "$OUT/tests.log" $PY -m pytest tests -q -rs -p no:cacheprovider --durations=15
+
+if command -v compute-sanitizer >/dev/null; then
+  {
+    for tool in memcheck racecheck; do
+      echo "== compute-sanitizer --tool $tool"
+      compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        $PY -m pytest tests/test_softmax.py -q -x -m cuda -p no:cacheprovider || echo "$tool FAILED"
+    done
+  } >"$OUT/sanitizer.log" 2>&1
+  grep -q FAILED "$OUT/sanitizer.log" && status+=("sanitizer: FAILED") || status+=("sanitizer: ok")
+else
+  echo "compute-sanitizer not found" >"$OUT/sanitizer.log"
+  status+=("sanitizer: not run (compute-sanitizer not found)")
+fi
+
+bench_dir=$(mktemp -d)
+step benchmarks "$OUT/bench.log" $PY -m benchmarks.run --quick --out "$bench_dir"
+tar -czf "$OUT/results.tar.gz" -C "$bench_dir" .
+
+{
+  echo "# gpu-check on ${card}, $(date -u +%FT%TZ)"
+  echo
+  sed 's/^/    /' "$OUT/env.txt"
+  echo
+  for s in "${status[@]}"; do echo "- $s"; done
+  echo
+  tail -n 3 "$OUT/tests.log"
+  echo
+  for md in "$bench_dir"/*.md; do [ -f "$md" ] && cat "$md" && echo; done
+} >"$OUT/summary.md"
+rm -rf "$bench_dir"
+cat "$OUT/summary.md"
+for s in "${status[@]}"; do echo "$s"; done

@@ -1,0 +1,54 @@
+"""Run every ``benchmarks/bench_*.py`` into one results folder and print a summary.
+
+    python -m benchmarks.run [--quick] [--out DIR] [--only layer_norm,softmax]
+
+Without a CUDA device each file runs its smoke pass (lightllm through the Triton interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import benchmarks  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/local")
+    parser.add_argument("--only", default="", help="comma-separated op files (bench_<op>)")
+    args = parser.parse_args()
+    only = {o for o in args.only.split(",") if o}
+    names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)
+                   if m.name.startswith("bench_"))
+    failed = []
+    for name in names:
+        op = name.removeprefix("bench_")
+        if only and op not in only:
+            continue
+        module = importlib.import_module(f"benchmarks.{name}")
+        argv = ["--out", args.out] + (["--quick"] if args.quick else [])
+        try:
+            module.main(op, module.build_cases, argv)
+        except SystemExit as e:  # a bench file exits non-zero when lightllm failed a case
+            if e.code:
+                failed.append(op)
+        except Exception as e:  # report and go on: one broken file must not hide the others
+            print(f"[{op}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            failed.append(op)
+    print(f"benchmarks written to {args.out}; " +
+          (f"failed: {', '.join(failed)}" if failed else "every lightllm case ran"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
