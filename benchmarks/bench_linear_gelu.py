@@ -1,0 +1,145 @@
+"""Linear + bias + GeLU (and the whole GeLU feed-forward): forward and backward, GPT-2 and
+Llama-like sizes (d_model 768 ... 8192, d_ff = 4·d_model, tokens 1 ... 16k).
+
+Work: y = gelu(x W^T + b) with x (M, K), W (N, K): 2·M·N·K FLOPs forward, twice that backward
+(dX and dW); the feed-forward is two such products (4·M·d_model·d_ff forward, 8· backward).
+Compute-bound beyond a few hundred tokens, so figures are TFLOP/s and % of the measured bf16
+matmul rate; decode (M = 1) is bound by reading W, so there TFLOP/s is low for everyone.
+
+Providers:
+  eager     F.linear then F.gelu (two kernels: cuBLAS addmm, then an elementwise pass)
+  torch     torch._addmm_activation(b, x, W^T, use_gelu=True): cuBLASLt's fused GELU_BIAS
+            epilogue. On CUDA it computes the *tanh* GeLU (every GPU path of that op uses tanh,
+            pytorch/pytorch#104061; on CPU it is the exact erf form) and it has no backward, so it
+            appears in the forward of the approximate="tanh" cases only: like is compared with like.
+  compile   torch.compile of the eager reference
+  lightllm  lightllm.functional.linear_gelu / feed_forward
+  matmul    torch.matmul(x, W^T) of the same shape, no bias, no activation: the ceiling.
+
+    python -m benchmarks.bench_linear_gelu [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+
+import lightllm.functional as LF
+from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from lightllm.reference import linear_gelu as reference
+
+GPT2 = [768, 1024, 1600]  # small, medium, XL
+LLAMA = [4096, 8192]  # 7B-like, 70B-like widths (d_ff = 4·d_model here, not SwiGLU's 8/3)
+
+
+def _ceiling(y, *biases):
+    """The matmul ceiling's output; with autograd on, also views of the biases: the backward
+    harness differentiates every input, and a view's gradient costs no kernel."""
+    return (y, *(b.view_as(b) for b in biases)) if torch.is_grad_enabled() else y
+
+
+def _linear_gelu_providers(approximate: str, mode: str):
+    def eager(x, w, b):
+        return reference.linear_gelu(x, w, b, approximate)
+
+    providers = {"eager": eager}
+    if mode == "fwd" and approximate == "tanh":
+        providers["torch"] = lambda x, w, b: torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    providers.update({
+        "compile": compiled(eager),
+        "lightllm": lambda x, w, b: LF.linear_gelu(x, w, b, approximate),
+        "matmul": lambda x, w, b: _ceiling(torch.matmul(x, w.t()), b),
+    })
+    return providers
+
+
+def _feed_forward_providers(approximate: str):
+    def eager(x, w1, b1, w2, b2):
+        return reference.feed_forward(x, w1, b1, w2, b2, approximate, residual=x)
+
+    return {
+        "eager": eager,
+        "compile": compiled(eager),
+        "lightllm": lambda x, w1, b1, w2, b2: LF.feed_forward(x, w1, b1, w2, b2, approximate,
+                                                              residual=x),
+        "matmul": lambda x, w1, b1, w2, b2: _ceiling(torch.matmul(torch.matmul(x, w1.t()), w2.t()),
+                                                     b1, b2),
+    }
+
+
+def _linear_gelu_cases(tokens: int, d_model: int, approximate: str, dtype) -> list[Case]:
+    m, k, n = tokens, d_model, 4 * d_model
+
+    def make(device):
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+        b = torch.randn(n, device=device, dtype=dtype)
+        return x, w, b
+
+    flops = 2 * m * n * k
+    label = f"{m}x{k}->{n} {approximate} {str(dtype)[6:]}"
+    params = {"M": m, "K": k, "N": n, "approximate": approximate}
+    # Two cases with one label: the forward (with cuBLASLt's fused epilogue where it computes the
+    # same function) and the backward (which that op does not have).
+    return [
+        Case(op="linear_gelu", label=label, params=params, make_inputs=make,
+             providers=_linear_gelu_providers(approximate, "fwd"),
+             modes=("fwd",), flops={"fwd": flops}),
+        Case(op="linear_gelu", label=label, params=params, make_inputs=make,
+             providers=_linear_gelu_providers(approximate, "bwd"),
+             modes=("bwd",), grad_inputs=(0, 1, 2), flops={"bwd": 2 * flops}),
+    ]
+
+
+def _feed_forward_case(tokens: int, d_model: int, approximate: str, dtype) -> Case:
+    m, d, f = tokens, d_model, 4 * d_model
+
+    def make(device):
+        return (torch.randn(m, d, device=device, dtype=dtype),
+                torch.randn(f, d, device=device, dtype=dtype) / d**0.5,
+                torch.randn(f, device=device, dtype=dtype),
+                torch.randn(d, f, device=device, dtype=dtype) / f**0.5,
+                torch.randn(d, device=device, dtype=dtype))
+
+    flops = 4 * m * d * f
+    return Case(op="feed_forward", label=f"ffn {m}x{d}->{f}->{d} +res {approximate} "
+                f"{str(dtype)[6:]}", params={"M": m, "d_model": d, "d_ff": f,
+                                             "approximate": approximate},
+                make_inputs=make, providers=_feed_forward_providers(approximate),
+                modes=("fwd", "bwd"), grad_inputs=(0, 1, 2, 3, 4),
+                flops={"fwd": flops, "bwd": 2 * flops})
+
+
+def build_cases(quick: bool) -> list[Case]:
+    if not HAS_CUDA:  # smoke pass through the interpreter: tiny, aligned and ragged
+        return (_linear_gelu_cases(5, 64, "tanh", torch.float16)
+                + _linear_gelu_cases(3, 40, "none", torch.float32)
+                + [_feed_forward_case(5, 32, "none", torch.float32)])
+    dtype = torch.bfloat16
+    cases: list[Case] = []
+    if quick:
+        for tokens, d in [(2048, 768), (4096, 4096), (1, 4096)]:
+            cases += _linear_gelu_cases(tokens, d, "tanh", dtype)
+        cases.append(_feed_forward_case(2048, 1024, "tanh", dtype))
+        return cases
+    for d in GPT2 + LLAMA:
+        for tokens in (1, 128, 2048, 16384):
+            cases += _linear_gelu_cases(tokens, d, "tanh", dtype)
+    for d in (1024, 4096):  # the exact (erf) form, as nn.GELU() and TransformerEncoderLayer use
+        cases += _linear_gelu_cases(4096, d, "none", dtype)
+        cases.append(_feed_forward_case(4096, d, "none", dtype))
+    cases.append(_feed_forward_case(16384, 1024, "tanh", dtype))
+    cases += _linear_gelu_cases(4096, 4096, "tanh", torch.float16)
+    return cases
+
+
+def test_linear_gelu_benchmark(benchmark):
+    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd")
+
+
+def test_feed_forward_benchmark(benchmark):
+    case = next(c for c in build_cases(quick=True) if c.op == "feed_forward")
+    pytest_benchmark(benchmark, case, "lightllm", "bwd")
+
+
+if __name__ == "__main__":
+    main("linear_gelu", build_cases)
