@@ -73,14 +73,16 @@ def _extensions():
 
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: cpp_extension adds the standard torch's headers need (C++20 since torch 2.10;
+    # forcing c++17 breaks the build with "C++20 or later compatible compiler is required").
+    cxx_flags = ["-O3"]
     if build_cuda:
         ext = cpp_extension.CUDAExtension(
             "lightllm._C",
             cpp_sources + cu_sources,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
             },
         )
     else:

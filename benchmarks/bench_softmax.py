@@ -1,0 +1,94 @@
+"""Softmax and scaled + masked softmax (the C++/CUDA extension): forward and backward, rows of
+128 ... 262144 elements, fp32 / fp16 / bf16.
+
+Ideal traffic (e = element size, M rows of N elements):
+  softmax                 fwd 2·M·N·e (x in, y out)    bwd 3·M·N·e (y, dy in, dx out)
+  scaled_masked_softmax   the same, causal mask generated in the kernel (no mask bytes)
+Memory-bound, so figures are GB/s and % of the measured copy bandwidth (target: >= 90 % at every
+length, >= 1.2x torch.softmax). For plain softmax "eager" (the reference) is torch.softmax itself;
+for the masked form "torch" is the usual unfused PyTorch code and "eager" the reference, which
+also zeroes fully masked rows.
+
+    python -m benchmarks.bench_softmax [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+
+import lightllm.functional as LF
+from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from lightllm.reference import softmax as reference
+
+LENGTHS = [128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ELEMENTS = 1 << 25  # per tensor: 64 MiB in bf16, far beyond any L2
+SCALE = 0.125
+
+
+def _softmax_providers():
+    eager = lambda x: reference.softmax(x, -1)  # noqa: E731
+    return {
+        "eager": eager,
+        "torch": lambda x: torch.softmax(x, -1),
+        "compile": compiled(eager),
+        "lightllm": lambda x: LF.softmax(x, -1),
+    }
+
+
+def _torch_causal_softmax(x):
+    n = x.shape[-1]
+    keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    return torch.softmax((x * SCALE).masked_fill(~keep, float("-inf")), -1)
+
+
+def _masked_providers():
+    eager = lambda x: reference.scaled_masked_softmax(x, None, SCALE, True)  # noqa: E731
+    return {
+        "eager": eager,
+        "torch": _torch_causal_softmax,
+        "compile": compiled(eager),
+        "lightllm": lambda x: LF.scaled_masked_softmax(x, None, SCALE, True),
+    }
+
+
+def _case(op, shape, dtype, providers):
+    m, n = shape[0] if len(shape) == 2 else shape[0] * shape[1], shape[-1]
+    size = m * n * dtype.itemsize
+
+    def make(device):
+        return (torch.randn(shape, device=device, dtype=dtype),)
+
+    return Case(
+        op=op, label=f"{'x'.join(map(str, shape))} {str(dtype)[6:]}",
+        params={"M": m, "N": n, "dtype": str(dtype)[6:]}, make_inputs=make, providers=providers,
+        modes=("fwd", "bwd"), grad_inputs=(0,), bytes={"fwd": 2 * size, "bwd": 3 * size},
+    )
+
+
+def build_cases(quick: bool) -> list[Case]:
+    if not HAS_CUDA:  # smoke pass: tiny shapes through the CPU kernel
+        return [_case("softmax", (4, 128), torch.float32, _softmax_providers()),
+                _case("scaled_masked_softmax", (2, 16, 16), torch.float32, _masked_providers())]
+    lengths = [1024, 32768, 262144] if quick else LENGTHS
+    dtypes = [torch.float32, torch.bfloat16] if quick else DTYPES
+    cases = [_case("softmax", (ELEMENTS // n, n), dtype, _softmax_providers())
+             for dtype in dtypes for n in lengths]
+    # Attention scores: (batch * heads, queries, keys), causal.
+    for n in [1024] if quick else [1024, 4096]:
+        cases += [_case("scaled_masked_softmax", (ELEMENTS // (n * n), n, n), dtype,
+                        _masked_providers()) for dtype in dtypes]
+    return cases
+
+
+def test_softmax_benchmark(benchmark):
+    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "bwd")
+
+
+def test_scaled_masked_softmax_benchmark(benchmark):
+    case = next(c for c in build_cases(quick=True) if c.op == "scaled_masked_softmax")
+    pytest_benchmark(benchmark, case, "lightllm", "fwd")
+
+
+if __name__ == "__main__":
+    main("softmax", build_cases)
