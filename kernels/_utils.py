@@ -12,6 +12,13 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_enabled() -> bool:
+    """False when ``LIGHTLLM_AUTOTUNE=0``: each autotuned kernel then takes the first config its
+    pruning keeps, without timing. Read at each new tuning key, so a test session can set it (a
+    suite that meets a new key at every case would otherwise compile and time every config)."""
+    return os.environ.get("LIGHTLLM_AUTOTUNE", "1") != "0"
+
+
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     """The configs to autotune over: all on a GPU, the first alone under the interpreter.
 

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._utils import INTERPRET, autotune_configs, empty, sm_count
+from ._utils import INTERPRET, autotune_configs, autotune_enabled, empty, sm_count
 
 # ACTIVATION codes (the `approximate` strings of F.gelu map onto the GeLU ones).
 ACT_NONE = 0
@@ -151,7 +151,8 @@ def _prune_configs(configs, named_args, **kwargs):
         if bm > max(16, 2 * m_bucket):
             continue
         kept.append(c)
-    return kept or configs[:1]
+    kept = kept or configs[:1]
+    return kept if autotune_enabled() else kept[:1]
 
 
 # M by power-of-two bucket: a new token count does not trigger a new tuning run. The autotuner

@@ -23,14 +23,16 @@ def report() -> dict[str, str]:
     try:
         from lightllm import _C  # noqa: F401
 
-        cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("lightllm::softmax_fwd", "CUDA")
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+        cuda_kernels = has_kernel("lightllm::softmax_fwd", "CUDA")
         ext = f"built ({'CPU + CUDA' if cuda_kernels else 'CPU only'})"
     except ImportError as e:
         ext = f"not built ({e})"
     gpu = "none"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        gpu = f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
+        gpu = (f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+               f"{p.multi_processor_count} SMs")
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

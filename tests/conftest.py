@@ -4,12 +4,19 @@ parametrisation. The parity assertion itself lives in ``lightllm.testing``."""
 import os
 import zlib
 
-import torch
+# Before numpy loads: the interpreter's small numpy dot products slow down badly when OpenBLAS
+# threads spin on the 2 cores of a CI machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Before any kernel is defined: Triton decides at decoration time whether to interpret.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("LIGHTLLM_POISON_OUTPUTS", "1")
+# Each autotuned kernel takes its default config: timing every config at every new shape key would
+# dominate a GPU test run (benchmarks autotune for real).
+os.environ.setdefault("LIGHTLLM_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
