@@ -1,0 +1,136 @@
+"""Scaled dot-product attention: forward, backward and both; head dim 64 and 128; sequence
+512 ... 16384; causal and not; GQA.
+
+Work (FlashAttention's convention): forward 4·B·H·Nq·Nk·D FLOPs, halved under ``is_causal``;
+backward 2.5x the forward; forward+backward 3.5x. Matmul-bound, so figures are TFLOP/s and % of the
+measured bf16 matmul rate. Batch x sequence is held at 16k tokens and heads x head dim at 2048
+(B = 16384 / N, H = 2048 / D), so every case carries the same number of tokens.
+
+Providers: "eager" (the reference: the N x N score matrix in memory), "torch-flash",
+"torch-efficient", "torch-cudnn", "torch-math" (``F.scaled_dot_product_attention`` pinned to one
+backend with ``torch.nn.attention.sdpa_kernel``; a backend that cannot serve a case is reported as an
+error row), "compile" (torch.compile of the reference), "lightllm", and "flash-attn" when the package
+is importable. The O(N²)-memory providers (eager, compile, torch-math) are left out above 4096.
+
+    python -m benchmarks.bench_attention [--quick] [--out DIR] [--providers lightllm,torch-flash]
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+import lightllm.functional as LF
+from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from lightllm.reference import attention as reference
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - torch < 2.3
+    SDPBackend = sdpa_kernel = None
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+TOKENS, WIDTH = 16384, 2048  # batch x sequence, heads x head dim
+QUADRATIC_MAX_SEQ = 4096  # longest sequence given to providers that build the N x N matrix
+TORCH_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-efficient": "EFFICIENT_ATTENTION",
+                  "torch-cudnn": "CUDNN_ATTENTION", "torch-math": "MATH"}
+
+
+def attention_flops(b: int, h: int, n_q: int, n_k: int, d: int, causal: bool) -> dict[str, float]:
+    fwd = 4.0 * b * h * n_q * n_k * d * (0.5 if causal else 1.0)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}
+
+
+def _torch_backend(name: str, causal: bool, gqa: bool):
+    backend = getattr(SDPBackend, TORCH_BACKENDS[name], None) if SDPBackend else None
+
+    def call(q, k, v):
+        ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+        with ctx:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    return call
+
+
+def _flash_attn(causal: bool):
+    # flash-attn takes (B, N, H, D) and does GQA natively.
+    def call(q, k, v):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              causal=causal)
+        return out.transpose(1, 2)
+
+    return call
+
+
+def providers(causal: bool, gqa: bool, seq: int) -> dict:
+    def eager(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    quadratic = seq <= QUADRATIC_MAX_SEQ or not HAS_CUDA
+    out = {"eager": eager} if quadratic else {}
+    for name in TORCH_BACKENDS:
+        if name != "torch-math" or quadratic:
+            out[name] = _torch_backend(name, causal, gqa)
+    if quadratic:
+        out["compile"] = compiled(eager)
+    out["lightllm"] = lambda q, k, v: LF.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                      enable_gqa=gqa)
+    if flash_attn_func is not None and HAS_CUDA:
+        out["flash-attn"] = _flash_attn(causal)
+    return out
+
+
+def _case(seq: int, d: int, causal: bool, kv_group: int, dtype: torch.dtype, batch=None,
+          heads=None) -> Case:
+    b = batch or max(1, TOKENS // seq)
+    h = heads or WIDTH // d
+    h_kv = h // kv_group
+
+    def make(device):
+        q = torch.randn(b, h, seq, d, device=device, dtype=dtype)
+        k = torch.randn(b, h_kv, seq, d, device=device, dtype=dtype)
+        v = torch.randn(b, h_kv, seq, d, device=device, dtype=dtype)
+        return q, k, v
+
+    gqa = kv_group > 1
+    label = (f"B{b} H{h}/{h_kv} N{seq} D{d} {'causal' if causal else 'full'} "
+             f"{str(dtype).removeprefix('torch.')}")
+    return Case(
+        op="attention", label=label,
+        params={"B": b, "H": h, "H_kv": h_kv, "N": seq, "D": d, "causal": causal},
+        make_inputs=make, providers=providers(causal, gqa, seq),
+        modes=("fwd", "bwd", "fwd+bwd"), grad_inputs=(0, 1, 2),
+        flops=attention_flops(b, h, seq, seq, d, causal),
+    )
+
+
+def build_cases(quick: bool) -> list[Case]:
+    if not HAS_CUDA:  # smoke pass: tiny shapes through the interpreter
+        return [_case(64, 32, True, 1, torch.float32, batch=1, heads=2),
+                _case(48, 32, False, 2, torch.float16, batch=1, heads=4)]
+    dtype = torch.bfloat16
+    if quick:
+        return [_case(n, 128, c, 1, dtype) for n in (1024, 4096) for c in (False, True)] + [
+            _case(4096, 64, True, 1, dtype), _case(4096, 128, True, 4, dtype)]
+    cases = [_case(n, d, c, 1, dtype) for d in (64, 128) for c in (False, True)
+             for n in (512, 1024, 2048, 4096, 8192, 16384)]
+    cases += [_case(n, 128, c, 4, dtype) for c in (False, True) for n in (1024, 4096, 16384)]
+    return cases
+
+
+def test_attention_benchmark(benchmark):
+    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd+bwd")
+
+
+def test_attention_gqa_benchmark(benchmark):
+    pytest_benchmark(benchmark, build_cases(quick=True)[1], "lightllm", "fwd")
+
+
+if __name__ == "__main__":
+    main("attention", build_cases)

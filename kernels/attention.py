@@ -1,0 +1,778 @@
+"""Fused scaled dot-product attention (flash-style), forward and backward, in Triton.
+
+Layout: Q (B, Hq, Nq, D), K (B, Hkv, Nk, D), V (B, Hkv, Nk, Dv), any strides (stride 0 included);
+Hkv divides Hq and query head h reads key/value head h // (Hq / Hkv) (grouped-query attention without
+repeating K/V in memory). The optional mask is 4-D with every dimension either full or 1 (read with
+stride 0), boolean (stored as uint8, nonzero = attend) or additive (any float dtype).
+
+Forward, one program per (query block of BLOCK_M rows, batch * query head):
+  for each key tile of BLOCK_N keys:  s = Q Kᵀ · scale · log2(e)  (+ mask · log2(e), -inf where masked)
+    online softmax in fp32 with exp2: m' = max(m, rowmax s), p = 2^(s - m'), l = l·2^(m - m') + Σp,
+    acc = acc·2^(m - m') + dropout(p) V
+  out = acc / l (0 for a row whose keys are all masked), lse = (m + log2 l)·ln 2 (natural log; +inf for
+  such a row, so that the backward's 2^(s - lse) is exactly 0 there).
+  Key tiles are split into a main segment needing no key-bounds or causal checks and a short last
+  segment (the diagonal under ``is_causal``, the ragged end otherwise) that applies them; tiles above
+  the causal diagonal are never visited. Causal masking is PyTorch's top-left alignment: key j is
+  visible to query i iff j <= i, whatever Nq and Nk are.
+  Traffic: Q and O once; K and V once per query block (from L2 for neighbouring programs); the mask
+  tile by tile through its strides; O(N) extra memory (the fp32 lse).
+
+Backward, recomputing P from the saved lse (no N x N storage), with delta = rowsum(dO ∘ O):
+  1. ``_attention_bwd_preprocess``: delta per query row.
+  2. ``_attention_bwd_dkdv``: one program per (key block, batch * kv head) owns dK and dV of its keys
+     in registers and loops over the query heads of its group and over their query blocks:
+     dV += dropout(P)ᵀ dO,  dS = P ∘ (dropout(dO Vᵀ) − delta),  dK += dSᵀ Q · scale.
+  3. ``_attention_bwd_dq``: one program per (query block, batch * query head):  dQ += dS K · scale.
+  Every output element is written by exactly one program that sums in a fixed order: no atomics, and
+  the result is bitwise reproducible (the sum over a GQA group happens in registers, in head order).
+
+Dropout (``dropout_p > 0``): score (b, h, i, j) is kept when a Philox uniform >= p; one Philox call,
+keyed by the seed with the counter (j // 4, i, b·Hq + h, 0), gives the four keys of a group (a
+quarter of the registers of a draw per score, and no 64-bit counter even past 2^32 scores). The
+backward regenerates exactly the forward's draws; kept probabilities are scaled by 1 / (1 - p).
+``dropout_keep_mask`` materialises the same mask for tests.
+
+All offsets that can pass 2^31 (batch/head bases, row offsets) are 64-bit; loops advance 64-bit
+pointers by one tile stride at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import autotune_configs, autotune_enabled, empty
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tuning
+#
+# Under the interpreter each kernel runs one config (its first, big tiles: the fewest numpy steps).
+# On a GPU the autotuner times every config that suits the head dim, keyed on the head dims, the
+# feature flags, the dtypes and the power-of-two bucket of each length. LIGHTLLM_AUTOTUNE=0 skips
+# the timing and takes the first suitable config of each list (its default): a test suite that
+# meets a new key at every case would otherwise pay a dozen compilations per key.
+# ------------------------------------------------------------------------------------------------
+
+
+
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                         num_stages=stages)
+
+
+def tuned(interpreter: triton.Config, gpu: list[triton.Config],
+          suits: Callable[[triton.Config, dict], bool]) -> dict:
+    """``triton.autotune`` arguments: ``interpreter`` alone under the interpreter; on a GPU the
+    configs of ``gpu`` for which ``suits(config, meta)`` holds (meta: the constexprs plus ITEM, the
+    element size of Q), all timed, or only the first of them with LIGHTLLM_AUTOTUNE=0."""
+
+    def prune(configs, named_args, **kwargs):
+        meta = {**kwargs, "ITEM": named_args["Q"].element_size()}
+        candidates = [c for c in configs if c is not interpreter]
+        fit = [c for c in candidates if suits(c, meta)] or candidates[-1:]
+        return fit if autotune_enabled() else fit[:1]
+
+    return {"configs": autotune_configs([interpreter, *gpu]),
+            "prune_configs_by": {"early_config_prune": prune}}
+
+
+_SMEM_LIMIT = 224 * 1024  # of the 227 KiB an H100 SM gives one program
+
+
+def _fits_smem(c: triton.Config, per_stage: int, fixed: int, item: int) -> bool:
+    # Compiling for sm_90 shows fp32 dots staging ~15 % more (layout conversions): keep headroom.
+    return (c.num_stages * per_stage + fixed) * (1.15 if item == 4 else 1.0) <= _SMEM_LIMIT
+
+
+def _wide(meta: dict) -> bool:
+    # fp16/bf16 head dims above 128, and fp32 (whose dots hold fp32 operands in registers):
+    # registers run short with the big tiles.
+    return meta["ITEM"] == 4 or max(meta["BLOCK_D"], meta["BLOCK_DV"]) > 128
+
+
+def _row_tiles_suit(c: triton.Config, meta: dict, resident: int) -> bool:
+    # Forward and dQ: a block of BLOCK_M query rows (``resident`` elements each: Q, or Q and dO)
+    # stays resident while K/V tiles stream by.
+    bm, bn, item = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], meta["ITEM"]
+    heads = meta["BLOCK_D"] + meta["BLOCK_DV"]
+    small = bm * bn <= (128 * 64 if item == 2 else 64 * 32) and c.num_stages <= 2
+    return (small or not _wide(meta)) and _fits_smem(c, bn * heads * item, bm * resident * item,
+                                                     item)
+
+
+def _fwd_suits(c: triton.Config, meta: dict) -> bool:
+    return _row_tiles_suit(c, meta, meta["BLOCK_D"])
+
+
+def _dq_suits(c: triton.Config, meta: dict) -> bool:
+    return _row_tiles_suit(c, meta, meta["BLOCK_D"] + meta["BLOCK_DV"])
+
+
+def _key_tiles_suit(c: triton.Config, meta: dict) -> bool:
+    # dK/dV: K, V and their gradients of BLOCK_N keys stay resident while query tiles stream by.
+    bm, bn, item = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], meta["ITEM"]
+    heads = meta["BLOCK_D"] + meta["BLOCK_DV"]
+    small = bn <= 64 and c.num_stages <= 2
+    return (small or not _wide(meta)) and _fits_smem(c, bm * heads * item, bn * heads * item, item)
+
+
+# Each GPU list starts with its default for 16-bit head dims <= 128; the first entry that suits a
+# wider head (or fp32) is its default there, and the last (one stage, 32 x 32) fits anything up to
+# fp32 x 256. Registers and shared memory of each were checked by compiling for sm_90 offline
+# (tests/sm90_compile.py).
+_FWD = tuned(_cfg(128, 64, 4, 2), [
+    _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3),
+    _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2),
+    _cfg(32, 32, 4, 1),
+], _fwd_suits)
+_DKDV = tuned(_cfg(64, 128, 4, 2), [
+    _cfg(32, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3),
+    _cfg(32, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 2), _cfg(32, 32, 4, 1),
+], _key_tiles_suit)
+_DQ = tuned(_cfg(128, 64, 4, 2), [
+    _cfg(128, 32, 8, 3), _cfg(64, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3),
+    _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 1),
+], _dq_suits)
+_KEY = ["HEAD_DIM", "HEAD_DIM_V", "SEQ_Q_KEY", "SEQ_K_KEY", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
+# Lengths, length buckets and the seed enter kernels as runtime values, never specialised (to a
+# constant 1, or on divisibility): every derived loop bound is a tensor that can be widened to
+# 64 bits, and a new length never means a new compilation.
+_LENGTHS = ["n_q", "n_k", "seed", "SEQ_Q_KEY", "SEQ_K_KEY"]
+
+
+def seq_bucket(n: int) -> int:
+    """The autotuning key of a sequence length: its power-of-two bucket in [128, 16384]."""
+    return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers shared by the kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A 2-D load masked only along the dimensions that can run out of bounds (zeros there)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _apply_mask(s, mask_ptrs, valid, MASK_IS_BOOL: tl.constexpr):
+    """Scores (log2 units) with the user's mask tile applied: -inf where a boolean mask is False, the
+    additive mask (natural-log units) added otherwise. ``valid`` guards the mask load."""
+    mk = tl.load(mask_ptrs, mask=valid, other=0)
+    if MASK_IS_BOOL:
+        s = tl.where(mk != 0, s, float("-inf"))
+    else:
+        s = s + mk.to(tl.float32) * _LOG2E
+    return s
+
+
+@triton.jit
+def _keep(seed, off_bh, rows, start_n, drop_p, BLOCK_N: tl.constexpr):
+    """Dropout's keep decisions for the (rows x BLOCK_N keys from start_n) tile of head ``off_bh``:
+    Philox uniform >= p, identical wherever the same scores are drawn (forward, backward, tests).
+    One Philox call per row and group of 4 keys; its four words are the group's four keys."""
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    zero = tl.zeros([rows.shape[0], BLOCK_N // 4], dtype=tl.uint32)
+    c0 = zero + groups.to(tl.uint32)[None, :]
+    c1 = zero + rows.to(tl.uint32)[:, None]
+    c2 = zero + off_bh.to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero)
+    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), [rows.shape[0], BLOCK_N])
+    return tl.random.uint_to_uniform_float(words) >= drop_p
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q,
+    K_base, V_base, Mask_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    offs_m, row_ok, lo, hi, n_k,
+    qk_scale, seed, off_bh, drop_p, drop_scale,
+    CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Online softmax over the key tiles [lo, hi) of one query block (see the module docstring)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    cols64 = (lo + offs_n).to(tl.int64)
+    k_ptrs = K_base + cols64[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V_base + cols64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_ptrs = Mask_base + offs_m.to(tl.int64)[:, None] * stride_mm + cols64[None, :] * stride_mn
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < n_k
+        # -- scores of this tile, in log2 units --
+        k = _load_tile(k_ptrs, col_ok, d_ok, CHECK_KEYS, BLOCK_D != HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if HAS_MASK:
+            if CHECK_KEYS:
+                s = _apply_mask(s, mask_ptrs, row_ok[:, None] & col_ok[None, :], MASK_IS_BOOL)
+            else:
+                s = _apply_mask(s, mask_ptrs, row_ok[:, None], MASK_IS_BOOL)
+        if APPLY_CAUSAL:
+            s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+        if CHECK_KEYS:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        # -- online softmax update (a row with nothing visible yet keeps m = -inf, p = 0) --
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            p = tl.where(_keep(seed, off_bh, offs_m, start_n, drop_p, BLOCK_N), p * drop_scale, 0.0)
+        # -- accumulate P V --
+        v = _load_tile(v_ptrs, col_ok, dv_ok, CHECK_KEYS, BLOCK_DV != HEAD_DIM_V)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if HAS_MASK:
+            mask_ptrs += BLOCK_N * stride_mn
+    return acc, l_i, m_i
+
+
+@triton.autotune(key=_KEY, **_FWD)
+@triton.jit(do_not_specialize=_LENGTHS)
+def _attention_fwd(
+    Q, K, V, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_heads, group, n_q, n_k,
+    qk_scale, seed, drop_p, drop_scale,
+    SEQ_Q_KEY, SEQ_K_KEY,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # -- which query block and head; the last (most loaded, under causal) blocks start first --
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    off_hkv = off_h // group
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_vb + off_hkv * stride_vh
+    Mask += off_b * stride_mb + off_h * stride_mh
+    Out += off_b * stride_ob + off_h * stride_oh
+    Lse += off_bh.to(tl.int64) * n_q
+
+    # -- the query block, loaded once (padded rows and head-dim columns read as 0) --
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_q
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows64 = offs_m.to(tl.int64)
+    q = _load_tile(Q + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # -- key range: [0, full_hi) needs no checks; [full_hi, hi) is the diagonal or the ragged end --
+    if IS_CAUSAL:
+        hi = tl.minimum((start_m + 1) * BLOCK_M, n_k)
+        full_hi = tl.minimum(start_m * BLOCK_M, n_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_k
+        full_hi = n_k // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, offs_m, row_ok, 0, full_hi, n_k,
+        qk_scale, seed, off_bh, drop_p, drop_scale,
+        False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k,
+        qk_scale, seed, off_bh, drop_p, drop_scale,
+        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION)
+
+    # -- normalise; a row with no visible key gets 0 and lse = +inf --
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse = tl.where(empty_row, float("inf"),
+                   (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * _LN2)
+    tl.store(Lse + offs_m, lse, mask=row_ok)
+    o_ptrs = Out + rows64[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["n_q"])
+def _attention_bwd_preprocess(
+    Out, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    n_heads, n_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # delta_i = sum_d dO_id * O_id (fp32), the row term of softmax's backward
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    rows64 = offs_m.to(tl.int64)
+    mask = (offs_m < n_q)[:, None] & (offs_d < HEAD_DIM_V)[None, :]
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + rows64[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + off_bh.to(tl.int64) * n_q + offs_m, tl.sum(o * do, 1), mask=offs_m < n_q)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v,
+    Q_base, DO_base, Lse_base, Delta_base, Mask_base,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+    start_n, cols, col_ok, lo, hi, n_q,
+    qk_scale, seed, off_bh, drop_p, drop_scale,
+    CHECK_ROWS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one key block from the query blocks [lo, hi) of one head, in the transposed
+    (keys x queries) orientation so that nothing needs a transpose of the accumulators."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    rows64 = (lo + offs_m).to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    q_ptrs = Q_base + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DO_base + rows64[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    mask_ptrs = Mask_base + cols64[:, None] * stride_mn + rows64[None, :] * stride_mm
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < n_q
+        # -- recompute Pᵀ of this tile from the saved lse (padded rows: lse = +inf -> P = 0) --
+        q = _load_tile(q_ptrs, row_ok, d_ok, CHECK_ROWS, BLOCK_D != HEAD_DIM)
+        if CHECK_ROWS:
+            lse2 = tl.load(Lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
+            delta = tl.load(Delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            lse2 = tl.load(Lse_base + rows) * _LOG2E
+            delta = tl.load(Delta_base + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        if HAS_MASK:
+            s_t = _apply_mask(s_t, mask_ptrs, col_ok[:, None] & row_ok[None, :], MASK_IS_BOOL)
+        if APPLY_CAUSAL:
+            s_t = tl.where(cols[:, None] <= rows[None, :], s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        # -- dV += dropout(P)ᵀ dO --
+        do = _load_tile(do_ptrs, row_ok, dv_ok, CHECK_ROWS, BLOCK_DV != HEAD_DIM_V)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            keep = tl.trans(_keep(seed, off_bh, rows, start_n, drop_p, BLOCK_N))
+            p_drop = tl.where(keep, p_t * drop_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+        else:
+            p_drop = p_t
+        dv = tl.dot(p_drop.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        # -- dK += dSᵀ Q (scaled once at the end) --
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+        if HAS_MASK:
+            mask_ptrs += BLOCK_M * stride_mm
+    return dk, dv
+
+
+@triton.autotune(key=_KEY, **_DKDV)
+@triton.jit(do_not_specialize=_LENGTHS)
+def _attention_bwd_dkdv(
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    n_heads, n_kv_heads, group, n_q, n_k,
+    qk_scale, sm_scale, seed, drop_p, drop_scale,
+    SEQ_Q_KEY, SEQ_K_KEY,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # -- this program's key block, of one kv head --
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // n_kv_heads).to(tl.int64)
+    off_hkv = (off_bkv % n_kv_heads).to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_k
+    cols64 = cols.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    k = _load_tile(K + off_b * stride_kb + off_hkv * stride_kh + cols64[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, col_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    v = _load_tile(V + off_b * stride_vb + off_hkv * stride_vh + cols64[:, None] * stride_vn
+                   + offs_dv[None, :] * stride_vd, col_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # -- query rows: [diag_lo, diag_hi) crosses the causal diagonal; [diag_hi, full_hi) needs no
+    #    checks; [tail_lo, n_q) is the ragged end. Rows above lo see none of these keys. --
+    full_hi = n_q // BLOCK_M * BLOCK_M
+    if IS_CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+        diag_lo = tl.minimum(lo, full_hi)
+        diag_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, full_hi)
+        tail_lo = tl.maximum(lo, full_hi)
+    else:
+        diag_hi = 0
+        tail_lo = full_hi
+    # -- sum over the query heads of this kv head's group, in order (deterministic) --
+    for g in range(0, group):
+        off_h = off_hkv * group + g
+        off_bh = off_b * n_heads + off_h
+        Q_base = Q + off_b * stride_qb + off_h * stride_qh
+        DO_base = DO + off_b * stride_dob + off_h * stride_doh
+        Lse_base = Lse + off_bh * n_q
+        Delta_base = Delta + off_bh * n_q
+        Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+        if IS_CAUSAL:
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                start_n, cols, col_ok, diag_lo, diag_hi, n_q,
+                qk_scale, seed, off_bh, drop_p, drop_scale,
+                False, True, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+            start_n, cols, col_ok, diag_hi, full_hi, n_q,
+            qk_scale, seed, off_bh, drop_p, drop_scale,
+            False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+            start_n, cols, col_ok, tail_lo, n_q, n_q,
+            qk_scale, seed, off_bh, drop_p, drop_scale,
+            True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+
+    # -- write this key block's dK (with the softmax scale) and dV --
+    dk_ptrs = (DK + off_b * stride_dkb + off_hkv * stride_dkh + cols64[:, None] * stride_dkn
+               + offs_d[None, :] * stride_dkd)
+    dv_ptrs = (DV + off_b * stride_dvb + off_hkv * stride_dvh + cols64[:, None] * stride_dvn
+               + offs_dv[None, :] * stride_dvd)
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse2, delta,
+    K_base, V_base, Mask_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    offs_m, row_ok, lo, hi, n_k,
+    qk_scale, seed, off_bh, drop_p, drop_scale,
+    CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dQ of one query block from the key tiles [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    cols64 = (lo + offs_n).to(tl.int64)
+    k_ptrs = K_base + cols64[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V_base + cols64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_ptrs = Mask_base + offs_m.to(tl.int64)[:, None] * stride_mm + cols64[None, :] * stride_mn
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < n_k
+        # -- recompute P of this tile from the saved lse --
+        k = _load_tile(k_ptrs, col_ok, d_ok, CHECK_KEYS, BLOCK_D != HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if HAS_MASK:
+            if CHECK_KEYS:
+                s = _apply_mask(s, mask_ptrs, row_ok[:, None] & col_ok[None, :], MASK_IS_BOOL)
+            else:
+                s = _apply_mask(s, mask_ptrs, row_ok[:, None], MASK_IS_BOOL)
+        if APPLY_CAUSAL:
+            s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+        if CHECK_KEYS:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        # -- dS = P ∘ (dropout(dO Vᵀ) − delta);  dQ += dS K --
+        v = _load_tile(v_ptrs, col_ok, dv_ok, CHECK_KEYS, BLOCK_DV != HEAD_DIM_V)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(_keep(seed, off_bh, offs_m, start_n, drop_p, BLOCK_N), dp * drop_scale,
+                          0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if HAS_MASK:
+            mask_ptrs += BLOCK_N * stride_mn
+    return dq
+
+
+@triton.autotune(key=_KEY, **_DQ)
+@triton.jit(do_not_specialize=_LENGTHS)
+def _attention_bwd_dq(
+    Q, K, V, Mask, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    n_heads, group, n_q, n_k,
+    qk_scale, sm_scale, seed, drop_p, drop_scale,
+    SEQ_Q_KEY, SEQ_K_KEY,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # -- this program's query block (heaviest causal blocks first) --
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    off_hkv = off_h // group
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_q
+    rows64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qm
+                   + offs_d[None, :] * stride_qd, row_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_dom
+                    + offs_dv[None, :] * stride_dod, row_ok, offs_dv < HEAD_DIM_V, True,
+                    BLOCK_DV != HEAD_DIM_V)
+    lse2 = tl.load(Lse + off_bh.to(tl.int64) * n_q + offs_m, mask=row_ok,
+                   other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + off_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_vb + off_hkv * stride_vh
+    Mask += off_b * stride_mb + off_h * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # -- the same key segments as the forward --
+    if IS_CAUSAL:
+        hi = tl.minimum((start_m + 1) * BLOCK_M, n_k)
+        full_hi = tl.minimum(start_m * BLOCK_M, n_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_k
+        full_hi = n_k // BLOCK_N * BLOCK_N
+    dq = _dq_tiles(
+        dq, q, do, lse2, delta, K, V, Mask, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, offs_m, row_ok, 0, full_hi, n_k,
+        qk_scale, seed, off_bh, drop_p, drop_scale,
+        False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION)
+    dq = _dq_tiles(
+        dq, q, do, lse2, delta, K, V, Mask, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k,
+        qk_scale, seed, off_bh, drop_p, drop_scale,
+        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION)
+
+    dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + rows64[:, None] * stride_dqm
+               + offs_d[None, :] * stride_dqd)
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_LENGTHS)
+def _dropout_keep_mask(Keep, n_q, n_k, seed, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The keep-mask of one (batch, head), exactly as the attention kernels draw it.
+    off_bh = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_n = tl.program_id(1) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offsets = off_bh.to(tl.int64) * n_q * n_k + rows.to(tl.int64)[:, None] * n_k + cols[None, :]
+    ok = (rows < n_q)[:, None] & (cols < n_k)[None, :]
+    keep = _keep(seed, off_bh, rows, start_n, drop_p, BLOCK_N)
+    tl.store(Keep + offsets, keep.to(tl.int8), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def head_block(d: int) -> int:
+    """The power-of-two register width of a head dim (at least 16, tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 dots must be true fp32 (PyTorch's result), never TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def mask_args(mask: torch.Tensor | None, fallback: torch.Tensor):
+    """(pointer tensor, 4 strides, is_bool) of a 4-D mask whose size-1 dims broadcast (stride 0)."""
+    if mask is None:
+        return fallback, (0, 0, 0, 0), False
+    strides = tuple(s if n > 1 else 0 for n, s in zip(mask.shape, mask.stride()))
+    is_bool = mask.dtype == torch.bool
+    return (mask.view(torch.uint8) if is_bool else mask), strides, is_bool
+
+
+def _dropout(dropout_p: float) -> tuple[bool, float, float]:
+    if dropout_p <= 0.0:
+        return False, 0.0, 1.0
+    return True, float(dropout_p), (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
+
+
+def _meta(q, v, is_causal, mask, has_dropout):
+    _, mask_strides, mask_is_bool = mask_args(mask, q)
+    return dict(
+        HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1],
+        BLOCK_D=head_block(q.shape[-1]), BLOCK_DV=head_block(v.shape[-1]),
+        IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, MASK_IS_BOOL=mask_is_bool,
+        HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(q.dtype),
+    )
+
+
+def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float, seed: int):
+    """Forward on 4-D q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) and a 4-D mask or None.
+
+    Returns ``out`` (B, Hq, Nq, Dv) in q's dtype and ``lse`` (B, Hq, Nq) fp32 (natural log; +inf
+    for a row with no visible key).
+    """
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
+    lse = empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or Nk == 0:
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    has_dropout, drop_p, drop_scale = _dropout(dropout_p)
+    mask_t, ms, _ = mask_args(mask, q)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    _attention_fwd[grid](
+        q, k, v, mask_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+        Hq, Hq // Hkv, Nq, Nk,
+        scale * LOG2E, seed, drop_p, drop_scale,
+        seq_bucket(Nq), seq_bucket(Nk),
+        **_meta(q, v, is_causal, mask, has_dropout),
+    )
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dropout_p: float,
+                  seed: int):
+    """Backward: ``(dq, dk, dv)`` shaped like q, k, v (contiguous) in their dtype. ``do`` may have any
+    strides, including the stride-0 gradient of ``out.sum()``."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    if Nq == 0 or Nk == 0 or B * Hq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    has_dropout, drop_p, drop_scale = _dropout(dropout_p)
+    mask_t, ms, _ = mask_args(mask, q)
+    meta = _meta(q, v, is_causal, mask, has_dropout)
+
+    # -- 1. delta = rowsum(dO * O) --
+    delta = empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    pre_block = 64
+    _attention_bwd_preprocess[(triton.cdiv(Nq, pre_block), B * Hq)](
+        out, do, delta, *out.stride(), *do.stride(), Hq, Nq,
+        HEAD_DIM_V=Dv, BLOCK_M=pre_block, BLOCK_DV=head_block(Dv),
+        num_warps=4 if head_block(Dv) <= 128 else 8,
+    )
+    common = (Hq // Hkv, Nq, Nk, scale * LOG2E, scale, seed, drop_p, drop_scale,
+              seq_bucket(Nq), seq_bucket(Nk))
+
+    # -- 2. dK, dV: one program per key block of a kv head, summing over its query heads --
+    grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    _attention_bwd_dkdv[grid_kv](
+        q, k, v, mask_t, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dk.stride(), *dv.stride(),
+        Hq, Hkv, *common, **meta,
+    )
+    # -- 3. dQ: one program per query block --
+    grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    _attention_bwd_dq[grid_q](
+        q, k, v, mask_t, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dq.stride(),
+        Hq, *common, **meta,
+    )
+    return dq, dk, dv
+
+
+def dropout_keep_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p: float, seed: int,
+                      device) -> torch.Tensor:
+    """The boolean keep-mask (B, Hq, Nq, Nk) the kernels draw for ``seed`` (for tests)."""
+    keep = empty((batch, heads, n_q, n_k), dtype=torch.int8, device=device)
+    if keep.numel():
+        grid = (triton.cdiv(n_q, 64), triton.cdiv(n_k, 64), batch * heads)
+        _dropout_keep_mask[grid](keep, n_q, n_k, seed, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
+    return keep.bool()

@@ -1,0 +1,227 @@
+"""Split-KV attention forward for short queries over long keys (decoding with a KV cache).
+
+With 1-16 query tokens, the main kernel runs one program per (query block, head): a single sequence
+then occupies a handful of SMs while each of them streams the whole key/value cache. Here the keys
+are cut into chunks and every chunk gets its own program:
+
+  1. ``_attention_decode_split``: one program per (key chunk, batch * kv head, block of query rows).
+     Its query rows are every (query head of the kv head's group, query token) pair, so K/V of the
+     chunk are read once for the whole GQA group. It runs the same online softmax as the main
+     forward (fp32, exp2) over the chunk's key tiles and writes the chunk's normalised partial
+     output and its log-sum-exp (log2 units, -inf when nothing in the chunk is visible) to fp32
+     scratch of shape (B·Hq·Nq, S, Dv) and (B·Hq·Nq, S).
+  2. ``_attention_decode_combine``: one program per query row merges the S partials:
+     out = Σ_s 2^(lse_s − m) · out_s / Σ_s 2^(lse_s − m), lse = m + log2 Σ_s 2^(lse_s − m),
+     with m = max_s lse_s; a row with no visible key in any chunk gets 0 and lse = +inf, like the
+     main kernel (whose backward then recomputes from this lse unchanged).
+
+Traffic: K and V once per kv head (not once per query head), plus S·(Dv + 1) fp32 per query row of
+scratch written and read back once.
+
+Supported here (``use_split_kv``): 1 <= Nq <= DECODE_MAX_Q, Nk >= DECODE_MIN_K, no ``is_causal``
+(PyTorch's top-left causal alignment lets query i see only keys 0..i, which the main kernel's causal
+tile skipping already serves in one tile; a KV-cache caller passes an explicit mask instead), no
+dropout. Masks (boolean or additive, broadcast through stride 0), GQA, different head dims of Q/K
+and V, any strides. Everything else goes to the main kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import empty, sm_count
+from .attention import (
+    LOG2E,
+    _apply_mask,
+    _load_tile,
+    dot_precision,
+    head_block,
+    mask_args,
+    seq_bucket,
+    tuned,
+)
+
+DECODE_MAX_Q = 16  # longest query the split-KV path serves
+DECODE_MIN_K = 256  # shortest key sequence worth splitting
+SPLIT_ALIGN = 256  # chunk lengths are multiples of this, so every BLOCK_N below divides them
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+def use_split_kv(n_q: int, n_k: int, is_causal: bool, dropout_p: float) -> bool:
+    """Whether the forward of these lengths and flags runs the split-KV decode path."""
+    return 1 <= n_q <= DECODE_MAX_Q and n_k >= DECODE_MIN_K and not is_causal and dropout_p == 0.0
+
+
+def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _fits(c: triton.Config, meta: dict) -> bool:
+    # K and V tiles of the stages in flight stay well inside an SM's shared memory (fp32 included).
+    staged = (c.num_stages - 1) * c.kwargs["BLOCK_N"] * (meta["BLOCK_D"] + meta["BLOCK_DV"])
+    return staged * meta["ITEM"] <= 160 * 1024
+
+
+# Memory-bound: the GPU default keeps 2 x 128 keys in flight per program; see attention.tuned.
+_SPLIT = tuned(_cfg(64, 4, 2), [
+    _cfg(128, 8, 3), _cfg(64, 4, 3), _cfg(64, 4, 4), _cfg(128, 4, 2), _cfg(128, 4, 3),
+    _cfg(256, 8, 2), _cfg(64, 4, 2),
+], _fits)
+
+
+@triton.autotune(key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CHUNK_KEY", "HAS_MASK"], **_SPLIT)
+@triton.jit(do_not_specialize=["n_q", "n_k", "chunk", "CHUNK_KEY"])
+def _attention_decode_split(
+    Q, K, V, Mask, OPart, LsePart,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    n_heads, n_kv_heads, group, n_q, n_k, chunk, num_splits,
+    qk_scale, CHUNK_KEY,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # -- this program: one key chunk of one kv head, a block of (group head, query token) rows --
+    split = tl.program_id(0)
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // n_kv_heads).to(tl.int64)
+    off_hkv = (off_bkv % n_kv_heads).to(tl.int64)
+    r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < group * n_q
+    off_h = off_hkv * group + (r // n_q).to(tl.int64)
+    tok = (r % n_q).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    q_rows = off_b * stride_qb + off_h * stride_qh + tok * stride_qm
+    q = _load_tile(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, row_ok, d_ok, True,
+                   BLOCK_D != HEAD_DIM)
+
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_k)
+    cols64 = (lo + offs_n).to(tl.int64)
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_vb + off_hkv * stride_vh
+    k_ptrs = K + cols64[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + cols64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_rows = off_b * stride_mb + off_h * stride_mh + tok * stride_mm
+    mask_ptrs = Mask + mask_rows[:, None] + cols64[None, :] * stride_mn
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # -- online softmax over the chunk's key tiles (the same update as the main forward) --
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        k = _load_tile(k_ptrs, col_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if HAS_MASK:
+            s = _apply_mask(s, mask_ptrs, row_ok[:, None] & col_ok[None, :], MASK_IS_BOOL)
+            mask_ptrs += BLOCK_N * stride_mn
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptrs, col_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    # -- this chunk's normalised partial output and log2-sum-exp (-inf: nothing visible) --
+    empty_row = l_i == 0.0
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    part = ((off_b * n_heads + off_h) * n_q + tok) * num_splits + split
+    tl.store(LsePart + part, tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe)),
+             mask=row_ok)
+    tl.store(OPart + part[:, None] * HEAD_DIM_V + offs_dv[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _attention_decode_combine(
+    OPart, LsePart, Out, Lse,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_heads, n_q, num_splits,
+    HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # -- one query row: weights of its chunks relative to the largest log-sum-exp --
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < num_splits
+    lse_s = tl.load(LsePart + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_use)
+    total = tl.sum(w, 0)
+    # -- the weighted sum of the partial outputs --
+    o = tl.load(OPart + (row * num_splits + offs_s)[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                mask=s_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    empty_row = total == 0.0
+    total_safe = tl.where(empty_row, 1.0, total)
+    out = tl.sum(w[:, None] * o, 0) / total_safe
+    tl.store(Lse + row, tl.where(empty_row, float("inf"), (m_use + tl.math.log2(total_safe)) * _LN2))
+    off_b = row // (n_heads * n_q)
+    off_h = (row // n_q) % n_heads
+    tok = row % n_q
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + tok * stride_om + offs_dv * stride_od,
+             out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+
+
+def _splits(programs: int, n_k: int, device_tensor: torch.Tensor) -> tuple[int, int]:
+    """(number of chunks, chunk length): about two waves of programs over the SMs, each chunk a
+    multiple of SPLIT_ALIGN keys."""
+    target = 2 * sm_count(device_tensor)
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(n_k, SPLIT_ALIGN)))
+    chunk = triton.cdiv(triton.cdiv(n_k, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return triton.cdiv(n_k, chunk), chunk
+
+
+def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = None):
+    """Split-KV forward on 4-D q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), mask 4-D or
+    None. Returns ``(out, lse)`` exactly like ``attention.attention_fwd`` (``num_splits`` forces a
+    split count, for tests)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    group = Hq // Hkv
+    block_m = min(64, max(16, triton.next_power_of_2(group * Nq)))
+    row_blocks = triton.cdiv(group * Nq, block_m)
+    if num_splits is None:
+        num_splits, chunk = _splits(B * Hkv * row_blocks, Nk, q)
+    else:
+        chunk = triton.cdiv(triton.cdiv(Nk, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
+        num_splits = triton.cdiv(Nk, chunk)
+    out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
+    lse = empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    o_part = empty((B * Hq * Nq, num_splits, Dv), dtype=torch.float32, device=q.device)
+    lse_part = empty((B * Hq * Nq, num_splits), dtype=torch.float32, device=q.device)
+    mask_t, ms, mask_is_bool = mask_args(mask, q)
+    # -- 1. partial results per key chunk --
+    _attention_decode_split[(num_splits, B * Hkv, row_blocks)](
+        q, k, v, mask_t, o_part, lse_part,
+        *q.stride(), *k.stride(), *v.stride(), *ms,
+        Hq, Hkv, group, Nq, Nk, chunk, num_splits,
+        scale * LOG2E, seq_bucket(chunk),
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
+        HAS_MASK=mask is not None, MASK_IS_BOOL=mask_is_bool,
+        INPUT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m,
+    )
+    # -- 2. merge the chunks of each query row --
+    _attention_decode_combine[(B * Hq * Nq,)](
+        o_part, lse_part, out, lse, *out.stride(), Hq, Nq, num_splits,
+        HEAD_DIM_V=Dv, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_DV=head_block(Dv), num_warps=4,
+    )
+    return out, lse
