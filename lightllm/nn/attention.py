@@ -1,0 +1,395 @@
+"""Attention modules built on ``lightllm.functional.scaled_dot_product_attention``.
+
+- :class:`MultiheadAttention` is a drop-in for ``torch.nn.MultiheadAttention``: it *is* one (a
+  subclass), so its constructor, parameters and ``state_dict`` keys are PyTorch's and a checkpoint
+  loads unchanged; only ``forward`` differs. With ``need_weights=False`` the attention runs in
+  lightllm's fused kernel. ``need_weights=True`` (PyTorch's default) asks for the ``(L, S)``
+  probability matrix, which a flash kernel never forms: that call returns PyTorch's own computation
+  with a one-time warning. Pass ``need_weights=False`` for the fast path.
+- :class:`KVCache` and :class:`CausalSelfAttention` serve decoder models: causal self-attention with
+  separate q/k/v/out projections, grouped-query attention (``num_kv_heads < num_heads``, passed to the
+  kernel as ``enable_gqa`` so K/V are never repeated in memory), and an optional preallocated cache
+  written in place for incremental decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._dispatch import triton_runs_on, warn_once
+from .._validation import check_same, check_tensor
+from ..ops.attention import scaled_dot_product_attention as _sdpa
+
+_MHA = "lightllm.nn.MultiheadAttention"
+_CSA = "lightllm.nn.CausalSelfAttention"
+_CACHE = "lightllm.nn.KVCache"
+_MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _mask_kind_ok(name: str, mask: torch.Tensor | None) -> None:
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{_MHA}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask is not None and mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"{_MHA}: {name} must be a bool or floating-point tensor, got {mask.dtype}")
+
+
+def _merge_masks(masks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """One SDPA mask from PyTorch-MHA masks (bool: True = ignore; float: added to the scores).
+
+    All-bool inputs stay bool (SDPA convention: True = may attend), which the kernel reads as one
+    byte per element; otherwise each mask becomes additive in ``dtype`` (-inf where a bool mask says
+    ignore) and they are summed, as PyTorch's MHA does. Shapes broadcast to (B, H, L, S).
+    """
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        blocked = masks[0]
+        for m in masks[1:]:
+            blocked = blocked | m
+        return ~blocked
+    merged = None
+    for m in masks:
+        additive = (m.to(dtype) if m.is_floating_point()
+                    else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf")))
+        merged = additive if merged is None else merged + additive
+    return merged
+
+
+def _pad_key_column(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Append one key column every query may attend (bias_k/bias_v, add_zero_attn)."""
+    return [F.pad(m, (0, 1), value=False if m.dtype == torch.bool else 0.0) for m in masks]
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` whose attention runs in lightllm's fused kernel.
+
+    Same constructor, parameters, ``state_dict`` and ``forward`` signature as PyTorch's module (it is
+    a subclass, so ``isinstance(m, torch.nn.MultiheadAttention)`` holds and checkpoints load
+    unchanged). Supported: ``batch_first`` both ways, unbatched 2-D inputs, ``kdim``/``vdim``,
+    ``add_bias_kv``, ``add_zero_attn``, ``key_padding_mask`` (bool, True = ignore, or float, added),
+    ``attn_mask`` of shape ``(L, S)`` or ``(N*num_heads, L, S)`` (bool, True = NOT allowed, or float),
+    ``is_causal`` as PyTorch's hint (it requires ``attn_mask``; with no ``key_padding_mask`` the
+    kernel's causal mask replaces ``attn_mask``), dropout in training.
+
+    ``need_weights=False`` is the fast path. ``need_weights=True`` (the default, as in PyTorch)
+    returns the attention weights too; they are never formed by a flash kernel, so that call runs
+    PyTorch's own computation and warns once.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
+                 dtype=None) -> None:
+        if not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"{_MHA}: num_heads must be a positive int, got {num_heads!r}")
+        if not isinstance(embed_dim, int) or embed_dim <= 0 or embed_dim % num_heads:
+            raise ValueError(f"{_MHA}: embed_dim must be a positive multiple of num_heads "
+                             f"({num_heads}), got {embed_dim!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"{_MHA}: dropout must be in [0, 1], got {dropout}")
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim,
+                         batch_first=batch_first, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(f"{_MHA}: is_causal=True is a hint that attn_mask is the causal mask "
+                               "and needs attn_mask (as in torch.nn.MultiheadAttention); build one "
+                               "with nn.Transformer.generate_square_subsequent_mask")
+        if need_weights:
+            return self._forward_with_weights(query, key, value, key_padding_mask, attn_mask,
+                                              average_attn_weights, is_causal, batched)
+        # Work batch-first, keeping `key is value` / `query is key` (they select fused projections).
+        same_kv, same_qkv = key is value, query is key and key is value
+        if batched and not self.batch_first:
+            query = query.transpose(0, 1)
+            key = query if same_qkv else key.transpose(0, 1)
+            value = key if same_kv else value.transpose(0, 1)
+        out = self._forward_fused(query, key, value, key_padding_mask, attn_mask, is_causal, batched,
+                                  same_kv, same_qkv)
+        return (out.transpose(0, 1) if batched and not self.batch_first else out), None
+
+    def _forward_fused(self, query, key, value, key_padding_mask, attn_mask, is_causal, batched,
+                       same_kv, same_qkv):
+        """The fast path; inputs are batch-first (N, L, E) or unbatched (L, E)."""
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        n, tgt_len, _ = query.shape
+        heads, head_dim = self.num_heads, self.head_dim
+
+        # As PyTorch: the causal hint replaces attn_mask unless a padding mask must be merged into it.
+        causal = is_causal and key_padding_mask is None
+        masks = []
+        if attn_mask is not None and not causal:
+            masks.append(attn_mask.view(n, heads, tgt_len, -1) if attn_mask.dim() == 3
+                         else attn_mask.view(1, 1, tgt_len, -1))
+        if key_padding_mask is not None:
+            masks.append(key_padding_mask.view(n, 1, 1, -1))
+
+        q, k, v = self._in_projection(query, key, value, same_kv, same_qkv)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(n, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(n, 1, -1)], dim=1)
+            masks = _pad_key_column(masks)
+        # (N, L, E) -> (N, H, L, D): a strided view, read in place by the kernel.
+        q = q.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        k = k.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        v = v.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        if self.add_zero_attn:
+            zeros = k.new_zeros(n, heads, 1, head_dim)
+            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+            masks = _pad_key_column(masks)
+
+        out = _sdpa(q, k, v, attn_mask=_merge_masks(masks, q.dtype),
+                    dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        return out if batched else out.squeeze(0)
+
+    def _in_projection(self, query, key, value, same_kv, same_qkv):
+        e = self.embed_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
+        if not self._qkv_same_embed_dim:
+            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
+                    F.linear(value, self.v_proj_weight, bv))
+        if same_qkv:
+            return F.linear(query, w, b).chunk(3, dim=-1)
+        if same_kv:
+            k, v = F.linear(key, w[e:], b[e:] if b is not None else None).chunk(2, dim=-1)
+            return F.linear(query, w[:e], bq), k, v
+        wq, wk, wv = w.chunk(3)
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _forward_with_weights(self, query, key, value, key_padding_mask, attn_mask,
+                              average_attn_weights, is_causal, batched):
+        """need_weights=True: PyTorch's computation, which forms the weights."""
+        if triton_runs_on(query.device):
+            warn_once(f"{_MHA}:need_weights",
+                      f"{_MHA}: need_weights=True returns the attention weights, which the fused "
+                      "kernel never forms; running PyTorch's computation instead. Pass "
+                      "need_weights=False for the fast path")
+        transpose = batched and self.batch_first  # F.multi_head_attention_forward takes (L, N, E)
+        if transpose:
+            q_t = query.transpose(0, 1)
+            k_t = q_t if key is query else key.transpose(0, 1)
+            value = k_t if value is key else value.transpose(0, 1)
+            query, key = q_t, k_t
+        separate = not self._qkv_same_embed_dim
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight,
+            self.in_proj_bias, self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+            self.out_proj.weight, self.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=True, attn_mask=attn_mask,
+            use_separate_proj_weight=separate, q_proj_weight=self.q_proj_weight,
+            k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return (out.transpose(0, 1) if transpose else out), weights
+
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Validate shapes, dtypes and devices; return whether the input is batched."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            check_tensor(name, t, op=_MHA)
+        weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
+        check_same(_MHA, "dtype", query=query, key=key, value=value, weight=weight)
+        check_same(_MHA, "device", query=query, key=key, value=value, weight=weight,
+                   key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+        if query.dim() not in (2, 3):
+            raise ValueError(f"{_MHA}: query must be 2-D (L, E) unbatched or 3-D batched, got shape "
+                             f"{tuple(query.shape)}")
+        batched = query.dim() == 3
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"{_MHA}: key and value must have query's {query.dim()} dimensions, "
+                             f"got key {tuple(key.shape)}, value {tuple(value.shape)}")
+        for name, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                             ("value", value, self.vdim)):
+            if t.shape[-1] != dim:
+                raise ValueError(f"{_MHA}: {name} must have last dimension {dim}, got shape "
+                                 f"{tuple(t.shape)}")
+        seq_dim = 1 if batched and self.batch_first else 0
+        if batched and not query.shape[1 - seq_dim] == key.shape[1 - seq_dim] == value.shape[1 - seq_dim]:
+            raise ValueError(f"{_MHA}: query, key and value must have one batch size, got shapes "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        if key.shape[seq_dim] != value.shape[seq_dim]:
+            raise ValueError(f"{_MHA}: key and value must have one sequence length, got shapes "
+                             f"{tuple(key.shape)}, {tuple(value.shape)}")
+        tgt_len, src_len = query.shape[seq_dim], key.shape[seq_dim]
+        batch = query.shape[1 - seq_dim] if batched else None
+
+        _mask_kind_ok("key_padding_mask", key_padding_mask)
+        _mask_kind_ok("attn_mask", attn_mask)
+        if key_padding_mask is not None:
+            expected = (batch, src_len) if batched else (src_len,)
+            if tuple(key_padding_mask.shape) != expected:
+                raise ValueError(f"{_MHA}: key_padding_mask must have shape {expected} (batch, "
+                                 f"source length), got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            shapes = [(tgt_len, src_len), ((batch if batched else 1) * self.num_heads, tgt_len, src_len)]
+            if tuple(attn_mask.shape) not in shapes:
+                raise ValueError(f"{_MHA}: attn_mask must have shape {shapes[0]} or "
+                                 f"{shapes[1]} (batch * num_heads, L, S), got {tuple(attn_mask.shape)}")
+        return batched
+
+
+class KVCache(nn.Module):
+    """Preallocated key/value buffers ``(batch_size, num_kv_heads, max_seq_len, head_dim)``.
+
+    ``update(k, v, start_pos)`` writes ``k``/``v`` of shape ``(B, num_kv_heads, T, head_dim)``
+    (``B <= batch_size``) at positions ``start_pos .. start_pos+T-1`` in place and returns views of
+    the filled prefix ``[:B, :, :start_pos+T]``. The buffers are non-persistent (not in the
+    ``state_dict``) and follow ``.to()``. Meant for inference: run decoding under ``torch.no_grad()``
+    (writes into the buffers are recorded by autograd like any in-place copy otherwise).
+    """
+
+    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__()
+        for name, n in (("batch_size", batch_size), ("max_seq_len", max_seq_len),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(n, int) or n <= 0:
+                raise ValueError(f"{_CACHE}: {name} must be a positive int, got {n!r}")
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        check_tensor("k", k, op=_CACHE)
+        check_tensor("v", v, op=_CACHE)
+        check_same(_CACHE, "dtype", k=k, v=v, cache=self.k)
+        check_same(_CACHE, "device", k=k, v=v, cache=self.k)
+        if k.shape != v.shape:
+            raise ValueError(f"{_CACHE}: k and v must have one shape, got {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
+        if (k.dim() != 4 or k.shape[0] > self.batch_size or k.shape[1] != self.num_kv_heads
+                or k.shape[3] != self.head_dim):
+            raise ValueError(f"{_CACHE}: k and v must have shape (B <= {self.batch_size}, "
+                             f"{self.num_kv_heads}, T, {self.head_dim}), got {tuple(k.shape)}")
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"{_CACHE}: start_pos must be a non-negative int, got {start_pos!r}")
+        end = start_pos + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(f"{_CACHE}: overflow: writing {k.shape[2]} tokens at start_pos "
+                             f"{start_pos} needs {end} positions, the cache holds max_seq_len="
+                             f"{self.max_seq_len}")
+        batch = k.shape[0]
+        self.k[:batch, :, start_pos:end].copy_(k)
+        self.v[:batch, :, start_pos:end].copy_(v)
+        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+
+    def extra_repr(self) -> str:
+        return (f"batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.k.dtype}")
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention for decoder models, with grouped-query attention and a KV cache.
+
+    Parameters: ``q_proj`` (E -> E), ``k_proj`` and ``v_proj`` (E -> num_kv_heads * head_dim),
+    ``out_proj`` (E -> E), each an ``nn.Linear`` with ``bias``. ``forward(x, kv_cache=None,
+    start_pos=0)`` takes ``x`` of shape ``(B, T, E)`` and returns ``(B, T, E)``. Without a cache it
+    is causal self-attention over ``x``. With a cache, the new keys/values are written at
+    ``start_pos`` and token ``i`` of ``x`` (absolute position ``start_pos + i``) attends keys
+    ``0 .. start_pos + i``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
+                 bias: bool = True, dropout: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"{_CSA}: num_heads must be a positive int, got {num_heads!r}")
+        if not isinstance(embed_dim, int) or embed_dim <= 0 or embed_dim % num_heads:
+            raise ValueError(f"{_CSA}: embed_dim must be a positive multiple of num_heads "
+                             f"({num_heads}), got {embed_dim!r}")
+        if not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"{_CSA}: num_kv_heads must be a positive divisor of num_heads "
+                             f"({num_heads}), got {num_kv_heads!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"{_CSA}: dropout must be in [0, 1], got {dropout}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        factory = {"device": device, "dtype": dtype}
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+    def make_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """A cache matching this module's heads, dtype and device."""
+        w = self.k_proj.weight
+        return KVCache(batch_size, max_seq_len, self.num_kv_heads, self.head_dim, dtype=w.dtype,
+                       device=w.device)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        check_tensor("x", x, op=_CSA)
+        check_same(_CSA, "dtype", x=x, weight=self.q_proj.weight)
+        check_same(_CSA, "device", x=x, weight=self.q_proj.weight)
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"{_CSA}: x must have shape (batch, seq, {self.embed_dim}), got "
+                             f"{tuple(x.shape)}")
+        if kv_cache is None and start_pos != 0:
+            raise ValueError(f"{_CSA}: start_pos={start_pos!r} needs a kv_cache holding the "
+                             "earlier positions")
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"{_CSA}: kv_cache must be a lightllm.nn.KVCache, got "
+                                f"{type(kv_cache).__name__}")
+            if (kv_cache.num_kv_heads, kv_cache.head_dim) != (self.num_kv_heads, self.head_dim):
+                raise ValueError(f"{_CSA}: kv_cache holds {kv_cache.num_kv_heads} heads of dim "
+                                 f"{kv_cache.head_dim}; this module needs {self.num_kv_heads} of "
+                                 f"dim {self.head_dim}")
+        batch, seq, _ = x.shape
+        # (B, T, E) -> (B, heads, T, D)
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+
+        mask, causal = None, True
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v, start_pos)
+            if seq == 1:  # one new token sees every cached key
+                causal = False
+            elif start_pos > 0:
+                # SDPA's is_causal aligns top-left; the new tokens sit at the bottom-right of the
+                # (T, start_pos + T) score matrix: query i may attend keys 0 .. start_pos + i.
+                rows = torch.arange(seq, device=x.device).unsqueeze(1)
+                cols = torch.arange(start_pos + seq, device=x.device)
+                mask, causal = cols <= rows + start_pos, False
+        out = _sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                    is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.embed_dim))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}")
