@@ -6,5 +6,6 @@ Use it three ways: ``lightllm.functional`` (the ops, with the semantics of their
 """
 
 from . import functional, nn  # noqa: F401
+from .patch import PatchReport, patch, unpatch  # noqa: F401
 
 __version__ = "0.1.0"
