@@ -189,6 +189,26 @@ def _apply_mask(s, mask_ptrs, valid, MASK_IS_BOOL: tl.constexpr):
 
 
 @triton.jit
+def _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scale,
+                CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                MASK_IS_BOOL: tl.constexpr, PAD_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Scores q·kᵀ of one key tile in log2 units with the user's mask, the causal mask and the key
+    bound applied (-inf where hidden); returns them with the loaded key tile."""
+    k = _load_tile(k_ptrs, col_ok, d_ok, CHECK_KEYS, PAD_D)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if HAS_MASK:
+        if CHECK_KEYS:
+            s = _apply_mask(s, mask_ptrs, row_ok[:, None] & col_ok[None, :], MASK_IS_BOOL)
+        else:
+            s = _apply_mask(s, mask_ptrs, row_ok[:, None], MASK_IS_BOOL)
+    if APPLY_CAUSAL:
+        s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+    if CHECK_KEYS:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    return s, k
+
+
+@triton.jit
 def _keep(seed, off_bh, rows, start_n, drop_p, BLOCK_N: tl.constexpr):
     """Dropout's keep decisions for the (rows x BLOCK_N keys from start_n) tile of head ``off_bh``:
     Philox uniform >= p, identical wherever the same scores are drawn (forward, backward, tests).
@@ -234,17 +254,9 @@ def _fwd_tiles(
         cols = start_n + offs_n
         col_ok = cols < n_k
         # -- scores of this tile, in log2 units --
-        k = _load_tile(k_ptrs, col_ok, d_ok, CHECK_KEYS, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        if HAS_MASK:
-            if CHECK_KEYS:
-                s = _apply_mask(s, mask_ptrs, row_ok[:, None] & col_ok[None, :], MASK_IS_BOOL)
-            else:
-                s = _apply_mask(s, mask_ptrs, row_ok[:, None], MASK_IS_BOOL)
-        if APPLY_CAUSAL:
-            s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
-        if CHECK_KEYS:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+        s, k = _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scale,
+                           CHECK_KEYS, APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL,
+                           BLOCK_D != HEAD_DIM, INPUT_PRECISION)
         # -- online softmax update (a row with nothing visible yet keeps m = -inf, p = 0) --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -548,17 +560,9 @@ def _dq_tiles(
         cols = start_n + offs_n
         col_ok = cols < n_k
         # -- recompute P of this tile from the saved lse --
-        k = _load_tile(k_ptrs, col_ok, d_ok, CHECK_KEYS, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        if HAS_MASK:
-            if CHECK_KEYS:
-                s = _apply_mask(s, mask_ptrs, row_ok[:, None] & col_ok[None, :], MASK_IS_BOOL)
-            else:
-                s = _apply_mask(s, mask_ptrs, row_ok[:, None], MASK_IS_BOOL)
-        if APPLY_CAUSAL:
-            s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
-        if CHECK_KEYS:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+        s, k = _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scale,
+                           CHECK_KEYS, APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL,
+                           BLOCK_D != HEAD_DIM, INPUT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         # -- dS = P ∘ (dropout(dO Vᵀ) − delta);  dQ += dS K --
         v = _load_tile(v_ptrs, col_ok, dv_ok, CHECK_KEYS, BLOCK_DV != HEAD_DIM_V)

@@ -34,8 +34,8 @@ import triton.language as tl
 from ._utils import empty, sm_count
 from .attention import (
     LOG2E,
-    _apply_mask,
     _load_tile,
+    _score_tile,
     dot_precision,
     head_block,
     mask_args,
@@ -122,12 +122,10 @@ def _attention_decode_split(
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        k = _load_tile(k_ptrs, col_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        if HAS_MASK:
-            s = _apply_mask(s, mask_ptrs, row_ok[:, None] & col_ok[None, :], MASK_IS_BOOL)
-            mask_ptrs += BLOCK_N * stride_mn
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        s, _ = _score_tile(q, k_ptrs, mask_ptrs, cols, cols, row_ok, col_ok, d_ok, qk_scale,
+                           True, False, HAS_MASK, MASK_IS_BOOL, BLOCK_D != HEAD_DIM,
+                           INPUT_PRECISION)
+        mask_ptrs += BLOCK_N * stride_mn
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])

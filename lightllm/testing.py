@@ -53,3 +53,17 @@ def assert_parity(
             f"+ floor {floor:.1e} (budget {budget:.3e}, reference max |x| {scale:.3e})"
         )
 
+
+
+def leaves(*tensors, dtype=None) -> list:
+    """Detached copies that require grad (``None`` stays ``None``), optionally cast to ``dtype``:
+    one independent set of inputs for each implementation under comparison."""
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True)
+            for t in tensors]
+
+
+def grads(outputs, inputs, grad_outputs) -> list:
+    """``torch.autograd.grad`` over the non-``None`` inputs, with ``None`` kept in place."""
+    live = [t for t in inputs if t is not None]
+    got = iter(torch.autograd.grad(outputs, live, grad_outputs))
+    return [None if t is None else next(got) for t in inputs]

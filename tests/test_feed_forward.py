@@ -14,7 +14,7 @@ from lightllm.kernels import linear_gelu as kernel
 import lightllm
 import lightllm.functional as LF
 from lightllm.reference import linear_gelu as reference
-from lightllm.testing import assert_parity
+from lightllm.testing import assert_parity, grads, leaves
 
 # (tokens, d_model, d_ff)
 SHAPES = [(1, 40, 1023), (7, 1000, 40), (97, 40, 3072)]
@@ -23,14 +23,6 @@ GPU_SHAPES = [(2048, 1024, 4096), (333, 768, 3072), (1, 4096, 16384)]
 VARIANTS = ["bias+residual", "bias", "none"]
 
 
-def _leaves(*ts, dtype=None):
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True) for t in ts]
-
-
-def _grads(output, inputs, grad):
-    live = [t for t in inputs if t is not None]
-    got = iter(torch.autograd.grad(output, live, grad))
-    return [None if t is None else next(got) for t in inputs]
 
 
 def make_inputs(m, d_model, d_ff, dtype, variant="bias+residual", lead=()):
@@ -51,18 +43,18 @@ def check_feed_forward(x, w1, b1, w2, b2, residual, approximate, dy=None):
     def run(fn, ts):
         return fn(ts[0], ts[1], ts[2], ts[3], ts[4], approximate, residual=ts[5])
 
-    ours = _leaves(*inputs)
+    ours = leaves(*inputs)
     y = run(LF.feed_forward, ours)
-    mine = _leaves(*inputs)
+    mine = leaves(*inputs)
     y_torch = run(reference.feed_forward, mine)  # PyTorch's own ops in the test dtype
-    ref = _leaves(*inputs, dtype=torch.float64)
+    ref = leaves(*inputs, dtype=torch.float64)
     y_ref = run(reference.feed_forward, ref)
     assert y.shape == y_torch.shape and y.dtype == x.dtype
     assert_parity(y, y_ref, y_torch, name="y")
     dy = torch.randn_like(y) if dy is None else dy
     for name, g, g_ref, g_torch in zip(
         ("dx", "dw1", "db1", "dw2", "db2", "dresidual"),
-        _grads(y, ours, dy), _grads(y_ref, ref, dy.double()), _grads(y_torch, mine, dy),
+        grads(y, ours, dy), grads(y_ref, ref, dy.double()), grads(y_torch, mine, dy),
     ):
         if g_ref is not None:
             assert_parity(g, g_ref, g_torch, grad=True, name=name)
@@ -112,7 +104,7 @@ def test_nan_propagates_to_its_row_only():
 
 
 def test_empty_tokens():
-    x, w1, b1, w2, b2, r = _leaves(*make_inputs(0, 16, 24, torch.float32))
+    x, w1, b1, w2, b2, r = leaves(*make_inputs(0, 16, 24, torch.float32))
     y = LF.feed_forward(x, w1, b1, w2, b2, residual=r)
     assert y.shape == (0, 16)
     y.sum().backward()
@@ -124,13 +116,13 @@ def test_kernels_are_what_runs(monkeypatch):
     for name in ("linear_gelu_fwd", "linear_fwd", "matmul_gelu_grad"):
         real = getattr(kernel, name)
         monkeypatch.setattr(kernel, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
-    x, w1, b1, w2, b2, r = _leaves(*make_inputs(3, 8, 12, torch.float32))
+    x, w1, b1, w2, b2, r = leaves(*make_inputs(3, 8, 12, torch.float32))
     LF.feed_forward(x, w1, b1, w2, b2, residual=r).sum().backward()
     assert calls == ["linear_gelu_fwd", "linear_fwd", "matmul_gelu_grad"]
 
 
 def test_registered_ops_pass_opcheck():
-    x, w1, b1, w2, b2, r = _leaves(*make_inputs(6, 20, 36, torch.float32))
+    x, w1, b1, w2, b2, r = leaves(*make_inputs(6, 20, 36, torch.float32))
     ff = torch.ops.lightllm.feed_forward_fwd.default
     torch.library.opcheck(ff, (x, w1, b1, w2, b2, r, "tanh", True))
     torch.library.opcheck(ff, (x, w1, None, w2, None, None, "none", True))

@@ -9,7 +9,7 @@ from lightllm.kernels import layer_norm as kernel
 import lightllm
 import lightllm.functional as LF
 from lightllm.reference import layer_norm as reference
-from lightllm.testing import assert_parity
+from lightllm.testing import assert_parity, grads, leaves
 
 ROWS = [1, 7, 97]
 HIDDEN = [1, 3, 1023, 1500, 4096]
@@ -23,51 +23,42 @@ def _params(n, affine, dtype, param_dtype=None):
     return w, b
 
 
-def _leaves(*ts, dtype=None):
-    """Detached copies that require grad (None stays None), optionally cast."""
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True) for t in ts]
-
-
-def _grads(outputs, inputs, grads):
-    live = [t for t in inputs if t is not None]
-    got = iter(torch.autograd.grad(outputs, live, grads))
-    return [None if t is None else next(got) for t in inputs]
 
 
 def check_layer_norm(x, shape, w, b, eps=1e-5, dy=None):
     """Forward and every gradient of lightllm against float64, PyTorch's own op as the budget."""
-    ours = _leaves(x, w, b)
+    ours = leaves(x, w, b)
     y = LF.layer_norm(ours[0], shape, ours[1], ours[2], eps)
-    mine = _leaves(x, w, b)
+    mine = leaves(x, w, b)
     y_torch = F.layer_norm(mine[0], shape, mine[1], mine[2], eps)
-    ref = _leaves(x, w, b, dtype=torch.float64)
+    ref = leaves(x, w, b, dtype=torch.float64)
     y_ref = reference.layer_norm(ref[0], shape, ref[1], ref[2], eps)
     assert_parity(y, y_ref, y_torch, name="y")
     dy = torch.randn_like(y) if dy is None else dy
     for name, g, g_ref, g_torch in zip(
         ("dx", "dweight", "dbias"),
-        _grads(y, ours, dy), _grads(y_ref, ref, dy.double()), _grads(y_torch, mine, dy),
+        grads(y, ours, dy), grads(y_ref, ref, dy.double()), grads(y_torch, mine, dy),
     ):
         if g_ref is not None:
             assert_parity(g, g_ref, g_torch, grad=True, name=name)
 
 
 def check_add_layer_norm(x, r, shape, w, b, eps=1e-5):
-    ours = _leaves(x, r, w, b)
+    ours = leaves(x, r, w, b)
     y, s = LF.add_layer_norm(ours[0], ours[1], shape, ours[2], ours[3], eps)
-    mine = _leaves(x, r, w, b)
+    mine = leaves(x, r, w, b)
     s_torch = mine[0] + mine[1]
     y_torch = F.layer_norm(s_torch, shape, mine[2], mine[3], eps)
-    ref = _leaves(x, r, w, b, dtype=torch.float64)
+    ref = leaves(x, r, w, b, dtype=torch.float64)
     y_ref, s_ref = reference.add_layer_norm(ref[0], ref[1], shape, ref[2], ref[3], eps)
     assert_parity(y, y_ref, y_torch, name="y")
     assert_parity(s, s_ref, s_torch, name="x + residual")
     dy, ds = torch.randn_like(y), torch.randn_like(s)
     for name, g, g_ref, g_torch in zip(
         ("dx", "dresidual", "dweight", "dbias"),
-        _grads((y, s), ours, (dy, ds)),
-        _grads((y_ref, s_ref), ref, (dy.double(), ds.double())),
-        _grads((y_torch, s_torch), mine, (dy, ds)),
+        grads((y, s), ours, (dy, ds)),
+        grads((y_ref, s_ref), ref, (dy.double(), ds.double())),
+        grads((y_torch, s_torch), mine, (dy, ds)),
     ):
         if g_ref is not None:
             assert_parity(g, g_ref, g_torch, grad=True, name=name)

@@ -14,7 +14,7 @@ from lightllm.kernels import linear_gelu as kernel
 
 import lightllm.functional as LF
 from lightllm.reference import linear_gelu as reference
-from lightllm.testing import assert_parity
+from lightllm.testing import assert_parity, grads, leaves
 
 # (M, K, N)
 SHAPES = [(1, 40, 3072), (7, 1023, 40), (97, 40, 1000), (7, 3072, 40), (1, 1000, 1023)]
@@ -23,15 +23,6 @@ GPU_SHAPES = [(4096, 1024, 4096), (2049, 3072, 1023), (1, 8192, 3072)]
 APPROX = ["none", "tanh"]
 
 
-def _leaves(*ts, dtype=None):
-    """Detached copies that require grad (None stays None), optionally cast."""
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True) for t in ts]
-
-
-def _grads(output, inputs, grad):
-    live = [t for t in inputs if t is not None]
-    got = iter(torch.autograd.grad(output, live, grad))
-    return [None if t is None else next(got) for t in inputs]
 
 
 def make_inputs(m, k, n, dtype, bias=True, lead=()):
@@ -44,18 +35,18 @@ def make_inputs(m, k, n, dtype, bias=True, lead=()):
 
 def check_linear_gelu(x, w, b, approximate, dy=None):
     """Forward and every gradient of lightllm against float64, PyTorch's own ops as the budget."""
-    ours = _leaves(x, w, b)
+    ours = leaves(x, w, b)
     y = LF.linear_gelu(*ours, approximate=approximate)
-    mine = _leaves(x, w, b)
+    mine = leaves(x, w, b)
     y_torch = F.gelu(F.linear(*mine), approximate=approximate)
-    ref = _leaves(x, w, b, dtype=torch.float64)
+    ref = leaves(x, w, b, dtype=torch.float64)
     y_ref = reference.linear_gelu(*ref, approximate=approximate)
     assert y.shape == y_torch.shape and y.dtype == x.dtype
     assert_parity(y, y_ref, y_torch, name="y")
     dy = torch.randn_like(y) if dy is None else dy
     for name, g, g_ref, g_torch in zip(
         ("dx", "dweight", "dbias"),
-        _grads(y, ours, dy), _grads(y_ref, ref, dy.double()), _grads(y_torch, mine, dy),
+        grads(y, ours, dy), grads(y_ref, ref, dy.double()), grads(y_torch, mine, dy),
     ):
         if g_ref is not None:
             assert_parity(g, g_ref, g_torch, grad=True, name=name)
@@ -125,7 +116,7 @@ def test_large_pre_activations(approximate, dtype):
 
 
 def test_empty_inputs():
-    x, w, b = _leaves(*make_inputs(0, 16, 8, torch.float32))
+    x, w, b = leaves(*make_inputs(0, 16, 8, torch.float32))
     y = LF.linear_gelu(x, w, b)
     assert y.shape == (0, 8)
     y.sum().backward()
@@ -151,7 +142,7 @@ def test_kernel_is_what_runs(monkeypatch):
     for name in ("linear_gelu_fwd", "gelu_bwd"):
         real = getattr(kernel, name)
         monkeypatch.setattr(kernel, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
-    x, w, b = _leaves(*make_inputs(3, 8, 5, torch.float32))
+    x, w, b = leaves(*make_inputs(3, 8, 5, torch.float32))
     LF.linear_gelu(x, w, b).sum().backward()
     assert calls == ["linear_gelu_fwd", "gelu_bwd"]
 
@@ -218,13 +209,13 @@ def test_pre_activation_is_saved_only_for_a_backward(monkeypatch):
     x, w, b = make_inputs(3, 8, 5, torch.float32)
     LF.linear_gelu(x, w, b)
     with torch.no_grad():
-        LF.linear_gelu(*_leaves(x, w, b))
-    LF.linear_gelu(*_leaves(x, w, b))
+        LF.linear_gelu(*leaves(x, w, b))
+    LF.linear_gelu(*leaves(x, w, b))
     assert saved == [False, False, True]
 
 
 def test_registered_ops_pass_opcheck():
-    x, w, b = _leaves(*make_inputs(6, 33, 20, torch.float32))
+    x, w, b = leaves(*make_inputs(6, 33, 20, torch.float32))
     for approximate in APPROX:
         torch.library.opcheck(torch.ops.lightllm.linear_gelu_fwd.default, (x, w, b, approximate, True))
     torch.library.opcheck(torch.ops.lightllm.linear_gelu_fwd.default, (x, w, None, "none", False))
@@ -237,12 +228,12 @@ def test_registered_ops_pass_opcheck():
 
 
 def test_torch_compile_fullgraph():
-    x, w, b = _leaves(*make_inputs(5, 24, 16, torch.float32))
+    x, w, b = leaves(*make_inputs(5, 24, 16, torch.float32))
     compiled = torch.compile(LF.linear_gelu, fullgraph=True)
     y = compiled(x, w, b, "tanh")
     y.sum().backward()
     torch.testing.assert_close(y, F.gelu(F.linear(x, w, b), approximate="tanh"))
-    eager = _leaves(x, w, b)
+    eager = leaves(x, w, b)
     F.gelu(F.linear(*eager), approximate="tanh").sum().backward()
     for got, want in zip((x, w, b), eager):
         torch.testing.assert_close(got.grad, want.grad)
