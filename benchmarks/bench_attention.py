@@ -75,7 +75,8 @@ def providers(causal: bool, gqa: bool, seq: int) -> dict:
     quadratic = seq <= QUADRATIC_MAX_SEQ or not HAS_CUDA
     out = {"eager": eager} if quadratic else {}
     for name in TORCH_BACKENDS:
-        if name != "torch-math" or quadratic:
+        # Only the math backend exists on a CPU; the fused ones are CUDA kernels.
+        if (name != "torch-math" or quadratic) and (HAS_CUDA or name == "torch-math"):
             out[name] = _torch_backend(name, causal, gqa)
     if quadratic:
         out["compile"] = compiled(eager)
