@@ -51,6 +51,9 @@ def use_triton(op: str, *tensors: torch.Tensor | None, dtype_ok: bool = True, wh
     device = next(t.device for t in tensors if t is not None)
     if not triton_runs_on(device):
         return False
+    if device.type == "cpu" and any(t is not None and t.dtype == torch.bfloat16 for t in tensors):
+        # The interpreter multiplies bfloat16's raw bits in tl.dot: a wrong answer, never served.
+        dtype_ok, why = False, "Triton's interpreter cannot do bfloat16 arithmetic"
     if not dtype_ok:
         warn_once(f"{op}:{why}", f"{op}: {why}; running the eager reference instead")
         return False

@@ -51,8 +51,6 @@ def _impl(x: Tensor):
     ok, why = True, ""
     if x.dtype == torch.float64:
         ok, why = False, "float64 has no Triton path"
-    elif x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        ok, why = False, "Triton's interpreter does not support bfloat16 arithmetic"
     return kernel if _dispatch.use_triton("linear_gelu", x, dtype_ok=ok, why=why) else reference
 
 
