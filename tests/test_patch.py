@@ -1,5 +1,7 @@
 """lightllm.patch: swaps supported modules in place, keeps parameters, changes only the kernels."""
 
+import copy
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -67,3 +69,27 @@ def test_patch_reports_nothing_to_do():
     report = lightllm.patch(torch.nn.Linear(3, 3))
     assert len(report) == 0
     assert "no supported module" in str(report)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_patched_encoder_trains_like_the_original(norm_first):
+    """One training step of a patched TransformerEncoder: same loss and parameter gradients."""
+    torch.manual_seed(1)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0,
+                                             batch_first=True, norm_first=norm_first)
+    original = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    original = original.to(DEVICE)
+    patched = copy.deepcopy(original)
+    assert len(lightllm.patch(patched)) == 6  # per layer: self_attn, norm1, norm2
+    x = torch.randn(3, 11, 32, device=DEVICE)
+    padding = torch.zeros(3, 11, dtype=torch.bool, device=DEVICE)
+    padding[1, 7:] = True  # a padded sequence exercises the key-padding mask
+    losses = []
+    for model in (original, patched):
+        out = model(x, src_key_padding_mask=padding)
+        loss = out[~padding].pow(2).mean()
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(original.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=name)
