@@ -31,6 +31,28 @@ CHUNK = 4096  # tile width for rows longer than that
 
 
 @triton.jit
+def _load_input(X, R, S, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """x (fp32) at ``offs``; with a residual, x + r rounded to the output dtype and stored to S,
+    so what is normalised is exactly the sum that is returned (and saved for the backward)."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        s = x.to(S.dtype.element_ty)
+        tl.store(S + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _affine(y, W, B, offs, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_WEIGHT:
+        y = y * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _layer_norm_fwd(
     X, R, W, B, Y, S, Mean, Rstd,
     stride_x, stride_r, stride_y, stride_s,
@@ -51,21 +73,12 @@ def _layer_norm_fwd(
     if SINGLE_TILE:
         # -- the row in registers: load, add the residual, statistics, normalise, store --
         mask = cols < N
-        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            x += tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
-            s = x.to(S.dtype.element_ty)
-            tl.store(S + cols, s, mask=mask)
-            x = s.to(tl.float32)  # normalise exactly the sum that is returned (and saved)
+        x = _load_input(X, R, S, cols, mask, HAS_RESIDUAL)
         mean = tl.sum(x, axis=0) / N
         xc = tl.where(mask, x - mean, 0.0)
         var = tl.sum(xc * xc, axis=0) / N
         rstd = 1.0 / tl.sqrt(var + eps)
-        y = xc * rstd
-        if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _affine(xc * rstd, W, B, cols, mask, HAS_WEIGHT, HAS_BIAS)
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # -- pass 1: per-tile (mean, M2), merged into the row's running statistics --
@@ -75,12 +88,7 @@ def _layer_norm_fwd(
         for start in range(0, N, BLOCK_N):
             offs = start + cols
             mask = offs < N
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-                s = x.to(S.dtype.element_ty)
-                tl.store(S + offs, s, mask=mask)
-                x = s.to(tl.float32)
+            x = _load_input(X, R, S, offs, mask, HAS_RESIDUAL)
             n_tile = tl.minimum(N - start, BLOCK_N).to(tl.float32)
             mean_tile = tl.sum(x, axis=0) / n_tile
             xc = tl.where(mask, x - mean_tile, 0.0)
@@ -99,15 +107,32 @@ def _layer_norm_fwd(
                 x = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean) * rstd
-            if HAS_WEIGHT:
-                y = y * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y = y + tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _affine((x - mean) * rstd, W, B, offs, mask, HAS_WEIGHT, HAS_BIAS)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _bwd_tile(X, DY, W, offs, mask, mean, rstd, HAS_WEIGHT: tl.constexpr):
+    """xhat (0 outside the row), dy and g = w * dy of one tile, in fp32."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    if HAS_WEIGHT:
+        g = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = dy
+    return xhat, dy, g
+
+
+@triton.jit
+def _store_dx(DX, DS, offs, mask, dx, HAS_DS: tl.constexpr):
+    """Store dx, plus the gradient of the returned sum when there is one."""
+    if HAS_DS:
+        dx += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -158,10 +183,7 @@ def _layer_norm_bwd(
             # -- dx from the two row reductions --
             c1 = tl.sum(xhat * g, axis=0) / N
             c2 = tl.sum(g, axis=0) / N
-            dx = (g - (xhat * c1 + c2)) * rstd
-            if HAS_DS:
-                dx += tl.load(DS + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            _store_dx(DX, DS, cols, mask, (g - (xhat * c1 + c2)) * rstd, HAS_DS)
             # -- accumulate this program's share of dw, db --
             dw_acc += dy * xhat
             db_acc += dy
@@ -185,13 +207,7 @@ def _layer_norm_bwd(
             for start in range(0, N, BLOCK_N):
                 offs = start + cols
                 mask = offs < N
-                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                if HAS_WEIGHT:
-                    g = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    g = dy
+                xhat, dy, g = _bwd_tile(X, DY, W, offs, mask, mean, rstd, HAS_WEIGHT)
                 c1 += tl.sum(xhat * g, axis=0)
                 c2 += tl.sum(g, axis=0)
                 if NEED_DW:
@@ -204,17 +220,8 @@ def _layer_norm_bwd(
             for start in range(0, N, BLOCK_N):
                 offs = start + cols
                 mask = offs < N
-                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-                xhat = (x - mean) * rstd
-                if HAS_WEIGHT:
-                    g = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    g = dy
-                dx = (g - (xhat * c1 + c2)) * rstd
-                if HAS_DS:
-                    dx += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+                xhat, dy, g = _bwd_tile(X, DY, W, offs, mask, mean, rstd, HAS_WEIGHT)
+                _store_dx(DX, DS, offs, mask, (g - (xhat * c1 + c2)) * rstd, HAS_DS)
             X += stride_x
             DY += stride_dy
             DS += stride_ds
