@@ -1,0 +1,50 @@
+"""The helpers every kernel module shares (kernels/_utils.py)."""
+
+import pytest
+import torch
+import triton
+from lightllm.kernels import _utils
+
+
+def test_autotune_configs_keep_one_config_under_the_interpreter(monkeypatch):
+    configs = [triton.Config({"BLOCK": b}) for b in (64, 128, 256)]
+    monkeypatch.setattr(_utils, "INTERPRET", True)
+    assert _utils.autotune_configs(configs) == configs[:1]
+    monkeypatch.setattr(_utils, "INTERPRET", False)
+    assert _utils.autotune_configs(configs) == configs
+
+
+@pytest.mark.parametrize("value, enabled", [(None, True), ("1", True), ("0", False)])
+def test_autotune_switch(monkeypatch, value, enabled):
+    if value is None:
+        monkeypatch.delenv("LIGHTLLM_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("LIGHTLLM_AUTOTUNE", value)
+    assert _utils.autotune_enabled() is enabled
+
+
+@pytest.mark.parametrize("n, cap, block", [(0, 1024, 1), (1, 1024, 1), (3, 1024, 4),
+                                           (1023, 1024, 1024), (1500, 1024, 1024),
+                                           (20000, 4096, 4096)])
+def test_row_block(n, cap, block):
+    assert _utils.row_block(n, cap) == block
+
+
+@pytest.mark.parametrize("block, warps", [(1, 1), (256, 1), (1024, 4), (4096, 16), (65536, 16)])
+def test_warps_for_block(block, warps):
+    assert _utils.warps_for_block(block) == warps
+
+
+@pytest.mark.parametrize("poison", [True, False])
+def test_empty_poisons_float_outputs_only_when_asked(monkeypatch, poison):
+    monkeypatch.setattr(_utils, "POISON_OUTPUTS", poison)
+    out = _utils.empty((3, 5), dtype=torch.float16, device="cpu")
+    assert out.shape == (3, 5) and out.dtype == torch.float16
+    if poison:
+        assert out.isnan().all()
+    ints = _utils.empty((4,), dtype=torch.int32, device="cpu")  # NaN has no integer form
+    assert ints.dtype == torch.int32
+
+
+def test_sm_count_is_positive():
+    assert _utils.sm_count(torch.empty(1)) > 0
