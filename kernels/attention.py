@@ -189,6 +189,23 @@ def _apply_mask(s, mask_ptrs, valid, MASK_IS_BOOL: tl.constexpr):
 
 
 @triton.jit
+def _key_tile_pointers(K_base, V_base, Mask_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_mm, stride_mn, offs_m, lo, HEAD_DIM: tl.constexpr,
+                       HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Pointers to the first K, V and mask tiles from key ``lo`` for query rows ``offs_m`` (64-bit
+    offsets), the key offsets within a tile, and which head-dim lanes are real (not padding)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols64 = (lo + offs_n).to(tl.int64)
+    k_ptrs = K_base + cols64[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V_base + cols64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_ptrs = Mask_base + offs_m.to(tl.int64)[:, None] * stride_mm + cols64[None, :] * stride_mn
+    return offs_n, offs_d < HEAD_DIM, offs_dv < HEAD_DIM_V, k_ptrs, v_ptrs, mask_ptrs
+
+
+@triton.jit
 def _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scale,
                 CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 MASK_IS_BOOL: tl.constexpr, PAD_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -241,15 +258,9 @@ def _fwd_tiles(
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Online softmax over the key tiles [lo, hi) of one query block (see the module docstring)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
-    cols64 = (lo + offs_n).to(tl.int64)
-    k_ptrs = K_base + cols64[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V_base + cols64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    mask_ptrs = Mask_base + offs_m.to(tl.int64)[:, None] * stride_mm + cols64[None, :] * stride_mn
+    offs_n, d_ok, dv_ok, k_ptrs, v_ptrs, mask_ptrs = _key_tile_pointers(
+        K_base, V_base, Mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+        stride_mn, offs_m, lo, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < n_k
@@ -547,15 +558,9 @@ def _dq_tiles(
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dQ of one query block from the key tiles [lo, hi)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
-    cols64 = (lo + offs_n).to(tl.int64)
-    k_ptrs = K_base + cols64[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V_base + cols64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    mask_ptrs = Mask_base + offs_m.to(tl.int64)[:, None] * stride_mm + cols64[None, :] * stride_mn
+    offs_n, d_ok, dv_ok, k_ptrs, v_ptrs, mask_ptrs = _key_tile_pointers(
+        K_base, V_base, Mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+        stride_mn, offs_m, lo, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < n_k
