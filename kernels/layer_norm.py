@@ -19,11 +19,13 @@ reduction is deterministic and never serialises on a lock across the grid.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, row_block, sm_count, warps_for_block
+from ._utils import cdiv, empty, row_block, sm_count, warps_for_block
 
 MAX_FUSED_FWD = 16384  # longest row the forward keeps in registers
 MAX_FUSED_BWD = 8192  # the backward holds more per element (x, dy, w, dw, db)
@@ -232,7 +234,27 @@ def _layer_norm_bwd(
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A 2-D view whose rows are contiguous (the row stride may be anything)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_plan(n: int) -> tuple[int, bool, int]:
+    """(BLOCK_N, SINGLE_TILE, num_warps) of the forward for rows of ``n`` features."""
+    single = n <= MAX_FUSED_FWD
+    block = row_block(n, MAX_FUSED_FWD if single else CHUNK)
+    return block, single, warps_for_block(block)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_plan(m: int, n: int, sms: int) -> tuple[int, bool, int, int, int]:
+    """(BLOCK_N, SINGLE_TILE, num_warps, programs, rows_per_program) of the backward: enough
+    programs to fill the GPU twice over, each owning a contiguous run of rows."""
+    single = n <= MAX_FUSED_BWD
+    block = row_block(n, MAX_FUSED_BWD if single else CHUNK)
+    programs = max(1, min(m, 2 * sms))
+    rows_per_program = cdiv(m, programs) if m else 0
+    programs = cdiv(m, rows_per_program) if m else 1
+    return block, single, warps_for_block(block), programs, rows_per_program
 
 
 def layer_norm_fwd(x, residual, weight, bias, eps: float):
@@ -240,27 +262,28 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     x + residual) is None without a residual. ``mean``/``rstd`` are fp32 of shape (M,)."""
     x = _rows(x)
     M, N = x.shape
-    y = empty((M, N), dtype=x.dtype, device=x.device)
-    s = None
-    if residual is not None:
-        residual = _rows(residual)
-        s = empty((M, N), dtype=x.dtype, device=x.device)
-    mean = empty((M,), dtype=torch.float32, device=x.device)
-    rstd = empty((M,), dtype=torch.float32, device=x.device)
+    dev = x.device
+    y = empty((M, N), dtype=x.dtype, device=dev)
+    mean = empty((M,), dtype=torch.float32, device=dev)
+    rstd = empty((M,), dtype=torch.float32, device=dev)
+    if residual is None:
+        s = None
+        r, stride_r, stride_s = x, 0, 0
+    else:
+        r = _rows(residual)
+        s = empty((M, N), dtype=x.dtype, device=dev)
+        stride_r, stride_s = r.stride(0), N
     if M == 0:
         return y, s, mean, rstd
-    single = N <= MAX_FUSED_FWD
-    block = row_block(N, MAX_FUSED_FWD if single else CHUNK)
+    block, single, warps = _fwd_plan(N)
     _layer_norm_fwd[(M,)](
-        x, residual if residual is not None else x,
-        weight if weight is not None else x, bias if bias is not None else x,
-        y, s if s is not None else y, mean, rstd,
-        x.stride(0), residual.stride(0) if residual is not None else 0,
-        y.stride(0), s.stride(0) if s is not None else 0,
+        x, r, x if weight is None else weight, x if bias is None else bias,
+        y, y if s is None else s, mean, rstd,
+        x.stride(0), stride_r, N, stride_s,
         N, eps,
-        BLOCK_N=block, SINGLE_TILE=single, HAS_RESIDUAL=residual is not None,
+        BLOCK_N=block, SINGLE_TILE=single, HAS_RESIDUAL=s is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        num_warps=warps_for_block(block),
+        num_warps=warps,
     )
     return y, s, mean, rstd
 
@@ -272,26 +295,22 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
     dy, x = _rows(dy), _rows(x)
     ds = _rows(ds) if ds is not None else None
     M, N = x.shape
-    dx = empty((M, N), dtype=x.dtype, device=x.device)
-    single = N <= MAX_FUSED_BWD
-    block = row_block(N, MAX_FUSED_BWD if single else CHUNK)
-    # Enough programs to fill the GPU twice over, each owning a contiguous run of rows.
-    programs = max(1, min(M, 2 * sm_count(x)))
-    rows_per_program = triton.cdiv(M, programs) if M else 0
-    programs = triton.cdiv(M, rows_per_program) if M else 1
+    dev = x.device
+    dx = empty((M, N), dtype=x.dtype, device=dev)
+    block, single, warps, programs, rows_per_program = _bwd_plan(M, N, sm_count(x))
     alloc = empty if single else torch.zeros  # the long-row path accumulates in place
-    dw_partial = alloc((programs, N), dtype=torch.float32, device=x.device) if need_dw else None
-    db_partial = alloc((programs, N), dtype=torch.float32, device=x.device) if need_db else None
+    dw_partial = alloc((programs, N), dtype=torch.float32, device=dev) if need_dw else None
+    db_partial = alloc((programs, N), dtype=torch.float32, device=dev) if need_db else None
     if M > 0:
         _layer_norm_bwd[(programs,)](
-            dy, x, weight if weight is not None else x, mean, rstd,
-            ds if ds is not None else dy, dx,
+            dy, x, x if weight is None else weight, mean, rstd,
+            dy if ds is None else ds, dx,
             dw_partial if need_dw else dx, db_partial if need_db else dx,
-            dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
+            dy.stride(0), x.stride(0), 0 if ds is None else ds.stride(0), N,
             M, N, rows_per_program,
             BLOCK_N=block, SINGLE_TILE=single, HAS_WEIGHT=weight is not None,
             HAS_DS=ds is not None, NEED_DW=need_dw, NEED_DB=need_db,
-            num_warps=warps_for_block(block),
+            num_warps=warps,
         )
     dw = dw_partial.sum(0) if need_dw else None
     db = db_partial.sum(0) if need_db else None

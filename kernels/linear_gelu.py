@@ -46,7 +46,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._utils import INTERPRET, autotune_configs, autotune_enabled, empty, sm_count
+from ._utils import (
+    INTERPRET,
+    autotune_configs,
+    autotune_enabled,
+    cdiv,
+    empty,
+    next_pow2,
+    sm_count,
+)
 
 # ACTIVATION codes (the `approximate` strings of F.gelu map onto the GeLU ones).
 ACT_NONE = 0
@@ -376,36 +384,43 @@ def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=No
     # An operand with no unit stride (a strided slice, a stride-0 gradient) is copied: its loads
     # could not be vectorised or pipelined (sm_90: no cp.async, spills), and the copy is one pass
     # over an operand the product reads K/BLOCK_K times anyway.
-    a = a if 1 in a.stride() else a.contiguous()
-    b_t = b_t if 1 in b_t.stride() else b_t.contiguous()
+    sa, sb = a.stride(), b_t.stride()
+    if 1 not in sa:
+        a = a.contiguous()
+        sa = a.stride()
+    if 1 not in sb:
+        b_t = b_t.contiguous()
+        sb = b_t.stride()
     dummy = out  # never dereferenced when its flag is off
-    res = residual if residual is not None else dummy
-    aux_t = aux if aux is not None else dummy
-    b_nk = b_t.stride(1) == 1
-    b_view = b_t if b_nk else b_t.t()  # the layout with unit last stride
+    b_nk = sb[1] == 1
     if tma is None:
         tma = uses_tma(a, b_t)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     common = dict(ACTIVATION=activation, AUX=aux_mode, HAS_BIAS=bias is not None,
                   HAS_RESIDUAL=residual is not None)
-    epilogue_args = (res.stride(0), res.stride(1), aux_t.stride(0), aux_t.stride(1),
-                     out.stride(0), out.stride(1))
+    so = out.stride()
+    sr = residual.stride() if residual is not None else so
+    sx = aux.stride() if aux is not None else so
+    epilogue_args = (sr[0], sr[1], sx[0], sx[1], so[0], so[1])
+    res = residual if residual is not None else dummy
+    aux_t = aux if aux is not None else dummy
     bias_t = bias if bias is not None else dummy
+    m_bucket = next_pow2(M)
     if tma:
         # Boxes are placeholders until the autotune pre-hook sets them from the chosen tile.
         a_desc = TensorDescriptor.from_tensor(a, [16, 16])
-        b_desc = TensorDescriptor.from_tensor(b_view, [16, 16])
+        b_desc = TensorDescriptor.from_tensor(b_t if b_nk else b_t.t(), [16, 16])
         _linear_gelu_mm_tma[grid](
-            a_desc, b_desc, bias_t, res, aux_t, out, M, N, K, triton.next_power_of_2(M),
+            a_desc, b_desc, bias_t, res, aux_t, out, M, N, K, m_bucket,
             *epilogue_args, B_NK=b_nk, **common,
         )
     else:
         _linear_gelu_mm[grid](
-            a, b_t, bias_t, res, aux_t, out, M, N, K, triton.next_power_of_2(M),
-            a.stride(0), a.stride(1), b_t.stride(1), b_t.stride(0), *epilogue_args,
+            a, b_t, bias_t, res, aux_t, out, M, N, K, m_bucket,
+            sa[0], sa[1], sb[1], sb[0], *epilogue_args,
             IEEE=a.dtype == torch.float32, **common,
         )
 
@@ -448,11 +463,11 @@ def gelu_bwd(dy, pre, approximate: str, need_db: bool):
     dpre = empty((M, N), dtype=pre.dtype, device=pre.device)
     if M == 0 or N == 0:
         return dpre, (torch.zeros(N, dtype=torch.float32, device=pre.device) if need_db else None)
-    col_blocks = triton.cdiv(N, _BWD_BLOCK_N)
+    col_blocks = cdiv(N, _BWD_BLOCK_N)
     # Enough row groups for about four programs per SM; each group is whole BLOCK_M tiles.
-    groups = max(1, min(triton.cdiv(4 * sm_count(pre), col_blocks), triton.cdiv(M, _BWD_BLOCK_M)))
-    rows_per_program = triton.cdiv(triton.cdiv(M, groups), _BWD_BLOCK_M) * _BWD_BLOCK_M
-    groups = triton.cdiv(M, rows_per_program)
+    groups = max(1, min(cdiv(4 * sm_count(pre), col_blocks), cdiv(M, _BWD_BLOCK_M)))
+    rows_per_program = cdiv(cdiv(M, groups), _BWD_BLOCK_M) * _BWD_BLOCK_M
+    groups = cdiv(M, rows_per_program)
     db_partial = empty((groups, N), dtype=torch.float32, device=pre.device) if need_db else None
     _linear_gelu_bwd[(col_blocks, groups)](
         dy, pre, dpre, db_partial if need_db else dpre,

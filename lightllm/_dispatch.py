@@ -1,12 +1,24 @@
-"""Where an op runs: the one place that decides between the Triton kernels and the reference.
+"""Where an op runs: the one place that decides between the Triton kernels, the CPU path and the
+reference, and whether a call may skip the ``torch.library`` custom op.
 
-DESIGN.md §3: CUDA tensors run the kernels; CPU tensors run the same Triton kernels through the
-interpreter when ``TRITON_INTERPRET=1`` is set before lightllm is imported, otherwise the eager
-reference. A path that cannot serve an input falls back to the reference with a one-time warning.
+DESIGN.md §3:
+- CUDA tensors run the Triton kernels.
+- CPU tensors run the same Triton kernels through the interpreter when ``TRITON_INTERPRET=1`` was set
+  before lightllm was imported (tests), except bfloat16, which the interpreter cannot multiply.
+- CPU tensors otherwise run the **native** CPU path: lightllm's C++ kernels where they beat PyTorch,
+  else PyTorch's own native op behind lightllm's validation and edge semantics.
+- The eager reference is the oracle of the tests and the last resort for an input nothing else
+  serves, with a one-time warning.
+
+Every op makes that decision once, in its public function, and then calls its launcher directly in
+plain eager mode (:func:`direct`); under ``torch.compile``, tracing, fake tensors or any
+``TorchDispatchMode`` (an op counter, say) it goes through its custom op instead, which runs the same
+launcher. Either way the autograd is the same functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -23,7 +35,14 @@ try:
 except ImportError:  # pragma: no cover - triton ships with every CUDA build of torch
     HAS_TRITON = False
 
+# Whether CPU tensors go to the interpreter. Tests switch it off with `native_cpu()` to exercise the
+# native CPU path in the same process (the kernels stay interpreted either way).
+_cpu_interprets: bool = TRITON_INTERPRET and HAS_TRITON
+
 _warned: set[str] = set()
+
+_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def warn_once(key: str, message: str) -> None:
@@ -33,37 +52,63 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(f"lightllm: {message}", RuntimeWarning, stacklevel=3)
 
 
+def cpu_interprets() -> bool:
+    """True when CPU tensors run the Triton kernels in the interpreter."""
+    return _cpu_interprets
+
+
+@contextlib.contextmanager
+def native_cpu():
+    """Inside, CPU tensors take the native CPU path even under ``TRITON_INTERPRET=1`` (for tests)."""
+    global _cpu_interprets
+    saved, _cpu_interprets = _cpu_interprets, False
+    try:
+        yield
+    finally:
+        _cpu_interprets = saved
+
+
 def triton_runs_on(device: torch.device) -> bool:
-    """True when the Triton kernels can run on tensors of ``device``."""
+    """True when the Triton kernels run on tensors of ``device``."""
     if not HAS_TRITON:
         return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and TRITON_INTERPRET
+    return device.type == "cuda" or (device.type == "cpu" and _cpu_interprets)
 
 
-def use_triton(op: str, *tensors: torch.Tensor | None, dtype_ok: bool = True, why: str = "") -> bool:
-    """Decide whether ``op`` runs its Triton kernel on ``tensors`` (else the reference).
+def runs_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` (a float32/float16/bfloat16 tensor) goes to the Triton kernels: CUDA and meta
+    tensors, and CPU tensors under the interpreter except bfloat16 (its ``tl.dot`` multiplies raw
+    bits: a wrong answer is never served). Everything else takes the native CPU path."""
+    if t.is_cpu:
+        return _cpu_interprets and t.dtype != torch.bfloat16
+    return HAS_TRITON
 
-    ``dtype_ok=False`` (with ``why``) marks an input the kernel cannot serve: on a device where the
-    kernels would otherwise run, that is a fallback and is reported once.
+
+def direct(t: torch.Tensor) -> bool:
+    """True when an op may call its launcher straight from Python: plain eager mode, a real tensor.
+
+    Under ``torch.compile`` (or export), fake tensors, tracing, or any active ``TorchDispatchMode``
+    the op goes through its ``torch.library`` custom op instead, so that tracers and op counters see
+    ``torch.ops.lightllm.*``. ``is_compiling`` comes first: dynamo folds it to True.
     """
-    device = next(t.device for t in tensors if t is not None)
-    if not triton_runs_on(device):
+    return not _compiling() and not _dispatch_modes() and not t.is_meta
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd must record the op (grad mode on and some input requires grad)."""
+    if not torch.is_grad_enabled():
         return False
-    if device.type == "cpu" and any(t is not None and t.dtype == torch.bfloat16 for t in tensors):
-        # The interpreter multiplies bfloat16's raw bits in tl.dot: a wrong answer, never served.
-        dtype_ok, why = False, "Triton's interpreter cannot do bfloat16 arithmetic"
-    if not dtype_ok:
-        warn_once(f"{op}:{why}", f"{op}: {why}; running the eager reference instead")
-        return False
-    return True
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def describe() -> str:
     """One line naming the dispatch path active in this process."""
     if not HAS_TRITON:
-        return "triton missing: every op runs the eager reference"
+        return "triton missing: CUDA tensors run the reference; CPU tensors -> native CPU path"
     cuda = "CUDA tensors -> Triton kernels" if torch.cuda.is_available() else "no CUDA device"
-    cpu = "CPU tensors -> Triton interpreter" if TRITON_INTERPRET else "CPU tensors -> eager reference"
+    cpu = ("CPU tensors -> Triton interpreter (bfloat16: native CPU path)" if _cpu_interprets
+           else "CPU tensors -> native CPU path (C++ kernels / PyTorch's native ops)")
     return f"{cuda}; {cpu}"

@@ -56,3 +56,19 @@ def check_broadcastable(op: str, name: str, t: torch.Tensor, target: Sequence[in
     if not ok:
         raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} is not broadcastable to "
                          f"{tuple(target)}")
+
+
+# Exceptions built only when a check fails: the checks on the hot path are plain comparisons.
+
+
+def tensor_error(op: str, name: str, t: object) -> TypeError:
+    return TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def dtype_error(op: str, name: str, dtype: torch.dtype, dtypes: Sequence[torch.dtype]) -> TypeError:
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    return TypeError(f"{op}: {name} must have dtype in ({names}), got {dtype}")
+
+
+def shape_error(op: str, name: str, t: torch.Tensor, expected: Sequence[int]) -> ValueError:
+    return ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")

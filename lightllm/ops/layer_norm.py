@@ -6,36 +6,91 @@ Three custom ops carry the work on 2-D (rows, features) views:
   lightllm::layer_norm_bwd(dy, x, weight?, mean, rstd, ds?, need_dw, need_db) -> (dx, dw, db)
 ``mean``/``rstd`` are fp32 statistics saved for the backward; unused gradients come back empty.
 
-Dispatch happens once, in the public functions: inputs the kernels serve go through the custom ops;
-everything else (CPU tensors without the interpreter, float64, empty tensors) runs the eager
-reference, whose autograd is PyTorch's.
+Each op has two launchers with one signature: the Triton kernels (``lightllm.kernels.layer_norm``:
+CUDA, and CPU under the interpreter) and the C++ CPU kernels of ``lightllm._C``
+(``layer_norm_{fwd,bwd}_cpu``). The public functions pick one per call and, in plain eager mode,
+call it directly (through an ``autograd.Function`` when a gradient is needed); under
+``torch.compile`` or a dispatch mode they call the custom ops, whose bodies pick the same launcher.
+The autograd functions are shared by both routes. Inputs neither serves (float64, empty tensors, a
+build without the extension) run PyTorch's own ``F.layer_norm``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightllm import _dispatch
-from lightllm._validation import (
-    FLOAT_DTYPES,
-    check_optional_tensor,
-    check_same,
-    check_shape,
-    check_tensor,
-)
+from lightllm._validation import FLOAT_DTYPES, dtype_error, shape_error, tensor_error
 from lightllm.kernels import layer_norm as kernel
-from lightllm.reference import layer_norm as reference
+
+# ------------------------------------------------------------------------------------------------
+# Launchers: the Triton kernels, or the C++ CPU kernels
+# ------------------------------------------------------------------------------------------------
+
+
+def _has_cpu_kernels() -> bool:
+    try:
+        from lightllm import _C  # noqa: F401
+    except ImportError:
+        return False
+    ops = ("layer_norm_fwd_cpu", "layer_norm_bwd_cpu")
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"lightllm::{op}", "CPU")
+               for op in ops if hasattr(torch.ops.lightllm, op)) and all(
+        hasattr(torch.ops.lightllm, op) for op in ops)
+
+
+HAS_CPU_KERNELS = _has_cpu_kernels()
+
+
+def _cpu_fwd(x, residual, weight, bias, eps: float):
+    y, s, mean, rstd = torch.ops.lightllm.layer_norm_fwd_cpu(x, residual, weight, bias, eps)
+    return y, (s if residual is not None else None), mean, rstd
+
+
+def _cpu_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
+    dx, dw, db = torch.ops.lightllm.layer_norm_bwd_cpu(dy, x, weight, mean, rstd, ds, need_dw,
+                                                       need_db)
+    return dx, (dw if need_dw else None), (db if need_db else None)
+
+
+_CPU = SimpleNamespace(layer_norm_fwd=_cpu_fwd, layer_norm_bwd=_cpu_bwd)
+
+if HAS_CPU_KERNELS:
+    @torch.library.register_fake("lightllm::layer_norm_fwd_cpu")
+    def _(x, residual, weight, bias, eps):
+        rows = x.shape[0]
+        s = x.new_empty(x.shape if residual is not None else (0,))
+        return (x.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32),
+                x.new_empty((rows,), dtype=torch.float32))
+
+    @torch.library.register_fake("lightllm::layer_norm_bwd_cpu")
+    def _(dy, x, weight, mean, rstd, ds, need_dw, need_db):
+        n = x.shape[1]
+        return (x.new_empty(x.shape), x.new_empty((n if need_dw else 0,), dtype=torch.float32),
+                x.new_empty((n if need_db else 0,), dtype=torch.float32))
+
+
+def _launcher(x: Tensor):
+    """The Triton launchers where the kernels run, else the C++ CPU ones (looked up per call, so a
+    test can wrap a launcher)."""
+    return kernel if _dispatch.runs_triton(x) else _CPU
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile, tracing, dispatch modes)
+# ------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("lightllm::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, _, mean, rstd = kernel.layer_norm_fwd(x, None, weight, bias, eps)
+    y, _, mean, rstd = _launcher(x).layer_norm_fwd(x, None, weight, bias, eps)
     return y, mean, rstd
 
 
@@ -50,7 +105,7 @@ def _(x, weight, bias, eps):
 def _add_layer_norm_fwd(
     x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernel.layer_norm_fwd(x, residual, weight, bias, eps)
+    return _launcher(x).layer_norm_fwd(x, residual, weight, bias, eps)
 
 
 @_add_layer_norm_fwd.register_fake
@@ -60,16 +115,18 @@ def _(x, residual, weight, bias, eps):
             x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
 
 
+def _empty_grad(x: Tensor) -> Tensor:
+    # A fresh tensor each: custom-op outputs may not alias one another.
+    return x.new_empty((0,), dtype=torch.float32)
+
+
 @torch.library.custom_op("lightllm::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
     ds: Tensor | None, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = kernel.layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw, need_db)
-    def empty():  # a fresh tensor each: custom-op outputs may not alias one another
-        return x.new_empty((0,), dtype=torch.float32)
-
-    return dx, empty() if dw is None else dw, empty() if db is None else db
+    dx, dw, db = _launcher(x).layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw, need_db)
+    return dx, _empty_grad(x) if dw is None else dw, _empty_grad(x) if db is None else db
 
 
 @_layer_norm_bwd.register_fake
@@ -79,13 +136,25 @@ def _(dy, x, weight, mean, rstd, ds, need_dw, need_db):
             x.new_empty((n if need_db else 0,), dtype=torch.float32))
 
 
-def _param_grads(ctx, dw: Tensor, db: Tensor):
-    return (dw.to(ctx.weight_dtype) if ctx.need_dw else None,
+# ------------------------------------------------------------------------------------------------
+# Autograd, shared by the custom ops and the eager autograd.Functions
+# ------------------------------------------------------------------------------------------------
+
+
+def _backward(ctx, dy, ds):
+    src, weight, mean, rstd = ctx.saved_tensors
+    args = (dy, src, weight, mean, rstd, ds, ctx.need_dw, ctx.need_db)
+    if _dispatch.direct(src):
+        dx, dw, db = _launcher(src).layer_norm_bwd(*args)
+    else:
+        dx, dw, db = _layer_norm_bwd(*args)
+    return (dx, dw.to(ctx.weight_dtype) if ctx.need_dw else None,
             db.to(ctx.bias_dtype) if ctx.need_db else None)
 
 
 def _setup(ctx, src: Tensor, weight, bias, mean, rstd, weight_index: int):
     ctx.save_for_backward(src, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.need_dw = weight is not None and ctx.needs_input_grad[weight_index]
@@ -99,9 +168,8 @@ def _layer_norm_setup(ctx, inputs, output):
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, None, ctx.need_dw, ctx.need_db)
-    return (dx, *_param_grads(ctx, dw, db), None)
+    dx, dw, db = _backward(ctx, dy, None)
+    return dx, dw, db, None
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
@@ -111,84 +179,162 @@ def _add_layer_norm_setup(ctx, inputs, output):
 
 
 def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
-    s, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd(dy, s, weight, mean, rstd, ds, ctx.need_dw, ctx.need_db)
-    return (dx, dx, *_param_grads(ctx, dw, db), None)
+    dx, dw, db = _backward(ctx, dy, ds)
+    return dx, dx, dw, db, None
 
 
 _layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 _add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
 
 
+class _LayerNorm(torch.autograd.Function):
+    """Eager twin of ``lightllm::layer_norm_fwd`` with the same autograd."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        y, _, mean, rstd = _launcher(x).layer_norm_fwd(x, None, weight, bias, eps)
+        return y, mean, rstd
+
+    setup_context = staticmethod(_layer_norm_setup)
+    backward = staticmethod(_layer_norm_backward)
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    """Eager twin of ``lightllm::add_layer_norm_fwd`` with the same autograd."""
+
+    @staticmethod
+    def forward(x, residual, weight, bias, eps):
+        return _launcher(x).layer_norm_fwd(x, residual, weight, bias, eps)
+
+    setup_context = staticmethod(_add_layer_norm_setup)
+    backward = staticmethod(_add_layer_norm_backward)
+
+
 # ------------------------------------------------------------------------------------------------
 # Public functions
 # ------------------------------------------------------------------------------------------------
 
-
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _normalized_shape(op: str, normalized_shape) -> tuple[int, ...]:
+    if type(normalized_shape) is int:
+        return (normalized_shape,)
+    if isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
+        type(d) is int for d in normalized_shape
+    ):
+        if not normalized_shape:
+            raise ValueError(f"{op}: normalized_shape must have at least one dimension, got []")
+        return tuple(normalized_shape)
+    raise TypeError(f"{op}: normalized_shape must be an int or a sequence of ints, got "
+                    f"{normalized_shape!r}")
+
+
+def _check_param(op: str, name: str, p, x: Tensor, shape: tuple) -> None:
+    if type(p) is not torch.nn.Parameter and not isinstance(p, Tensor):
+        raise tensor_error(op, name, p)
+    dt = p.dtype
+    # PyTorch's rule: a parameter has the input's dtype, or float32 beside a half-precision input.
+    if dt is not x.dtype and not (dt is torch.float32 and x.dtype in _HALF):
+        if dt not in _DTYPES:
+            raise dtype_error(op, name, dt, _DTYPES)
+        raise TypeError(f"{op}: {name} has dtype {dt} but input has {x.dtype}; a parameter must "
+                        f"have the input's dtype (or float32 beside a float16/bfloat16 input), as "
+                        f"in torch.nn.functional.layer_norm")
+    if p.shape != shape:
+        raise shape_error(op, name, p, shape)
+    if p.device != x.device:
+        raise RuntimeError(f"{op}: expected all tensors on one device, got input={x.device}, "
+                           f"{name}={p.device}")
 
 
 def _check(op: str, x, normalized_shape, weight, bias, residual=None) -> tuple[int, ...]:
-    check_tensor("input", x, dtypes=_DTYPES, op=op)
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    if not isinstance(normalized_shape, Sequence | torch.Size) or not all(
-        isinstance(d, int) for d in normalized_shape
-    ):
-        raise TypeError(f"{op}: normalized_shape must be an int or a sequence of ints, got "
-                        f"{normalized_shape!r}")
-    shape = tuple(normalized_shape)
-    if len(shape) == 0:
-        raise ValueError(f"{op}: normalized_shape must have at least one dimension, got []")
-    if x.dim() < len(shape) or tuple(x.shape[-len(shape):]) != shape:
+    """Everything checked before any launch; returns normalized_shape as a tuple."""
+    if not isinstance(x, Tensor):
+        raise tensor_error(op, "input", x)
+    if x.dtype not in _DTYPES:
+        raise dtype_error(op, "input", x.dtype, _DTYPES)
+    shape = _normalized_shape(op, normalized_shape)
+    if x.dim() < len(shape) or x.shape[x.dim() - len(shape):] != shape:
         raise ValueError(f"{op}: normalized_shape {list(shape)} does not match the trailing "
                          f"dimensions of input of shape {tuple(x.shape)}")
-    check_optional_tensor("weight", weight, dtypes=_DTYPES, op=op)
-    check_optional_tensor("bias", bias, dtypes=_DTYPES, op=op)
-    check_shape(op, "weight", weight, shape)
-    check_shape(op, "bias", bias, shape)
+    if weight is not None:
+        _check_param(op, "weight", weight, x, shape)
+    if bias is not None:
+        _check_param(op, "bias", bias, x, shape)
+        if weight is not None and bias.dtype is not weight.dtype:
+            raise TypeError(f"{op}: weight ({weight.dtype}) and bias ({bias.dtype}) must share a "
+                            "dtype")
     if residual is not None:
-        check_tensor("residual", residual, dtypes=_DTYPES, op=op)
-        check_shape(op, "residual", residual, x.shape)
-        check_same(op, "dtype", input=x, residual=residual)
-    check_same(op, "device", input=x, residual=residual, weight=weight, bias=bias)
+        if not isinstance(residual, Tensor):
+            raise tensor_error(op, "residual", residual)
+        if residual.shape != x.shape:
+            raise shape_error(op, "residual", residual, x.shape)
+        if residual.dtype is not x.dtype:
+            raise TypeError(f"{op}: residual has dtype {residual.dtype} but input has {x.dtype}: "
+                            "expected one dtype")
+        if residual.device != x.device:
+            raise RuntimeError(f"{op}: expected all tensors on one device, got input={x.device}, "
+                               f"residual={residual.device}")
     return shape
 
 
-def _runs_kernel(op: str, x: Tensor) -> bool:
+def _served(op: str, x: Tensor) -> bool:
+    """True when lightllm's kernels (Triton or C++) serve ``x``; else PyTorch's own op runs."""
+    if x.dtype is torch.float64:
+        if _dispatch.triton_runs_on(x.device):
+            _dispatch.warn_once(f"{op}:float64", f"{op}: float64 has no kernel (statistics are "
+                                "fp32); running PyTorch's own op instead")
+        return False
     if x.numel() == 0:
         return False
-    return _dispatch.use_triton(op, x, dtype_ok=x.dtype != torch.float64,
-                                why="float64 has no kernel (statistics are fp32)")
+    return _dispatch.runs_triton(x) or (HAS_CPU_KERNELS and x.is_cpu)
+
+
+def _rows_of(x: Tensor, shape: tuple[int, ...]) -> tuple[int, bool]:
+    """(features per row, whether ``x`` must be reshaped to (rows, features))."""
+    if len(shape) == 1:
+        return shape[0], x.dim() != 2
+    return math.prod(shape), True
+
+
+def _flat(p: Tensor | None, n: int) -> Tensor | None:
+    return p if p is None or p.dim() == 1 else p.reshape(n)
 
 
 def layer_norm(
     input: Tensor,
-    normalized_shape: int | Sequence[int],
+    normalized_shape: int | tuple[int, ...] | list[int] | torch.Size,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    """``torch.nn.functional.layer_norm`` on fused Triton kernels (forward and backward).
+    """``torch.nn.functional.layer_norm`` on lightllm's fused kernels (forward and backward).
 
-    Statistics are computed in fp32 whatever the input dtype; weight and bias may be of another
-    floating dtype than the input (as on CUDA in PyTorch); the output has the input's dtype.
+    Statistics are computed in fp32 whatever the input dtype; weight and bias have the input's
+    dtype, or float32 beside a float16/bfloat16 input (PyTorch's rule); the output has the input's
+    dtype. float64 and empty inputs run PyTorch's own op.
     """
     shape = _check("layer_norm", input, normalized_shape, weight, bias)
-    n = math.prod(shape)
-    if not _runs_kernel("layer_norm", input):
-        return reference.layer_norm(input, shape, weight, bias, eps)
-    x2d = input.reshape(-1, n)
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    y, _, _ = _layer_norm_fwd(x2d, w, b, float(eps))
-    return y.view(input.shape)
+    if not _served("layer_norm", input):
+        return F.layer_norm(input, shape, weight, bias, eps)
+    n, flat = _rows_of(input, shape)
+    x2d = input.reshape(-1, n) if flat else input
+    w, b, eps = _flat(weight, n), _flat(bias, n), float(eps)
+    if not _dispatch.direct(input):
+        y = _layer_norm_fwd(x2d, w, b, eps)[0]
+    elif _dispatch.needs_grad(input, weight, bias):
+        y = _LayerNorm.apply(x2d, w, b, eps)[0]
+    else:
+        y = _launcher(input).layer_norm_fwd(x2d, None, w, b, eps)[0]
+    return y.view(input.shape) if flat else y
 
 
 def add_layer_norm(
     input: Tensor,
     residual: Tensor,
-    normalized_shape: int | Sequence[int],
+    normalized_shape: int | tuple[int, ...] | list[int] | torch.Size,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
@@ -199,11 +345,16 @@ def add_layer_norm(
     and that rounded sum is what gets normalised, exactly as the unfused PyTorch code does.
     """
     shape = _check("add_layer_norm", input, normalized_shape, weight, bias, residual)
-    n = math.prod(shape)
-    if not _runs_kernel("add_layer_norm", input):
-        return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    y, s, _, _ = _add_layer_norm_fwd(input.reshape(-1, n), residual.reshape(-1, n), w, b,
-                                     float(eps))
-    return y.view(input.shape), s.view(input.shape)
+    if not _served("add_layer_norm", input):
+        s = input + residual
+        return F.layer_norm(s, shape, weight, bias, eps), s
+    n, flat = _rows_of(input, shape)
+    x2d, r2d = (input.reshape(-1, n), residual.reshape(-1, n)) if flat else (input, residual)
+    w, b, eps = _flat(weight, n), _flat(bias, n), float(eps)
+    if not _dispatch.direct(input):
+        y, s, _, _ = _add_layer_norm_fwd(x2d, r2d, w, b, eps)
+    elif _dispatch.needs_grad(input, residual, weight, bias):
+        y, s, _, _ = _AddLayerNorm.apply(x2d, r2d, w, b, eps)
+    else:
+        y, s, _, _ = _launcher(input).layer_norm_fwd(x2d, r2d, w, b, eps)
+    return (y.view(input.shape), s.view(input.shape)) if flat else (y, s)

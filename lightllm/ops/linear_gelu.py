@@ -10,6 +10,13 @@ Four custom ops carry the work on 2-D (rows, features) views:
 ``pre``/``h`` are returned only when a backward will need them (else empty; a backward reached
 anyway recomputes them) and are marked non-differentiable; unneeded gradients come back empty.
 
+Launchers: the Triton kernels (``lightllm.kernels.linear_gelu``: CUDA, and CPU under the
+interpreter) or, on the native CPU path, the same four functions on PyTorch's own ops (addmm with
+the GeLU applied in place when no backward needs the pre-activation). The public functions pick one
+per call and, in plain eager mode, call it directly (through an ``autograd.Function`` when a
+gradient is needed); under ``torch.compile`` or a dispatch mode they call the custom ops. Both
+routes share the autograd functions below.
+
 Backward design: the forward *saves* the pre-activation (one extra (M, N) write, only when a gradient
 is required) instead of recomputing it. Saving costs a write and a read of M·N elements (2·M·N·e
 bytes); recomputing costs a matmul, 2·M·N·K FLOPs (a third of the layer's training work). Saving
@@ -26,32 +33,60 @@ for F.gelu's backward, so peak memory matches eager. Then:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightllm import _dispatch
-from lightllm._validation import (
-    check_broadcastable,
-    check_optional_tensor,
-    check_same,
-    check_shape,
-    check_tensor,
-)
+from lightllm._validation import check_broadcastable, dtype_error, shape_error, tensor_error
 from lightllm.kernels import linear_gelu as kernel
-from lightllm.reference import linear_gelu as reference
 
 APPROXIMATIONS = ("none", "tanh")
-# float64 is accepted and served by the eager reference (the kernel has no float64 path).
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# ------------------------------------------------------------------------------------------------
+# Launchers: the Triton kernels, or PyTorch's native ops (same signatures)
+# ------------------------------------------------------------------------------------------------
 
-def _impl(x: Tensor):
-    """The kernel launchers, or their eager mirrors where the kernels cannot serve ``x``."""
-    ok, why = True, ""
-    if x.dtype == torch.float64:
-        ok, why = False, "float64 has no Triton path"
-    return kernel if _dispatch.use_triton("linear_gelu", x, dtype_ok=ok, why=why) else reference
+
+def _native_linear_gelu_fwd(x, weight, bias, approximate: str, save_pre: bool):
+    pre = F.linear(x, weight, bias)
+    if save_pre:
+        return F.gelu(pre, approximate=approximate), pre
+    return torch._C._nn.gelu_(pre, approximate=approximate), None
+
+
+def _native_linear_fwd(x, weight, bias, residual):
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y.add_(residual)
+
+
+def _native_matmul_gelu_grad(dy, w2, pre, approximate: str):
+    return torch.ops.aten.gelu_backward(dy @ w2, pre, approximate=approximate)
+
+
+def _native_gelu_bwd(dy, pre, approximate: str, need_db: bool):
+    dpre = torch.ops.aten.gelu_backward(dy, pre, approximate=approximate)
+    return dpre, (dpre.sum(0, dtype=torch.float32) if need_db else None)
+
+
+_NATIVE = SimpleNamespace(
+    linear_gelu_fwd=_native_linear_gelu_fwd, linear_fwd=_native_linear_fwd,
+    matmul_gelu_grad=_native_matmul_gelu_grad, gelu_bwd=_native_gelu_bwd,
+)
+
+
+def _launcher(x: Tensor):
+    """The Triton launchers where the kernels serve ``x``, else the native ones (looked up per
+    call, so a test can wrap a launcher). float64 has no Triton path."""
+    if x.dtype is not torch.float64 and _dispatch.runs_triton(x):
+        return kernel
+    if x.dtype is torch.float64 and _dispatch.triton_runs_on(x.device):
+        _dispatch.warn_once("linear_gelu:float64", "linear_gelu: float64 has no Triton path; "
+                            "running PyTorch's own ops instead")
+    return _NATIVE
 
 
 def _none(x: Tensor) -> Tensor:
@@ -63,12 +98,23 @@ def _none(x: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+def _linear_gelu_fwd_impl(x, weight, bias, approximate, save_pre):
+    y, pre = _launcher(x).linear_gelu_fwd(x, weight, bias, approximate, save_pre)
+    return y, pre if pre is not None else _none(x)
+
+
+def _linear_gelu_bwd_impl(dy, x, weight, pre, approximate, need_dx, need_dw, need_db):
+    dpre, db = _launcher(pre).gelu_bwd(dy, pre, approximate, need_db)
+    dx = torch.matmul(dpre, weight) if need_dx else _none(x)
+    dw = torch.matmul(dpre.t(), x) if need_dw else _none(x)
+    return dx, dw, db.to(pre.dtype) if need_db else _none(x)
+
+
 @torch.library.custom_op("lightllm::linear_gelu_fwd", mutates_args=())
 def _linear_gelu_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str, save_pre: bool
 ) -> tuple[Tensor, Tensor]:
-    y, pre = _impl(x).linear_gelu_fwd(x, weight, bias, approximate, save_pre)
-    return y, pre if pre is not None else _none(x)
+    return _linear_gelu_fwd_impl(x, weight, bias, approximate, save_pre)
 
 
 @_linear_gelu_fwd.register_fake
@@ -82,10 +128,7 @@ def _linear_gelu_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approximate: str,
     need_dx: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dpre, db = _impl(pre).gelu_bwd(dy, pre, approximate, need_db)
-    dx = torch.matmul(dpre, weight) if need_dx else _none(x)
-    dw = torch.matmul(dpre.t(), x) if need_dw else _none(x)
-    return dx, dw, db.to(pre.dtype) if need_db else _none(x)
+    return _linear_gelu_bwd_impl(dy, x, weight, pre, approximate, need_dx, need_dw, need_db)
 
 
 @_linear_gelu_bwd.register_fake
@@ -109,13 +152,24 @@ def _linear_gelu_backward(ctx, dy, _dpre):
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
     x, weight, bias, pre = ctx.saved_tensors
+    direct = _dispatch.direct(dy)
     if not ctx.saved_pre:  # called without save_pre (never by linear_gelu): recompute it
-        _, pre = _linear_gelu_fwd(x, weight, bias, ctx.approximate, True)
-    dx, dw, db = _linear_gelu_bwd(dy, x, weight, pre, ctx.approximate, need_dx, need_dw, need_db)
+        fwd = _linear_gelu_fwd_impl if direct else _linear_gelu_fwd
+        _, pre = fwd(x, weight, bias, ctx.approximate, True)
+    bwd = _linear_gelu_bwd_impl if direct else _linear_gelu_bwd
+    dx, dw, db = bwd(dy, x, weight, pre, ctx.approximate, need_dx, need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
 
 
 _linear_gelu_fwd.register_autograd(_linear_gelu_backward, setup_context=_linear_gelu_setup)
+
+
+class _LinearGelu(torch.autograd.Function):
+    """Eager twin of ``lightllm::linear_gelu_fwd`` with the same autograd."""
+
+    forward = staticmethod(_linear_gelu_fwd_impl)
+    setup_context = staticmethod(_linear_gelu_setup)
+    backward = staticmethod(_linear_gelu_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,17 +177,37 @@ _linear_gelu_fwd.register_autograd(_linear_gelu_backward, setup_context=_linear_
 # ------------------------------------------------------------------------------------------------
 
 
+def _feed_forward_fwd_impl(x, w1, b1, w2, b2, residual, approximate, save):
+    launcher = _launcher(x)
+    h, pre = launcher.linear_gelu_fwd(x, w1, b1, approximate, save)
+    y = launcher.linear_fwd(h, w2, b2, residual)
+    if not save:
+        return y, _none(x), _none(x)
+    return y, h, pre
+
+
+def _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, approximate,
+                           need_dx, need_dw1, need_db1, need_dw2, need_db2):
+    dw2 = torch.matmul(dy.t(), h) if need_dw2 else _none(x)
+    db2 = dy.sum(0) if need_db2 else _none(x)
+    dx, dw1, db1 = _none(x), _none(x), _none(x)  # distinct: outputs may not alias each other
+    if need_dx or need_dw1 or need_db1:
+        dpre = _launcher(x).matmul_gelu_grad(dy, w2, pre, approximate)
+        if need_dx:
+            dx = torch.matmul(dpre, w1)
+        if need_dw1:
+            dw1 = torch.matmul(dpre.t(), x)
+        if need_db1:
+            db1 = dpre.sum(0)
+    return dx, dw1, db1, dw2, db2
+
+
 @torch.library.custom_op("lightllm::feed_forward_fwd", mutates_args=())
 def _feed_forward_fwd(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     residual: Tensor | None, approximate: str, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _impl(x)
-    h, pre = impl.linear_gelu_fwd(x, w1, b1, approximate, save)
-    y = impl.linear_fwd(h, w2, b2, residual)
-    if not save:
-        return y, _none(x), _none(x)
-    return y, h, pre
+    return _feed_forward_fwd_impl(x, w1, b1, w2, b2, residual, approximate, save)
 
 
 @_feed_forward_fwd.register_fake
@@ -147,18 +221,8 @@ def _feed_forward_bwd(
     dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, pre: Tensor, approximate: str,
     need_dx: bool, need_dw1: bool, need_db1: bool, need_dw2: bool, need_db2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dw2 = torch.matmul(dy.t(), h) if need_dw2 else _none(x)
-    db2 = dy.sum(0) if need_db2 else _none(x)
-    dx, dw1, db1 = _none(x), _none(x), _none(x)  # distinct: outputs may not alias each other
-    if need_dx or need_dw1 or need_db1:
-        dpre = _impl(x).matmul_gelu_grad(dy, w2, pre, approximate)
-        if need_dx:
-            dx = torch.matmul(dpre, w1)
-        if need_dw1:
-            dw1 = torch.matmul(dpre.t(), x)
-        if need_db1:
-            db1 = dpre.sum(0)
-    return dx, dw1, db1, dw2, db2
+    return _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, approximate,
+                                  need_dx, need_dw1, need_db1, need_dw2, need_db2)
 
 
 @_feed_forward_bwd.register_fake
@@ -188,9 +252,12 @@ def _feed_forward_backward(ctx, dy, _dh, _dpre):
     grads = [None] * 5
     if any(need[:5]):
         x, w1, b1, w2, h, pre = ctx.saved_tensors
+        direct = _dispatch.direct(dy)
         if not ctx.saved:  # called without save (never by feed_forward): recompute h and pre
-            h, pre = _linear_gelu_fwd(x, w1, b1, ctx.approximate, True)
-        grads = _feed_forward_bwd(dy, x, w1, w2, h, pre, ctx.approximate, *need[:5])
+            fwd = _linear_gelu_fwd_impl if direct else _linear_gelu_fwd
+            h, pre = fwd(x, w1, b1, ctx.approximate, True)
+        bwd = _feed_forward_bwd_impl if direct else _feed_forward_bwd
+        grads = bwd(dy, x, w1, w2, h, pre, ctx.approximate, *need[:5])
         grads = [g if n else None for g, n in zip(grads, need[:5])]
     # The residual is added to the output: its gradient is dY itself.
     return (*grads, dy if need[5] else None, None, None)
@@ -199,33 +266,66 @@ def _feed_forward_backward(ctx, dy, _dh, _dpre):
 _feed_forward_fwd.register_autograd(_feed_forward_backward, setup_context=_feed_forward_setup)
 
 
+class _FeedForward(torch.autograd.Function):
+    """Eager twin of ``lightllm::feed_forward_fwd`` with the same autograd."""
+
+    forward = staticmethod(_feed_forward_fwd_impl)
+    setup_context = staticmethod(_feed_forward_setup)
+    backward = staticmethod(_feed_forward_backward)
+
+
 # ------------------------------------------------------------------------------------------------
 # Public functions
 # ------------------------------------------------------------------------------------------------
 
 
 def _check_approximate(op: str, approximate) -> None:
-    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
+    if not isinstance(approximate, str) or (approximate != "none" and approximate != "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-def _check_weight(op: str, wn: str, weight, bn: str, bias, in_features: int, source: str) -> None:
-    """``weight`` is a 2-D (out_features, in_features) tensor whose in_features equals
-    ``in_features`` (the size of ``source``, named in messages); ``bias`` is None or
-    (out_features,)."""
-    check_tensor(wn, weight, dtypes=_DTYPES, op=op)
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise tensor_error(op, name, t)
+    if t.dtype not in _DTYPES:
+        raise dtype_error(op, name, t.dtype, _DTYPES)
+
+
+def _check_like(op: str, name: str, t: Tensor, x: Tensor) -> None:
+    """``t`` has ``x``'s dtype and device (the message names both)."""
+    if t.device != x.device:
+        raise RuntimeError(f"{op}: expected all tensors on one device, got x={x.device}, "
+                           f"{name}={t.device}")
+    if t.dtype is not x.dtype:
+        raise TypeError(f"{op}: expected all tensors of one dtype, got x={x.dtype}, "
+                        f"{name}={t.dtype}")
+
+
+def _check_weight(op: str, wn: str, weight, bn: str, bias, x: Tensor, in_features: int,
+                  source: str | None = None) -> None:
+    """``weight`` is a 2-D (out_features, in_features) tensor like ``x`` whose in_features equals
+    ``in_features`` (named ``source`` in messages; by default x's last dimension); ``bias`` is None
+    or (out_features,)."""
+    _check_tensor(op, wn, weight)
     if weight.dim() != 2:
         raise ValueError(f"{op}: {wn} must be 2-D (out_features, in_features), got shape "
                          f"{tuple(weight.shape)}")
     if weight.shape[1] != in_features:
+        source = source or f"the last dimension of x (shape {tuple(x.shape)})"
         raise ValueError(f"{op}: {wn} of shape {tuple(weight.shape)} expects in_features="
                          f"{weight.shape[1]}, but {source} is {in_features}")
-    check_optional_tensor(bn, bias, dtypes=_DTYPES, op=op)
-    check_shape(op, bn, bias, (weight.shape[0],))
+    _check_like(op, wn, weight, x)
+    if bias is not None:
+        _check_tensor(op, bn, bias)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise shape_error(op, bn, bias, (weight.shape[0],))
+        _check_like(op, bn, bias, x)
 
 
-def _requires_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _check_x(op: str, x) -> None:
+    _check_tensor(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimensions, got shape {tuple(x.shape)}")
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -236,21 +336,23 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     ``x`` is (..., in_features) with any leading dims and strides: a layout that cannot be
     viewed as 2-D is copied by ``reshape``, and a 2-D view with no unit stride (e.g. a strided
     slice) is copied by the launcher, so the kernels' loads stay contiguous. ``weight`` is
-    (out_features, in_features), ``bias`` (out_features,); all of one floating dtype and device
-    (float64 and, on CPU, bfloat16 run the eager reference). Forward and backward.
+    (out_features, in_features), ``bias`` (out_features,); all of one floating dtype and device.
+    On the native CPU path (and for float64) it is PyTorch's addmm and GeLU. Forward and backward.
     """
     op = "linear_gelu"
-    check_tensor("x", x, dtypes=_DTYPES, min_dim=1, op=op)
-    _check_weight(op, "weight", weight, "bias", bias, x.shape[-1],
-                  f"the last dimension of x (shape {tuple(x.shape)})")
+    _check_x(op, x)
+    _check_weight(op, "weight", weight, "bias", bias, x, x.shape[-1])
     _check_approximate(op, approximate)
-    check_same(op, "device", x=x, weight=weight, bias=bias)
-    check_same(op, "dtype", x=x, weight=weight, bias=bias)
-    n, k = weight.shape
-    lead = x.shape[:-1]
-    x2d = x.reshape(math.prod(lead), k)
-    y, _ = _linear_gelu_fwd(x2d, weight, bias, approximate, _requires_grad(x, weight, bias))
-    return y.view(*lead, n)
+    flat = x.dim() != 2
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
+    if not _dispatch.direct(x):
+        save = _dispatch.needs_grad(x, weight, bias)
+        y = _linear_gelu_fwd(x2d, weight, bias, approximate, save)[0]
+    elif _dispatch.needs_grad(x, weight, bias):
+        y = _LinearGelu.apply(x2d, weight, bias, approximate, True)[0]
+    else:
+        y = _launcher(x).linear_gelu_fwd(x2d, weight, bias, approximate, False)[0]
+    return y.view(*x.shape[:-1], weight.shape[0]) if flat else y
 
 
 def feed_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
@@ -263,21 +365,31 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
     broadcasts to the output (..., d_model) and has the dtype of ``x``.
     """
     op = "feed_forward"
-    check_tensor("x", x, dtypes=_DTYPES, min_dim=1, op=op)
-    _check_weight(op, "w1", w1, "b1", b1, x.shape[-1],
-                  f"the last dimension of x (shape {tuple(x.shape)})")
-    _check_weight(op, "w2", w2, "b2", b2, w1.shape[0], "w1's out_features (d_ff)")
+    _check_x(op, x)
+    _check_weight(op, "w1", w1, "b1", b1, x, x.shape[-1])
+    _check_weight(op, "w2", w2, "b2", b2, x, w1.shape[0], "w1's out_features (d_ff)")
     _check_approximate(op, approximate)
     d_model = w2.shape[0]
-    out_shape = (*x.shape[:-1], d_model)
+    flat = x.dim() != 2
     if residual is not None:
-        check_tensor("residual", residual, dtypes=_DTYPES, op=op)
-        check_broadcastable(op, "residual", residual, out_shape)
-    check_same(op, "device", x=x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
-    check_same(op, "dtype", x=x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
-    m = math.prod(x.shape[:-1])
-    x2d = x.reshape(m, x.shape[-1])
-    r2d = residual.expand(out_shape).reshape(m, d_model) if residual is not None else None
-    y, _, _ = _feed_forward_fwd(x2d, w1, b1, w2, b2, r2d, approximate,
-                                _requires_grad(x, w1, b1, w2, b2))
-    return y.view(out_shape)
+        _check_tensor(op, "residual", residual)
+        out_shape = (*x.shape[:-1], d_model)
+        if residual.shape != out_shape:
+            check_broadcastable(op, "residual", residual, out_shape)
+            residual = residual.expand(out_shape)
+            flat = True
+        _check_like(op, "residual", residual, x)
+    m = math.prod(x.shape[:-1]) if flat else x.shape[0]
+    x2d = x.reshape(m, x.shape[-1]) if flat else x
+    r2d = residual.reshape(m, d_model) if flat and residual is not None else residual
+    # h and pre are saved only when a weight-side gradient needs them (the residual's is dY).
+    save = _dispatch.needs_grad(x, w1, b1, w2, b2)
+    if not _dispatch.direct(x):
+        y = _feed_forward_fwd(x2d, w1, b1, w2, b2, r2d, approximate, save)[0]
+    elif save or _dispatch.needs_grad(residual):
+        y = _FeedForward.apply(x2d, w1, b1, w2, b2, r2d, approximate, save)[0]
+    else:
+        launcher = _launcher(x)
+        h = launcher.linear_gelu_fwd(x2d, w1, b1, approximate, False)[0]
+        y = launcher.linear_fwd(h, w2, b2, r2d)
+    return y.view(*x.shape[:-1], d_model) if flat else y

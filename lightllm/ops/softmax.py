@@ -18,6 +18,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from lightllm import _dispatch
 from lightllm._dispatch import warn_once
 from lightllm._validation import FLOAT_DTYPES, check_broadcastable, check_same, check_tensor
 from lightllm.reference import softmax as reference
@@ -44,6 +45,22 @@ def _kernel_devices() -> frozenset[str]:
 
 
 KERNEL_DEVICES = _kernel_devices()
+
+# Plain eager calls that need no gradient enter the extension's kernels below the autograd key: the
+# Python autograd registered below would otherwise cost ~3 µs a call for nothing.
+_BELOW_AUTOGRAD = {
+    "cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+    "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA),
+}
+
+
+def _call(op: str, x: Tensor, *args, mask: Tensor | None = None):
+    overload = getattr(torch.ops.lightllm, op).default
+    if _dispatch.direct(x) and not _dispatch.needs_grad(x, mask):
+        keys = _BELOW_AUTOGRAD.get(x.device.type)
+        if keys is not None:
+            return overload.redispatch(keys, x, *args)
+    return overload(x, *args)
 
 # ------------------------------------------------------------------------------------------------
 # Fake tensors and autograd of the extension's ops
@@ -140,10 +157,10 @@ def softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tenso
     if not _runs_extension(op, x):
         return reference.softmax(x, dim)
     if x.dim() == 0:
-        return torch.ops.lightllm.softmax_fwd(x.reshape(1)).reshape(())
+        return _call("softmax_fwd", x.reshape(1)).reshape(())
     if dim == x.dim() - 1:
-        return torch.ops.lightllm.softmax_fwd(x)
-    return torch.ops.lightllm.softmax_fwd(x.movedim(dim, -1)).movedim(-1, dim)
+        return _call("softmax_fwd", x)
+    return _call("softmax_fwd", x.movedim(dim, -1)).movedim(-1, dim)
 
 
 def scaled_masked_softmax(
@@ -179,4 +196,4 @@ def scaled_masked_softmax(
         check_broadcastable(op, "mask", mask, x.shape)
     if not _runs_extension(op, x):
         return reference.scaled_masked_softmax(x, mask, float(scale), is_causal)
-    return torch.ops.lightllm.scaled_masked_softmax_fwd(x, mask, float(scale), is_causal)
+    return _call("scaled_masked_softmax_fwd", x, mask, float(scale), is_causal, mask=mask)
