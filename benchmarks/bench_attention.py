@@ -74,10 +74,13 @@ def providers(causal: bool, gqa: bool, seq: int) -> dict:
 
     quadratic = seq <= QUADRATIC_MAX_SEQ or not HAS_CUDA
     out = {"eager": eager} if quadratic else {}
-    for name in TORCH_BACKENDS:
-        # Only the math backend exists on a CPU; the fused ones are CUDA kernels.
-        if (name != "torch-math" or quadratic) and (HAS_CUDA or name == "torch-math"):
-            out[name] = _torch_backend(name, causal, gqa)
+    if HAS_CUDA:
+        for name in TORCH_BACKENDS:
+            if name != "torch-math" or quadratic:
+                out[name] = _torch_backend(name, causal, gqa)
+    else:  # PyTorch's CPU SDPA picks its own fused CPU kernel
+        out["torch"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                      enable_gqa=gqa)
     if quadratic:
         out["compile"] = compiled(eager)
     out["lightllm"] = lambda q, k, v: LF.scaled_dot_product_attention(q, k, v, is_causal=causal,
@@ -112,9 +115,8 @@ def _case(seq: int, d: int, causal: bool, kv_group: int, dtype: torch.dtype, bat
 
 
 def build_cases(quick: bool) -> list[Case]:
-    if not HAS_CUDA:  # smoke pass: tiny shapes through the interpreter
-        return [_case(64, 32, True, 1, torch.float32, batch=1, heads=2),
-                _case(48, 32, False, 2, torch.float16, batch=1, heads=4)]
+    if not HAS_CUDA:  # the CPU path at the DESIGN.md §5 CPU target shape
+        return [_case(512, 64, c, 1, torch.float32, batch=4, heads=8) for c in (False, True)]
     dtype = torch.bfloat16
     if quick:
         return [_case(n, 128, c, 1, dtype) for n in (1024, 4096) for c in (False, True)] + [

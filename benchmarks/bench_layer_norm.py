@@ -44,32 +44,32 @@ def _providers(op: str):
 
 
 def build_cases(quick: bool) -> list[Case]:
-    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     if HAS_CUDA:
         hiddens = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
-    else:
-        hiddens = [64]
+        dtypes = [torch.bfloat16]
+    else:  # the C++ CPU kernels at the DESIGN.md §5 CPU target shape (4096 x 1024)
+        hiddens, dtypes = [1024], [torch.float32, torch.bfloat16]
     cases = []
-    for op in ("layer_norm", "add_layer_norm"):
+    for op, n, dtype in [(op, n, dt) for op in ("layer_norm", "add_layer_norm")
+                         for n in hiddens for dt in dtypes]:
         fwd, bwd = TRAFFIC[op]
-        for n in hiddens:
-            m = (1 << 25) // n if HAS_CUDA else 4  # 32M elements: 64 MiB per bf16 tensor
+        m = (1 << 25) // n if HAS_CUDA else 4096  # GPU: 32M elements, 64 MiB per bf16 tensor
 
-            def make(device, m=m, n=n, op=op):
-                x = torch.randn(m, n, device=device, dtype=dtype)
-                w = torch.randn(n, device=device, dtype=dtype)
-                b = torch.randn(n, device=device, dtype=dtype)
-                if op == "layer_norm":
-                    return x, w, b
-                return x, torch.randn_like(x), w, b
+        def make(device, m=m, n=n, op=op, dtype=dtype):
+            x = torch.randn(m, n, device=device, dtype=dtype)
+            w = torch.randn(n, device=device, dtype=dtype)
+            b = torch.randn(n, device=device, dtype=dtype)
+            if op == "layer_norm":
+                return x, w, b
+            return x, torch.randn_like(x), w, b
 
-            size = m * n * dtype.itemsize
-            cases.append(Case(
-                op=op, label=f"{m}x{n} {str(dtype)[6:]}", params={"M": m, "N": n},
-                make_inputs=make, providers=_providers(op), modes=("fwd", "bwd", "fwd+bwd"),
-                grad_inputs=(0, 1, 2) if op == "layer_norm" else (0, 1, 2, 3),
-                bytes={"fwd": fwd * size, "bwd": bwd * size, "fwd+bwd": (fwd + bwd) * size},
-            ))
+        size = m * n * dtype.itemsize
+        cases.append(Case(
+            op=op, label=f"{m}x{n} {str(dtype)[6:]}", params={"M": m, "N": n},
+            make_inputs=make, providers=_providers(op), modes=("fwd", "bwd", "fwd+bwd"),
+            grad_inputs=(0, 1, 2) if op == "layer_norm" else (0, 1, 2, 3),
+            bytes={"fwd": fwd * size, "bwd": bwd * size, "fwd+bwd": (fwd + bwd) * size},
+        ))
     return cases
 
 

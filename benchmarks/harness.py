@@ -7,8 +7,11 @@ lightllm, FlashAttention when installed). The harness times each pair with
 cache, measures the card's copy bandwidth and bf16 matmul rate in the same run, converts times to
 GB/s or TFLOP/s and % of that roofline, records peak memory, and writes JSON and Markdown.
 
-Without a CUDA device it runs a smoke pass instead: every provider once on tiny shapes (lightllm
-through the Triton interpreter), to prove the plumbing. Kernel timings need an NVIDIA GPU.
+Without a CUDA device it times the CPU paths for real: lightllm's native CPU path (its C++ kernels
+or PyTorch's native ops behind its validation) beside PyTorch on the same inputs, each call timed
+on its own with ``time.perf_counter`` (median and p20/p80 of at least five runs). ``torch.compile``
+providers are skipped there unless ``--compile`` (minutes of C++ compilation per case on 2 cores).
+Kernel timings need an NVIDIA GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,7 +162,21 @@ def _peak_mib(call: Callable[[], Any]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run_case(case: Case, ceilings: dict[str, float] | None, only: Sequence[str] = ()) -> list[dict]:
+def cpu_bench(call: Callable[[], Any], min_seconds: float = 0.5, max_runs: int = 50):
+    """(median, p20, p80) in ms of single calls on a CPU: one warm-up call, then at least five
+    timed calls and at least ``min_seconds`` of them."""
+    call()
+    times: list[float] = []
+    while len(times) < 5 or (sum(times) < min_seconds and len(times) < max_runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times) * 1e3, q[1] * 1e3, q[7] * 1e3
+
+
+def run_case(case: Case, ceilings: dict[str, float] | None, only: Sequence[str] = (),
+             compile_on_cpu: bool = False) -> list[dict]:
     """Time every provider on every mode of ``case``; one result row each."""
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     sets = _rotation(case, device)
@@ -166,10 +185,10 @@ def run_case(case: Case, ceilings: dict[str, float] | None, only: Sequence[str] 
         for provider, fn in case.providers.items():
             if only and provider not in only:
                 continue
-            if not HAS_CUDA and provider.startswith("compile"):
-                continue  # minutes of CPU compilation for a timing that means nothing here
+            if not HAS_CUDA and provider.startswith("compile") and not compile_on_cpu:
+                continue  # minutes of C++ compilation per case on a 2-core machine
             row = {"op": case.op, "case": case.label, "mode": mode, "provider": provider,
-                   **case.params}
+                   "device": device.type, **case.params}
             try:
                 call = make_timed_call(case, fn, mode, sets)
                 if HAS_CUDA:
@@ -180,8 +199,9 @@ def run_case(case: Case, ceilings: dict[str, float] | None, only: Sequence[str] 
                     row.update(ms=p50, ms_p20=p20, ms_p80=p80, peak_mib=_peak_mib(call))
                     _add_rates(row, case, mode, ceilings)
                 else:
-                    call()  # smoke: prove the path runs; no timing on a CPU
-                    row.update(ms=None, note="smoke run on CPU; timings need an NVIDIA GPU")
+                    p50, p20, p80 = cpu_bench(call)
+                    row.update(ms=p50, ms_p20=p20, ms_p80=p80)
+                    _add_rates(row, case, mode, None)
             except Exception as e:  # a provider that cannot run this case is reported, not fatal
                 row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             rows.append(row)
@@ -243,8 +263,8 @@ def _fmt(v: Any) -> str:
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    cols = ["op", "case", "mode", "provider", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s", "%roof",
-            "peak_mib"]
+    cols = ["op", "case", "mode", "provider", "device", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s",
+            "%roof", "peak_mib"]
     extra = sorted({k for r in rows for k in r if k.startswith("x_vs_")})
     cols += extra + ["error", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
@@ -273,16 +293,17 @@ def main(op: str, build_cases: Callable[[bool], list[Case]], argv: Sequence[str]
     parser.add_argument("--quick", action="store_true", help="a few representative shapes")
     parser.add_argument("--out", default="benchmarks/results/local", help="results folder")
     parser.add_argument("--providers", default="", help="comma-separated subset of providers")
+    parser.add_argument("--compile", action="store_true",
+                        help="on a CPU, also time the torch.compile providers (slow to build)")
     args = parser.parse_args(argv)
     only = [p for p in args.providers.split(",") if p]
-    smoke = not HAS_CUDA
-    if smoke:
-        print(f"[{op}] no CUDA device: smoke pass on tiny shapes (lightllm through the Triton "
-              "interpreter). Kernel timings need an NVIDIA GPU.", flush=True)
+    if not HAS_CUDA:
+        print(f"[{op}] no CUDA device: timing the CPU paths (lightllm's native CPU path beside "
+              "PyTorch). GPU kernel timings need an NVIDIA GPU.", flush=True)
     ceilings = measure_ceilings() if HAS_CUDA else None
     rows: list[dict] = []
-    for case in build_cases(args.quick or smoke):
-        rows += run_case(case, ceilings, only)
+    for case in build_cases(args.quick):
+        rows += run_case(case, ceilings, only, compile_on_cpu=args.compile)
         print(f"[{op}] {case.label}: done", flush=True)
     add_speedups(rows)
     write_results(op, rows, args.out, ceilings)

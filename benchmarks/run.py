@@ -2,23 +2,18 @@
 
     python -m benchmarks.run [--quick] [--out DIR] [--only layer_norm,softmax]
 
-Without a CUDA device each file runs its smoke pass (lightllm through the Triton interpreter).
+Without a CUDA device each file times the CPU paths (lightllm's native CPU path beside PyTorch);
+GPU kernel timings need an NVIDIA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
-
-import benchmarks  # noqa: E402
+import benchmarks
 
 
 def main() -> int:

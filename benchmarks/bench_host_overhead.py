@@ -1,0 +1,189 @@
+"""Host cost per call: lightllm's own Python, from the public function down to the kernel launch.
+
+Every Triton launch is stubbed (``lightllm.testing.stub_launches(record=False)``), so what is timed
+is validation, dispatch, reshapes, allocation, launch plans and autograd bookkeeping — the work that
+would sit in front of every kernel on a GPU — beside PyTorch's *whole* eager call on the same tiny
+input (compute included). The C++ softmax ops cannot be stubbed: their rows are whole calls on a
+tiny input, like PyTorch's. Each case is timed without autograd and with autograd recording (inputs
+that require grad; forward only). Targets (DESIGN.md §5): ≤ 20 µs without autograd, ≤ 40 µs with.
+
+On a CPU-only machine the Triton path exists only under the interpreter, which must be switched on
+before lightllm is imported, so the measurement runs in a child process with ``TRITON_INTERPRET=1``.
+On a GPU it runs in-process on CUDA tensors and also times the real wall-clock per call (kernels
+running, calls issued back to back, one synchronisation at the end) beside PyTorch's.
+
+    python -m benchmarks.bench_host_overhead [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+TARGET_US = {"no grad": 20.0, "autograd": 40.0}
+
+
+def per_call_us(fn, calls: int = 300, repeats: int = 7, sync=None) -> float:
+    """Median over ``repeats`` of the mean time of ``calls`` back-to-back calls, in µs."""
+    for _ in range(max(20, calls // 10)):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def cases(device: str):
+    """(name, lightllm call, PyTorch call, tensors that get requires_grad in the autograd row)."""
+    import torch.nn.functional as F
+
+    import lightllm.functional as LF
+    import lightllm.nn as LN
+
+    def t(*shape):
+        return torch.randn(*shape, device=device)
+
+    q1, kc, vc = t(1, 8, 1, 64), t(1, 8, 300, 64), t(1, 8, 300, 64)
+    qp, kp, vp = t(1, 8, 16, 64), t(1, 8, 16, 64), t(1, 8, 16, 64)
+    x, r, w, b = t(16, 1024), t(16, 1024), t(1024), t(1024)
+    w1, b1, w2, b2 = t(4096, 1024), t(4096), t(1024, 4096), t(1024)
+    xs, scores, keep = t(1, 1024), t(1, 8, 16, 16), t(1, 1, 16, 16) > 0
+    ln, add_ln = LN.LayerNorm(1024).to(device), LN.AddLayerNorm(1024).to(device)
+    tln = torch.nn.LayerNorm(1024).to(device)
+    ff = LN.FeedForward(1024, 4096).eval().to(device)
+    tff = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(),
+                              torch.nn.Linear(4096, 1024)).eval().to(device)
+    mha = LN.MultiheadAttention(512, 8, batch_first=True).eval().to(device)
+    tmha = torch.nn.MultiheadAttention(512, 8, batch_first=True).eval().to(device)
+    xm = t(1, 16, 512)
+    csa = LN.CausalSelfAttention(512, 8, num_kv_heads=2).eval().to(device)
+    cache = csa.make_kv_cache(1, 512)
+    with torch.no_grad():
+        csa(t(1, 300, 512), kv_cache=cache, start_pos=0)
+    x1 = t(1, 1, 512)
+    return [
+        ("scaled_dot_product_attention decode 1x300", lambda: LF.scaled_dot_product_attention(
+            q1, kc, vc), lambda: F.scaled_dot_product_attention(q1, kc, vc), (q1, kc, vc)),
+        ("scaled_dot_product_attention causal prefill 16", lambda: LF.scaled_dot_product_attention(
+            qp, kp, vp, is_causal=True), lambda: F.scaled_dot_product_attention(
+            qp, kp, vp, is_causal=True), (qp, kp, vp)),
+        ("layer_norm 16x1024", lambda: LF.layer_norm(x, (1024,), w, b),
+         lambda: F.layer_norm(x, (1024,), w, b), (x, w, b)),
+        ("add_layer_norm 16x1024", lambda: LF.add_layer_norm(x, r, (1024,), w, b),
+         lambda: F.layer_norm(x + r, (1024,), w, b), (x, r, w, b)),
+        ("linear_gelu 1x1024->4096", lambda: LF.linear_gelu(xs, w1, b1),
+         lambda: F.gelu(F.linear(xs, w1, b1)), (xs, w1, b1)),
+        ("feed_forward 1x1024x4096", lambda: LF.feed_forward(xs, w1, b1, w2, b2),
+         lambda: F.linear(F.gelu(F.linear(xs, w1, b1)), w2, b2), (xs, w1, b1, w2, b2)),
+        ("softmax 1x1024 (whole call)", lambda: LF.softmax(xs, -1), lambda: torch.softmax(xs, -1),
+         (xs,)),
+        ("scaled_masked_softmax 1x8x16x16 (whole call)", lambda: LF.scaled_masked_softmax(
+            scores, keep, 0.125), lambda: torch.softmax((scores * 0.125).masked_fill(
+            ~keep, float("-inf")), -1), (scores,)),
+        ("nn.LayerNorm forward", lambda: ln(x), lambda: tln(x), (x,)),
+        ("nn.AddLayerNorm forward", lambda: add_ln(x, r), lambda: tln(x + r), (x, r)),
+        ("nn.FeedForward forward (eval)", lambda: ff(xs), lambda: tff(xs), (xs,)),
+        ("nn.MultiheadAttention forward 16 tokens", lambda: mha(xm, xm, xm, need_weights=False),
+         lambda: tmha(xm, xm, xm, need_weights=False), (xm,)),
+        ("nn.CausalSelfAttention decode step", lambda: csa(x1, kv_cache=cache, start_pos=300),
+         None, (x1,)),
+    ]
+
+
+def measure(device: str, stubbed: bool) -> list[dict]:
+    """One row per (case, autograd or not): lightllm's µs per call beside PyTorch's."""
+    from lightllm.testing import stub_launches
+
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    rows = []
+    for name, ours, theirs, grad_inputs in cases(device):
+        for mode in ("no grad", "autograd"):
+            for t in grad_inputs:
+                t.requires_grad_(mode == "autograd")
+            context = torch.no_grad() if mode == "no grad" else torch.enable_grad()
+            with context:
+                row = {"case": name, "mode": mode, "device": device}
+                if stubbed:
+                    with stub_launches(record=False):
+                        row["lightllm_host_us"] = per_call_us(ours)
+                else:
+                    row["lightllm_wall_us"] = per_call_us(ours, sync=sync)
+                if theirs is not None and mode == "no grad":
+                    row["torch_eager_us"] = per_call_us(theirs, sync=sync)
+                row["target_us"] = TARGET_US[mode]
+            rows.append(row)
+        for t in grad_inputs:
+            t.requires_grad_(False)
+    return rows
+
+
+def _child_rows() -> list[dict]:
+    """The stubbed measurement on CPU tensors, in a process that interprets the Triton kernels."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LIGHTLLM_POISON_OUTPUTS": "0"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_host_overhead", "--child"],
+                         env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["case", "mode", "device", "lightllm_host_us", "lightllm_wall_us", "torch_eager_us",
+            "target_us"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(
+            f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+            + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(op: str = "host_overhead", build_cases=None, argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description="lightllm's host cost per call")
+    parser.add_argument("--out", default="benchmarks/results/local")
+    parser.add_argument("--quick", action="store_true", help="accepted; the run is always short")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny inputs: threads only add noise
+    if args.child:
+        print(json.dumps(measure("cpu", stubbed=True)))
+        return []
+    if HAS_CUDA:
+        rows = measure("cuda", stubbed=True) + measure("cuda", stubbed=False)
+    else:
+        rows = _child_rows()
+    note = ("Host µs per call: Triton launches stubbed (lightllm's own Python; softmax rows are "
+            "whole C++ calls). torch_eager_us: PyTorch's whole eager call on the same input.")
+    if not HAS_CUDA:
+        note += (" CPU machine: the Triton path is measured under the interpreter with launches "
+                 "stubbed; real GPU wall-clock needs an NVIDIA GPU.")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{op}.json"), "w") as f:
+        json.dump({"note": note, "results": rows}, f, indent=1)
+    with open(os.path.join(args.out, f"{op}.md"), "w") as f:
+        f.write(f"### {op}\n\n{note}\n\n{markdown(rows)}")
+    print(note)
+    print(markdown(rows))
+    return rows
+
+
+def build_cases(quick: bool):  # benchmarks.run calls main(op, build_cases, argv)
+    return []
+
+
+if __name__ == "__main__":
+    main()
