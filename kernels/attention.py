@@ -35,6 +35,12 @@ backward regenerates exactly the forward's draws; kept probabilities are scaled 
 
 All offsets that can pass 2^31 (batch/head bases, row offsets) are 64-bit; loops advance 64-bit
 pointers by one tile stride at a time.
+
+Grids are one-dimensional, (blocks of a head) x (batch * heads) programs on axis 0 with the blocks
+of a head adjacent (``_program_block``): batch * heads alone passes the 65535 of grid axes 1 and 2
+(a ViT at batch 4096 with 16 heads). Axis 0 takes 2^31 - 1 programs; more would take 2^31
+(batch, head) pairs of fewer than BLOCK_M queries (64 GiB of Q at one query of head dim 16, as much
+output, 8 GiB of lse) or 2^36 query rows: no realistic shape, so it is not guarded.
 """
 
 from __future__ import annotations
@@ -240,6 +246,18 @@ def _keep(seed, off_bh, rows, start_n, drop_p, BLOCK_N: tl.constexpr):
     return tl.random.uint_to_uniform_float(words) >= drop_p
 
 
+@triton.jit
+def _program_block(n_blocks, LAST_FIRST: tl.constexpr):
+    """(block, batch * head) of this program on a 1-D grid of ``n_blocks`` blocks per head, the
+    blocks of a head adjacent (the launch order of a (blocks, heads) grid); ``LAST_FIRST``
+    numbers them from the end (the most loaded causal query blocks start first)."""
+    pid = tl.program_id(0)
+    block = pid % n_blocks
+    if LAST_FIRST:
+        block = n_blocks - 1 - block
+    return block, pid // n_blocks
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
@@ -307,8 +325,7 @@ def _attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # -- which query block and head; the last (most loaded, under causal) blocks start first --
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _program_block(tl.cdiv(n_q, BLOCK_M), True)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // group
@@ -377,10 +394,10 @@ def _attention_bwd_preprocess(
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # delta_i = sum_d dO_id * O_id (fp32), the row term of softmax's backward
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _program_block(tl.cdiv(n_q, BLOCK_M), False)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
     rows64 = offs_m.to(tl.int64)
     mask = (offs_m < n_q)[:, None] & (offs_d < HEAD_DIM_V)[None, :]
@@ -474,8 +491,8 @@ def _attention_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # -- this program's key block, of one kv head --
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bkv = tl.program_id(1)
+    block_n, off_bkv = _program_block(tl.cdiv(n_k, BLOCK_N), False)
+    start_n = block_n * BLOCK_N
     off_b = (off_bkv // n_kv_heads).to(tl.int64)
     off_hkv = (off_bkv % n_kv_heads).to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -604,8 +621,7 @@ def _attention_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # -- this program's query block (heaviest causal blocks first) --
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _program_block(tl.cdiv(n_q, BLOCK_M), True)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // group
@@ -655,14 +671,18 @@ def _attention_bwd_dq(
 
 @triton.jit(do_not_specialize=_LENGTHS)
 def _dropout_keep_mask(Keep, n_q, n_k, seed, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The keep-mask of one (batch, head), exactly as the attention kernels draw it.
-    off_bh = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    start_n = tl.program_id(1) * BLOCK_N
+    # The keep-mask of one (batch, head), exactly as the attention kernels draw it; the grid's
+    # one axis runs over row blocks, then key blocks, then batch * heads.
+    row_block, rest = _program_block(tl.cdiv(n_q, BLOCK_M), False)
+    n_col_blocks = tl.cdiv(n_k, BLOCK_N)
+    off_bh = rest // n_col_blocks
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_n = (rest % n_col_blocks) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
-    offsets = off_bh.to(tl.int64) * n_q * n_k + rows.to(tl.int64)[:, None] * n_k + cols[None, :]
-    ok = (rows < n_q)[:, None] & (cols < n_k)[None, :]
     keep = _keep(seed, off_bh, rows, start_n, drop_p, BLOCK_N)
+    Keep += off_bh.to(tl.int64) * n_q * n_k
+    offsets = rows.to(tl.int64)[:, None] * n_k + cols[None, :]
+    ok = (rows < n_q)[:, None] & (cols < n_k)[None, :]
     tl.store(Keep + offsets, keep.to(tl.int8), mask=ok)
 
 
@@ -722,7 +742,7 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float
         return out, lse
     has_dropout, drop_p, drop_scale = _dropout(dropout_p)
     mask_t, ms, _ = mask_args(mask, q)
-    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
     _attention_fwd[grid](
         q, k, v, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
@@ -752,7 +772,7 @@ def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dr
     # -- 1. delta = rowsum(dO * O) --
     delta = empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     pre_block = 64
-    _attention_bwd_preprocess[(triton.cdiv(Nq, pre_block), B * Hq)](
+    _attention_bwd_preprocess[(triton.cdiv(Nq, pre_block) * B * Hq,)](
         out, do, delta, *out.stride(), *do.stride(), Hq, Nq,
         HEAD_DIM_V=Dv, BLOCK_M=pre_block, BLOCK_DV=head_block(Dv),
         num_warps=4 if head_block(Dv) <= 128 else 8,
@@ -761,14 +781,14 @@ def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dr
               seq_bucket(Nq), seq_bucket(Nk))
 
     # -- 2. dK, dV: one program per key block of a kv head, summing over its query heads --
-    grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
     _attention_bwd_dkdv[grid_kv](
         q, k, v, mask_t, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, *common, **meta,
     )
     # -- 3. dQ: one program per query block --
-    grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
     _attention_bwd_dq[grid_q](
         q, k, v, mask_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dq.stride(),
@@ -782,6 +802,6 @@ def dropout_keep_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p: flo
     """The boolean keep-mask (B, Hq, Nq, Nk) the kernels draw for ``seed`` (for tests)."""
     keep = empty((batch, heads, n_q, n_k), dtype=torch.int8, device=device)
     if keep.numel():
-        grid = (triton.cdiv(n_q, 64), triton.cdiv(n_k, 64), batch * heads)
+        grid = (triton.cdiv(n_q, 64) * triton.cdiv(n_k, 64) * batch * heads,)
         _dropout_keep_mask[grid](keep, n_q, n_k, seed, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
     return keep.bool()

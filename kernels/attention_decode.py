@@ -4,19 +4,24 @@ With 1-16 query tokens, the main kernel runs one program per (query block, head)
 then occupies a handful of SMs while each of them streams the whole key/value cache. Here the keys
 are cut into chunks and every chunk gets its own program:
 
-  1. ``_attention_decode_split``: one program per (key chunk, batch * kv head, block of query rows).
+  1. ``_attention_decode_split``: one program per (key chunk, block of query rows, batch * kv head),
+     all on grid axis 0 (chunks fastest; batch * kv heads passes the 65535 of axes 1 and 2).
      Its query rows are every (query head of the kv head's group, query token) pair, so K/V of the
      chunk are read once for the whole GQA group. It runs the same online softmax as the main
      forward (fp32, exp2) over the chunk's key tiles and writes the chunk's normalised partial
      output and its log-sum-exp (log2 units, -inf when nothing in the chunk is visible) to fp32
      scratch of shape (B·Hq·Nq, S, Dv) and (B·Hq·Nq, S).
-  2. ``_attention_decode_combine``: one program per query row merges the S partials:
+  2. ``_attention_decode_combine``: one program per query row (grid axis 0) merges the S partials:
      out = Σ_s 2^(lse_s − m) · out_s / Σ_s 2^(lse_s − m), lse = m + log2 Σ_s 2^(lse_s − m),
      with m = max_s lse_s; a row with no visible key in any chunk gets 0 and lse = +inf, like the
      main kernel (whose backward then recomputes from this lse unchanged).
 
 Traffic: K and V once per kv head (not once per query head), plus S·(Dv + 1) fp32 per query row of
 scratch written and read back once.
+
+Grid sizes: the split kernel's S x row blocks x B·Hkv stays near max(2 waves, B·Hkv·row blocks),
+the combine's B·Hq·Nq is the number of query rows; either past 2^31 - 1 would take 2^31 query
+rows, whose scratch alone (S·(Dv + 1) fp32 each: 136 GiB at Dv = 16) outgrows a GPU: not guarded.
 
 Supported here (``use_split_kv``): 1 <= Nq <= DECODE_MAX_Q, Nk >= DECODE_MIN_K, no ``is_causal``
 (PyTorch's top-left causal alignment lets query i see only keys 0..i, which the main kernel's causal
@@ -72,7 +77,7 @@ _SPLIT = tuned(_cfg(64, 4, 2), [
 
 
 @triton.autotune(key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CHUNK_KEY", "HAS_MASK"], **_SPLIT)
-@triton.jit(do_not_specialize=["n_q", "n_k", "chunk", "CHUNK_KEY"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "chunk", "num_splits", "CHUNK_KEY"])
 def _attention_decode_split(
     Q, K, V, Mask, OPart, LsePart,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -86,12 +91,16 @@ def _attention_decode_split(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # -- this program: one key chunk of one kv head, a block of (group head, query token) rows --
-    split = tl.program_id(0)
-    off_bkv = tl.program_id(1)
+    # -- this program: one key chunk of one kv head, a block of (group head, query token) rows;
+    #    on the grid's one axis chunks run fastest, then row blocks, then batch * kv heads --
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    row_blocks = tl.cdiv(group * n_q, BLOCK_M)
+    row_block = (pid // num_splits) % row_blocks
+    off_bkv = pid // num_splits // row_blocks
     off_b = (off_bkv // n_kv_heads).to(tl.int64)
     off_hkv = (off_bkv % n_kv_heads).to(tl.int64)
-    r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < group * n_q
     off_h = off_hkv * group + (r // n_q).to(tl.int64)
     tok = (r % n_q).to(tl.int64)
@@ -207,7 +216,7 @@ def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = N
     lse_part = empty((B * Hq * Nq, num_splits), dtype=torch.float32, device=q.device)
     mask_t, ms, mask_is_bool = mask_args(mask, q)
     # -- 1. partial results per key chunk --
-    _attention_decode_split[(num_splits, B * Hkv, row_blocks)](
+    _attention_decode_split[(num_splits * row_blocks * B * Hkv,)](
         q, k, v, mask_t, o_part, lse_part,
         *q.stride(), *k.stride(), *v.stride(), *ms,
         Hq, Hkv, group, Nq, Nk, chunk, num_splits,

@@ -15,6 +15,10 @@ Backward, with xhat = (s - mean) * rstd and g = w * dy:
 Each of ``G`` programs owns a contiguous run of rows and accumulates its dw/db in fp32 (registers for
 short rows, its own row of the partial buffer for long rows); the ``G`` partials are then summed. The
 reduction is deterministic and never serialises on a lock across the grid.
+
+Grids: the forward's M programs and the backward's G <= 2 x SMs lie on axis 0. M past axis 0's
+2^31 - 1 is possible only for rows of a few features (2^31 rows of 32 fp16 features are 128 GiB
+with the output): the launcher refuses it with a ValueError rather than a launch error.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import triton.language as tl
 from ._utils import cdiv, empty, row_block, sm_count, warps_for_block
 
 MAX_FUSED_FWD = 16384  # longest row the forward keeps in registers
+MAX_ROWS = 2**31 - 1  # the forward's one program per row, on grid axis 0
 MAX_FUSED_BWD = 8192  # the backward holds more per element (x, dy, w, dw, db)
 CHUNK = 4096  # tile width for rows longer than that
 
@@ -262,6 +267,9 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     x + residual) is None without a residual. ``mean``/``rstd`` are fp32 of shape (M,)."""
     x = _rows(x)
     M, N = x.shape
+    if M > MAX_ROWS:
+        raise ValueError(f"layer_norm: the input has {M} rows of {N} features; at most "
+                         f"{MAX_ROWS} rows are supported (one program per row)")
     dev = x.device
     y = empty((M, N), dtype=x.dtype, device=dev)
     mean = empty((M,), dtype=torch.float32, device=dev)

@@ -7,6 +7,9 @@ plus a small absolute floor for the case where PyTorch happens to be exact.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 
 # Absolute floors: a few units in the last place of each dtype at magnitude 1.
@@ -54,7 +57,6 @@ def assert_parity(
         )
 
 
-
 def leaves(*tensors, dtype=None) -> list:
     """Detached copies that require grad (``None`` stays ``None``), optionally cast to ``dtype``:
     one independent set of inputs for each implementation under comparison."""
@@ -67,3 +69,76 @@ def grads(outputs, inputs, grad_outputs) -> list:
     live = [t for t in inputs if t is not None]
     got = iter(torch.autograd.grad(outputs, live, grad_outputs))
     return [None if t is None else next(got) for t in inputs]
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch stubs: what the launchers would launch, without running a kernel
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    """One Triton launch seen by ``stub_launches``.
+
+    ``grids``: the grid as CUDA would get it, (x, y, z) with missing axes 1, once per config the
+    autotuner could pick (every entry of ``Autotuner.configs``, merged with the launch's keyword
+    arguments) for an autotuned kernel with a grid function; a single entry otherwise.
+    ``args``/``kwargs``: the launch's own arguments (the autotuner's config not merged in)."""
+
+    kernel: str
+    grids: list[tuple[int, int, int]]
+    args: tuple = dataclasses.field(repr=False)
+    kwargs: dict = dataclasses.field(repr=False)
+
+
+def _grid3(grid) -> tuple[int, int, int]:
+    grid = tuple(int(g) for g in grid)
+    return grid + (1,) * (3 - len(grid))
+
+
+def _grids(grid, meta: dict, configs) -> list[tuple[int, int, int]]:
+    if not callable(grid):
+        return [_grid3(grid)]
+    if not configs:
+        return [_grid3(grid(meta))]
+    return [_grid3(grid({**meta, **c.all_kwargs()})) for c in configs]
+
+
+@contextlib.contextmanager
+def stub_launches(record: bool = True):
+    """No Triton kernel runs inside; yields a list that receives one Launch per launch when record.
+
+    Patches, at class level and restored on exit, ``Autotuner.run`` (an autotuned kernel: no
+    tuning, no pre-hook, nothing compiled), ``JITFunction.run`` and the interpreter's
+    ``InterpretedFunction.run``. Outputs of the launchers are left as allocated (garbage or NaN):
+    only what would be launched is observed. With ``record=False`` every launch returns None at
+    once, leaving the launchers' own host work (for timing it) and nothing else.
+    """
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+    if record:
+        def tuner_run(tuner, *args, grid, warmup=False, **kwargs):
+            if not warmup:
+                meta = {**dict(zip(tuner.arg_names, args)), **kwargs}
+                launches.append(Launch(tuner.base_fn.__name__,
+                                       _grids(grid, meta, tuner.configs), args, kwargs))
+
+        def jit_run(fn, *args, grid, warmup=False, **kwargs):
+            if not warmup:
+                meta = {**dict(zip(fn.arg_names, args)), **kwargs}
+                launches.append(Launch(fn.__name__, _grids(grid, meta, None), args, kwargs))
+    else:
+        def tuner_run(*args, **kwargs):
+            return None
+
+        jit_run = tuner_run
+
+    saved = Autotuner.run, JITFunction.run, InterpretedFunction.run
+    Autotuner.run, JITFunction.run, InterpretedFunction.run = tuner_run, jit_run, jit_run
+    try:
+        yield launches
+    finally:
+        Autotuner.run, JITFunction.run, InterpretedFunction.run = saved
