@@ -45,13 +45,14 @@ output, 8 GiB of lse) or 2^36 query rows: no realistic shape, so it is not guard
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune_configs, autotune_enabled, empty
+from ._utils import autotune_configs, autotune_enabled, cdiv, empty, next_pow2
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -150,15 +151,15 @@ _DQ = tuned(_cfg(128, 64, 4, 2), [
     _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 1),
 ], _dq_suits)
 _KEY = ["HEAD_DIM", "HEAD_DIM_V", "SEQ_Q_KEY", "SEQ_K_KEY", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
-# Lengths, length buckets and the seed enter kernels as runtime values, never specialised (to a
+# Lengths and length buckets enter kernels as runtime values, never specialised (to a
 # constant 1, or on divisibility): every derived loop bound is a tensor that can be widened to
 # 64 bits, and a new length never means a new compilation.
-_LENGTHS = ["n_q", "n_k", "seed", "SEQ_Q_KEY", "SEQ_K_KEY"]
+_LENGTHS = ["n_q", "n_k", "SEQ_Q_KEY", "SEQ_K_KEY"]
 
 
 def seq_bucket(n: int) -> int:
     """The autotuning key of a sequence length: its power-of-two bucket in [128, 16384]."""
-    return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
+    return min(max(next_pow2(n), 128), 16384)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,6 +230,17 @@ def _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_sca
     if CHECK_KEYS:
         s = tl.where(col_ok[None, :], s, float("-inf"))
     return s, k
+
+
+@triton.jit
+def _dropout_seed(Seed, HAS_DROPOUT: tl.constexpr):
+    """The Philox seed, read from device memory (drawn there per call, so a CUDA-graph replay
+    draws anew); 0 without dropout, when ``Seed`` is never dereferenced."""
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
+    return seed
 
 
 @triton.jit
@@ -316,7 +328,7 @@ def _attention_fwd(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     n_heads, group, n_q, n_k,
-    qk_scale, seed, drop_p, drop_scale,
+    qk_scale, Seed, drop_p, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -326,6 +338,7 @@ def _attention_fwd(
 ):
     # -- which query block and head; the last (most loaded, under causal) blocks start first --
     start_m, off_bh = _program_block(tl.cdiv(n_q, BLOCK_M), True)
+    seed = _dropout_seed(Seed, HAS_DROPOUT)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // group
@@ -482,7 +495,7 @@ def _attention_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_heads, n_kv_heads, group, n_q, n_k,
-    qk_scale, sm_scale, seed, drop_p, drop_scale,
+    qk_scale, sm_scale, Seed, drop_p, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -492,6 +505,7 @@ def _attention_bwd_dkdv(
 ):
     # -- this program's key block, of one kv head --
     block_n, off_bkv = _program_block(tl.cdiv(n_k, BLOCK_N), False)
+    seed = _dropout_seed(Seed, HAS_DROPOUT)
     start_n = block_n * BLOCK_N
     off_b = (off_bkv // n_kv_heads).to(tl.int64)
     off_hkv = (off_bkv % n_kv_heads).to(tl.int64)
@@ -612,7 +626,7 @@ def _attention_bwd_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_heads, group, n_q, n_k,
-    qk_scale, sm_scale, seed, drop_p, drop_scale,
+    qk_scale, sm_scale, Seed, drop_p, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -622,6 +636,7 @@ def _attention_bwd_dq(
 ):
     # -- this program's query block (heaviest causal blocks first) --
     start_m, off_bh = _program_block(tl.cdiv(n_q, BLOCK_M), True)
+    seed = _dropout_seed(Seed, HAS_DROPOUT)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // group
@@ -670,7 +685,7 @@ def _attention_bwd_dq(
 
 
 @triton.jit(do_not_specialize=_LENGTHS)
-def _dropout_keep_mask(Keep, n_q, n_k, seed, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_keep_mask(Keep, n_q, n_k, Seed, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The keep-mask of one (batch, head), exactly as the attention kernels draw it; the grid's
     # one axis runs over row blocks, then key blocks, then batch * heads.
     row_block, rest = _program_block(tl.cdiv(n_q, BLOCK_M), False)
@@ -679,7 +694,7 @@ def _dropout_keep_mask(Keep, n_q, n_k, seed, drop_p, BLOCK_M: tl.constexpr, BLOC
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     start_n = (rest % n_col_blocks) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, off_bh, rows, start_n, drop_p, BLOCK_N)
+    keep = _keep(tl.load(Seed), off_bh, rows, start_n, drop_p, BLOCK_N)
     Keep += off_bh.to(tl.int64) * n_q * n_k
     offsets = rows.to(tl.int64)[:, None] * n_k + cols[None, :]
     ok = (rows < n_q)[:, None] & (cols < n_k)[None, :]
@@ -693,7 +708,7 @@ def _dropout_keep_mask(Keep, n_q, n_k, seed, drop_p, BLOCK_M: tl.constexpr, BLOC
 
 def head_block(d: int) -> int:
     """The power-of-two register width of a head dim (at least 16, tl.dot's smallest)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -716,48 +731,54 @@ def _dropout(dropout_p: float) -> tuple[bool, float, float]:
     return True, float(dropout_p), (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
 
 
-def _meta(q, v, is_causal, mask, has_dropout):
-    _, mask_strides, mask_is_bool = mask_args(mask, q)
+@functools.lru_cache(maxsize=None)
+def _meta(d: int, dv: int, dtype: torch.dtype, is_causal: bool, has_mask: bool,
+          mask_is_bool: bool, has_dropout: bool) -> dict:
+    """The constexpr arguments every attention kernel shares, per specialisation (cached: the
+    launch reads it, never mutates it)."""
     return dict(
-        HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1],
-        BLOCK_D=head_block(q.shape[-1]), BLOCK_DV=head_block(v.shape[-1]),
-        IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, MASK_IS_BOOL=mask_is_bool,
-        HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(q.dtype),
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=head_block(d), BLOCK_DV=head_block(dv),
+        IS_CAUSAL=is_causal, HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
+        HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(dtype),
     )
 
 
-def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float, seed: int):
-    """Forward on 4-D q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) and a 4-D mask or None.
+def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float,
+                  seed: torch.Tensor | None):
+    """Forward on 4-D q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) and a 4-D mask or None;
+    ``seed`` is the one-element int64 device tensor of the dropout draw (None without dropout).
 
     Returns ``out`` (B, Hq, Nq, Dv) in q's dtype and ``lse`` (B, Hq, Nq) fp32 (natural log; +inf
     for a row with no visible key).
     """
-    B, Hq, Nq, _ = q.shape
+    B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
-    lse = empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or Nk == 0:
+    dev = q.device
+    out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=dev)
+    lse = empty((B, Hq, Nq), dtype=torch.float32, device=dev)
+    if B * Hq * Nq * Dv == 0 or Nk == 0:
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
     has_dropout, drop_p, drop_scale = _dropout(dropout_p)
-    mask_t, ms, _ = mask_args(mask, q)
-    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
+    mask_t, ms, mask_is_bool = mask_args(mask, q)
+    programs = B * Hq
+    grid = lambda meta: (cdiv(Nq, meta["BLOCK_M"]) * programs,)  # noqa: E731
     _attention_fwd[grid](
         q, k, v, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
         Hq, Hq // Hkv, Nq, Nk,
-        scale * LOG2E, seed, drop_p, drop_scale,
+        scale * LOG2E, lse if seed is None else seed, drop_p, drop_scale,
         seq_bucket(Nq), seq_bucket(Nk),
-        **_meta(q, v, is_causal, mask, has_dropout),
+        **_meta(D, Dv, q.dtype, is_causal, mask is not None, mask_is_bool, has_dropout),
     )
     return out, lse
 
 
 def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dropout_p: float,
-                  seed: int):
+                  seed: torch.Tensor | None):
     """Backward: ``(dq, dk, dv)`` shaped like q, k, v (contiguous) in their dtype. ``do`` may have any
-    strides, including the stride-0 gradient of ``out.sum()``."""
+    strides, including the stride-0 gradient of ``out.sum()``; ``seed`` is the forward's."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -766,29 +787,29 @@ def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dr
     if Nq == 0 or Nk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     has_dropout, drop_p, drop_scale = _dropout(dropout_p)
-    mask_t, ms, _ = mask_args(mask, q)
-    meta = _meta(q, v, is_causal, mask, has_dropout)
+    mask_t, ms, mask_is_bool = mask_args(mask, q)
+    meta = _meta(D, Dv, q.dtype, is_causal, mask is not None, mask_is_bool, has_dropout)
 
     # -- 1. delta = rowsum(dO * O) --
     delta = empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     pre_block = 64
-    _attention_bwd_preprocess[(triton.cdiv(Nq, pre_block) * B * Hq,)](
+    _attention_bwd_preprocess[(cdiv(Nq, pre_block) * B * Hq,)](
         out, do, delta, *out.stride(), *do.stride(), Hq, Nq,
-        HEAD_DIM_V=Dv, BLOCK_M=pre_block, BLOCK_DV=head_block(Dv),
-        num_warps=4 if head_block(Dv) <= 128 else 8,
+        HEAD_DIM_V=Dv, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"],
+        num_warps=4 if meta["BLOCK_DV"] <= 128 else 8,
     )
-    common = (Hq // Hkv, Nq, Nk, scale * LOG2E, scale, seed, drop_p, drop_scale,
-              seq_bucket(Nq), seq_bucket(Nk))
+    common = (Hq // Hkv, Nq, Nk, scale * LOG2E, scale, lse if seed is None else seed, drop_p,
+              drop_scale, seq_bucket(Nq), seq_bucket(Nk))
 
     # -- 2. dK, dV: one program per key block of a kv head, summing over its query heads --
-    grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
+    grid_kv = lambda meta: (cdiv(Nk, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
     _attention_bwd_dkdv[grid_kv](
         q, k, v, mask_t, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, *common, **meta,
     )
     # -- 3. dQ: one program per query block --
-    grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
+    grid_q = lambda meta: (cdiv(Nq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
     _attention_bwd_dq[grid_q](
         q, k, v, mask_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dq.stride(),
@@ -797,11 +818,13 @@ def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dr
     return dq, dk, dv
 
 
-def dropout_keep_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p: float, seed: int,
-                      device) -> torch.Tensor:
+def dropout_keep_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p: float,
+                      seed: int | torch.Tensor, device) -> torch.Tensor:
     """The boolean keep-mask (B, Hq, Nq, Nk) the kernels draw for ``seed`` (for tests)."""
     keep = empty((batch, heads, n_q, n_k), dtype=torch.int8, device=device)
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor([seed], dtype=torch.int64, device=device)
     if keep.numel():
-        grid = (triton.cdiv(n_q, 64) * triton.cdiv(n_k, 64) * batch * heads,)
+        grid = (cdiv(n_q, 64) * cdiv(n_k, 64) * batch * heads,)
         _dropout_keep_mask[grid](keep, n_q, n_k, seed, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
     return keep.bool()

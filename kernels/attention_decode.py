@@ -32,11 +32,13 @@ and V, any strides. Everything else goes to the main kernel.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, sm_count
+from ._utils import cdiv, empty, next_pow2, sm_count
 from .attention import (
     LOG2E,
     _load_tile,
@@ -187,13 +189,29 @@ def _attention_decode_combine(
              out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
 
 
-def _splits(programs: int, n_k: int, device_tensor: torch.Tensor) -> tuple[int, int]:
-    """(number of chunks, chunk length): about two waves of programs over the SMs, each chunk a
-    multiple of SPLIT_ALIGN keys."""
-    target = 2 * sm_count(device_tensor)
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(n_k, SPLIT_ALIGN)))
-    chunk = triton.cdiv(triton.cdiv(n_k, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    return triton.cdiv(n_k, chunk), chunk
+def _chunking(n_k: int, splits: int) -> tuple[int, int]:
+    """(number of chunks, chunk length) for about ``splits`` chunks of a multiple of SPLIT_ALIGN."""
+    chunk = cdiv(cdiv(n_k, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return cdiv(n_k, chunk), chunk
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(batch: int, heads: int, kv_heads: int, n_q: int, n_k: int, d: int, dv: int, sms: int,
+          num_splits: int | None) -> tuple[int, int, int, int, dict, dict]:
+    """(num_splits, chunk, BLOCK_M, row blocks, constexprs of the split kernel, of the combine):
+    about two waves of programs over the SMs unless ``num_splits`` forces a count."""
+    group = heads // kv_heads
+    block_m = min(64, max(16, next_pow2(group * n_q)))
+    row_blocks = cdiv(group * n_q, block_m)
+    if num_splits is None:
+        programs = batch * kv_heads * row_blocks
+        num_splits = max(1, min(cdiv(2 * sms, programs), cdiv(n_k, SPLIT_ALIGN)))
+    num_splits, chunk = _chunking(n_k, num_splits)
+    split_meta = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=head_block(d), BLOCK_DV=head_block(dv),
+                      BLOCK_M=block_m)
+    combine_meta = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, next_pow2(num_splits)),
+                        BLOCK_DV=head_block(dv), num_warps=4)
+    return num_splits, chunk, block_m, row_blocks, split_meta, combine_meta
 
 
 def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = None):
@@ -202,33 +220,25 @@ def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = N
     split count, for tests)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    group = Hq // Hkv
-    block_m = min(64, max(16, triton.next_power_of_2(group * Nq)))
-    row_blocks = triton.cdiv(group * Nq, block_m)
-    if num_splits is None:
-        num_splits, chunk = _splits(B * Hkv * row_blocks, Nk, q)
-    else:
-        chunk = triton.cdiv(triton.cdiv(Nk, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
-        num_splits = triton.cdiv(Nk, chunk)
-    out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
-    lse = empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    o_part = empty((B * Hq * Nq, num_splits, Dv), dtype=torch.float32, device=q.device)
-    lse_part = empty((B * Hq * Nq, num_splits), dtype=torch.float32, device=q.device)
+    num_splits, chunk, _, row_blocks, split_meta, combine_meta = _plan(
+        B, Hq, Hkv, Nq, Nk, D, Dv, sm_count(q), num_splits)
+    dev = q.device
+    out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=dev)
+    lse = empty((B, Hq, Nq), dtype=torch.float32, device=dev)
+    o_part = empty((B * Hq * Nq, num_splits, Dv), dtype=torch.float32, device=dev)
+    lse_part = empty((B * Hq * Nq, num_splits), dtype=torch.float32, device=dev)
     mask_t, ms, mask_is_bool = mask_args(mask, q)
     # -- 1. partial results per key chunk --
     _attention_decode_split[(num_splits * row_blocks * B * Hkv,)](
         q, k, v, mask_t, o_part, lse_part,
         *q.stride(), *k.stride(), *v.stride(), *ms,
-        Hq, Hkv, group, Nq, Nk, chunk, num_splits,
+        Hq, Hkv, Hq // Hkv, Nq, Nk, chunk, num_splits,
         scale * LOG2E, seq_bucket(chunk),
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
         HAS_MASK=mask is not None, MASK_IS_BOOL=mask_is_bool,
-        INPUT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m,
+        INPUT_PRECISION=dot_precision(q.dtype), **split_meta,
     )
     # -- 2. merge the chunks of each query row --
     _attention_decode_combine[(B * Hq * Nq,)](
-        o_part, lse_part, out, lse, *out.stride(), Hq, Nq, num_splits,
-        HEAD_DIM_V=Dv, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        BLOCK_DV=head_block(Dv), num_warps=4,
+        o_part, lse_part, out, lse, *out.stride(), Hq, Nq, num_splits, **combine_meta,
     )
     return out, lse

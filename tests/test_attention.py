@@ -166,6 +166,18 @@ def test_single_kv_head_broadcasts_without_gqa():
     check_sdpa(*_qkv(2, 3, 1, 33, 47, 32))
 
 
+@pytest.mark.parametrize("q_shape, kv_shape", [((3, 5, 16), (2, 3, 7, 16)), ((5, 16), (2, 3, 7, 16)),
+                                               ((2, 3, 5, 16), (3, 7, 16)),
+                                               ((2, 1, 5, 16), (2, 3, 7, 16))],
+                         ids=["3d-q", "2d-q", "3d-kv", "one-query-head"])
+def test_inputs_of_different_ranks_broadcast_as_pytorch(q_shape, kv_shape):
+    """Batch and head dims broadcast right-aligned across ranks, as PyTorch's SDPA (and matmul)."""
+    q = torch.randn(q_shape, device=DEVICE)
+    k, v = torch.randn(kv_shape, device=DEVICE), torch.randn(kv_shape, device=DEVICE)
+    check_sdpa(q, k, v)
+    check_sdpa(q, k, v, is_causal=True)
+
+
 def test_gqa_never_repeats_kv(monkeypatch):
     """The kernel receives K/V with Hkv heads: no repeat_interleave, no expand."""
     seen = []
@@ -440,8 +452,8 @@ def _x(*shape, dtype=torch.float32):
          ValueError, "is_causal"),
         (lambda: LF.scaled_dot_product_attention(_x(1, 2, 4, 8), _x(1, 2, 4, 8), _x(1, 2, 4, 8),
                                                  dropout_p=1.5), ValueError, "dropout_p"),
-        (lambda: LF.scaled_dot_product_attention(_x(1, 2, 4, 8), _x(2, 4, 8), _x(2, 4, 8)),
-         ValueError, "same number of dimensions"),
+        (lambda: LF.scaled_dot_product_attention(_x(3, 4, 8), _x(2, 2, 4, 8), _x(2, 2, 4, 8)),
+         ValueError, "query has 3 heads"),
         (lambda: LF.scaled_dot_product_attention(_x(2, 2, 4, 8), _x(3, 2, 4, 8), _x(3, 2, 4, 8)),
          ValueError, "batch dimensions of key"),
         (lambda: LF.scaled_dot_product_attention(_x(8), _x(8), _x(8)), ValueError,

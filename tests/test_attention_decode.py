@@ -112,11 +112,13 @@ def test_forced_split_counts_match_the_main_kernel(splits):
 
 
 def test_split_count_fills_the_gpu():
-    t = torch.empty(0, device=DEVICE)
+    sms = sm_count(torch.empty(0, device=DEVICE))
     for programs, nk in [(1, 32768), (8, 4096), (64, 1024), (1000, 100000), (3, 256)]:
-        splits, chunk = decode._splits(programs, nk, t)
+        # one query, one head per batch entry: one program per chunk and batch entry
+        splits, chunk, _, row_blocks, _, _ = decode._plan(programs, 1, 1, 1, nk, 64, 64, sms, None)
+        assert row_blocks == 1
         assert chunk % decode.SPLIT_ALIGN == 0 and splits * chunk >= nk > (splits - 1) * chunk
-        assert splits == 1 or programs * (splits - 1) < 2 * sm_count(t)
+        assert splits == 1 or programs * (splits - 1) < 2 * sms
 
 
 @pytest.mark.parametrize(
