@@ -146,9 +146,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             v = torch.cat([v, self.bias_v.expand(n, 1, -1)], dim=1)
             masks = _pad_key_column(masks)
         # (N, L, E) -> (N, H, L, D): a strided view, read in place by the kernel.
-        q = q.unflatten(-1, (heads, head_dim)).transpose(1, 2)
-        k = k.unflatten(-1, (heads, head_dim)).transpose(1, 2)
-        v = v.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        q = q.view(n, tgt_len, heads, head_dim).transpose(1, 2)
+        k = k.view(n, -1, heads, head_dim).transpose(1, 2)
+        v = v.view(n, -1, heads, head_dim).transpose(1, 2)
         if self.add_zero_attn:
             zeros = k.new_zeros(n, heads, 1, head_dim)
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
@@ -282,28 +282,34 @@ class KVCache(nn.Module):
         return self.k.shape[3]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        check_tensor("k", k, op=_CACHE)
-        check_tensor("v", v, op=_CACHE)
-        check_same(_CACHE, "dtype", k=k, v=v, cache=self.k)
-        check_same(_CACHE, "device", k=k, v=v, cache=self.k)
+        cache_k, cache_v = self._buffers["k"], self._buffers["v"]
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            check_tensor("k", k, op=_CACHE)
+            check_tensor("v", v, op=_CACHE)
+        if k.dtype is not cache_k.dtype or v.dtype is not cache_k.dtype:
+            check_same(_CACHE, "dtype", k=k, v=v, cache=cache_k)
+        if k.device != cache_k.device or v.device != cache_k.device:
+            check_same(_CACHE, "device", k=k, v=v, cache=cache_k)
         if k.shape != v.shape:
             raise ValueError(f"{_CACHE}: k and v must have one shape, got {tuple(k.shape)} and "
                              f"{tuple(v.shape)}")
-        if (k.dim() != 4 or k.shape[0] > self.batch_size or k.shape[1] != self.num_kv_heads
-                or k.shape[3] != self.head_dim):
-            raise ValueError(f"{_CACHE}: k and v must have shape (B <= {self.batch_size}, "
-                             f"{self.num_kv_heads}, T, {self.head_dim}), got {tuple(k.shape)}")
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+        size = cache_k.shape
+        if k.dim() != 4 or k.shape[0] > size[0] or k.shape[1] != size[1] or k.shape[3] != size[3]:
+            raise ValueError(f"{_CACHE}: k and v must have shape (B <= {size[0]}, {size[1]}, T, "
+                             f"{size[3]}), got {tuple(k.shape)}")
+        if type(start_pos) is not int or start_pos < 0:
             raise ValueError(f"{_CACHE}: start_pos must be a non-negative int, got {start_pos!r}")
-        end = start_pos + k.shape[2]
-        if end > self.max_seq_len:
-            raise ValueError(f"{_CACHE}: overflow: writing {k.shape[2]} tokens at start_pos "
+        batch, new = k.shape[0], k.shape[2]
+        end = start_pos + new
+        if end > size[2]:
+            raise ValueError(f"{_CACHE}: overflow: writing {new} tokens at start_pos "
                              f"{start_pos} needs {end} positions, the cache holds max_seq_len="
-                             f"{self.max_seq_len}")
-        batch = k.shape[0]
-        self.k[:batch, :, start_pos:end].copy_(k)
-        self.v[:batch, :, start_pos:end].copy_(v)
-        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+                             f"{size[2]}")
+        if batch != size[0]:
+            cache_k, cache_v = cache_k.narrow(0, 0, batch), cache_v.narrow(0, 0, batch)
+        cache_k.narrow(2, start_pos, new).copy_(k)
+        cache_v.narrow(2, start_pos, new).copy_(v)
+        return cache_k.narrow(2, 0, end), cache_v.narrow(2, 0, end)
 
     def extra_repr(self) -> str:
         return (f"batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
@@ -353,8 +359,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         check_tensor("x", x, op=_CSA)
-        check_same(_CSA, "dtype", x=x, weight=self.q_proj.weight)
-        check_same(_CSA, "device", x=x, weight=self.q_proj.weight)
+        weight = self.q_proj.weight
+        if x.dtype is not weight.dtype or x.device != weight.device:
+            check_same(_CSA, "dtype", x=x, weight=weight)
+            check_same(_CSA, "device", x=x, weight=weight)
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"{_CSA}: x must have shape (batch, seq, {self.embed_dim}), got "
                              f"{tuple(x.shape)}")
@@ -365,15 +373,17 @@ class CausalSelfAttention(nn.Module):
             if not isinstance(kv_cache, KVCache):
                 raise TypeError(f"{_CSA}: kv_cache must be a lightllm.nn.KVCache, got "
                                 f"{type(kv_cache).__name__}")
-            if (kv_cache.num_kv_heads, kv_cache.head_dim) != (self.num_kv_heads, self.head_dim):
+            cached = kv_cache._buffers["k"].shape
+            if cached[1] != self.num_kv_heads or cached[3] != self.head_dim:
                 raise ValueError(f"{_CSA}: kv_cache holds {kv_cache.num_kv_heads} heads of dim "
                                  f"{kv_cache.head_dim}; this module needs {self.num_kv_heads} of "
                                  f"dim {self.head_dim}")
         batch, seq, _ = x.shape
-        # (B, T, E) -> (B, heads, T, D)
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        # (B, T, E) -> (B, heads, T, D): strided views, read in place by the kernel
+        q = self.q_proj(x).view(batch, seq, heads, head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
 
         mask, causal = None, True
         if kv_cache is not None:
@@ -387,7 +397,7 @@ class CausalSelfAttention(nn.Module):
                 cols = torch.arange(start_pos + seq, device=x.device)
                 mask, causal = cols <= rows + start_pos, False
         out = _sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                    is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads)
+                    is_causal=causal, enable_gqa=kv_heads != heads)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.embed_dim))
 
     def extra_repr(self) -> str:

@@ -104,12 +104,8 @@ def _backward(ctx, dout, _dlse):
 _sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _Attention(torch.autograd.Function):
-    """Eager twin of ``lightllm::sdpa_fwd`` with the same autograd."""
-
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+_Attention = _dispatch.autograd_function("scaled_dot_product_attention", _forward,
+                                         _setup_context, _backward)
 
 
 def dropout_seed(device=None) -> Tensor:

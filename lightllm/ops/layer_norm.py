@@ -187,27 +187,19 @@ _layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_nor
 _add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
 
 
-class _LayerNorm(torch.autograd.Function):
-    """Eager twin of ``lightllm::layer_norm_fwd`` with the same autograd."""
-
-    @staticmethod
-    def forward(x, weight, bias, eps):
-        y, _, mean, rstd = _launcher(x).layer_norm_fwd(x, None, weight, bias, eps)
-        return y, mean, rstd
-
-    setup_context = staticmethod(_layer_norm_setup)
-    backward = staticmethod(_layer_norm_backward)
+def _layer_norm_eager(x, weight, bias, eps):
+    y, _, mean, rstd = _launcher(x).layer_norm_fwd(x, None, weight, bias, eps)
+    return y, mean, rstd
 
 
-class _AddLayerNorm(torch.autograd.Function):
-    """Eager twin of ``lightllm::add_layer_norm_fwd`` with the same autograd."""
+def _add_layer_norm_eager(x, residual, weight, bias, eps):
+    return _launcher(x).layer_norm_fwd(x, residual, weight, bias, eps)
 
-    @staticmethod
-    def forward(x, residual, weight, bias, eps):
-        return _launcher(x).layer_norm_fwd(x, residual, weight, bias, eps)
 
-    setup_context = staticmethod(_add_layer_norm_setup)
-    backward = staticmethod(_add_layer_norm_backward)
+_LayerNorm = _dispatch.autograd_function("layer_norm", _layer_norm_eager, _layer_norm_setup,
+                                         _layer_norm_backward)
+_AddLayerNorm = _dispatch.autograd_function("add_layer_norm", _add_layer_norm_eager,
+                                            _add_layer_norm_setup, _add_layer_norm_backward)
 
 
 # ------------------------------------------------------------------------------------------------

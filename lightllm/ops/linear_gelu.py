@@ -164,12 +164,8 @@ def _linear_gelu_backward(ctx, dy, _dpre):
 _linear_gelu_fwd.register_autograd(_linear_gelu_backward, setup_context=_linear_gelu_setup)
 
 
-class _LinearGelu(torch.autograd.Function):
-    """Eager twin of ``lightllm::linear_gelu_fwd`` with the same autograd."""
-
-    forward = staticmethod(_linear_gelu_fwd_impl)
-    setup_context = staticmethod(_linear_gelu_setup)
-    backward = staticmethod(_linear_gelu_backward)
+_LinearGelu = _dispatch.autograd_function("linear_gelu", _linear_gelu_fwd_impl,
+                                           _linear_gelu_setup, _linear_gelu_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,12 +262,8 @@ def _feed_forward_backward(ctx, dy, _dh, _dpre):
 _feed_forward_fwd.register_autograd(_feed_forward_backward, setup_context=_feed_forward_setup)
 
 
-class _FeedForward(torch.autograd.Function):
-    """Eager twin of ``lightllm::feed_forward_fwd`` with the same autograd."""
-
-    forward = staticmethod(_feed_forward_fwd_impl)
-    setup_context = staticmethod(_feed_forward_setup)
-    backward = staticmethod(_feed_forward_backward)
+_FeedForward = _dispatch.autograd_function("feed_forward", _feed_forward_fwd_impl,
+                                            _feed_forward_setup, _feed_forward_backward)
 
 
 # ------------------------------------------------------------------------------------------------
