@@ -6,9 +6,11 @@ by PyTorch). It follows PyTorch's math backend:
 
   scores = Q Kᵀ · scale (+ additive mask, or -inf where a boolean mask is False, or where the causal
            mask, aligned top-left, forbids: key j is visible to query i iff j <= i)
-  P      = softmax(scores) over the keys, in fp32 for half-precision inputs; a row whose keys are all
-           masked gives P = 0 (and so output 0 and gradient 0), as PyTorch's ``_safe_softmax`` does
+  P      = softmax(scores) over the keys; a row whose keys are all masked gives P = 0 (and so output
+           0 and gradient 0), as PyTorch's ``_safe_softmax`` does
   out    = dropout(P) V
+Half-precision inputs are computed in fp32 throughout and the output rounded once, as the math
+backend does (multiplying Q Kᵀ in half precision first costs about 10x PyTorch's error).
 
 With ``enable_gqa`` the key/value heads are repeated to the query heads (here only; the kernels map
 head indices instead). ``dropout_mask`` (a keep-mask broadcastable to the scores) replaces the random
@@ -40,10 +42,9 @@ def attention_scores(query, key, attn_mask=None, is_causal=False, scale=None, en
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     if enable_gqa:
         key = _repeat_kv(key, query.size(-3))
-    scores = query @ key.transpose(-2, -1)
-    if scores.dtype in _LOW_PRECISION:
-        scores = scores.float()
-    scores = scores * scale
+    if query.dtype in _LOW_PRECISION:
+        query, key = query.float(), key.float()
+    scores = (query @ key.transpose(-2, -1)) * scale
     if is_causal:
         attn_mask = causal_mask(query.size(-2), key.size(-2), device=query.device)
     if attn_mask is not None:
@@ -82,7 +83,7 @@ def scaled_dot_product_attention(
         probs = torch.dropout(probs, dropout_p, train=True)
     if enable_gqa:
         value = _repeat_kv(value, query.size(-3))
-    return (probs.to(value.dtype) @ value).to(query.dtype)
+    return (probs @ value.to(probs.dtype)).to(query.dtype)
 
 
 def attention_lse(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
