@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", "step")  # step: the provider runs a whole training step
 
 
 @dataclass
@@ -110,7 +110,7 @@ def make_timed_call(case: Case, fn: Callable[..., Any], mode: str, sets) -> Call
     """A no-argument callable that runs ``mode`` of ``fn``, moving to the next input set each call."""
     states = []
     for inputs in sets:
-        if mode == "fwd":
+        if mode in ("fwd", "step"):
             states.append((inputs, None, None))
             continue
         inputs = list(inputs)
@@ -139,6 +139,8 @@ def make_timed_call(case: Case, fn: Callable[..., Any], mode: str, sets) -> Call
         if mode == "fwd":
             with torch.no_grad():
                 return fn(*inputs)
+        if mode == "step":
+            return fn(*inputs)
         if mode == "bwd":
             outputs, grads = extra
             return torch.autograd.grad(outputs, leaves, grads, retain_graph=True)
