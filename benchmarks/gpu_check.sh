@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # make gpu-check: the one script for a GPU machine (DESIGN.md §6).
 #
-# Uses the python3 it finds (torch, triton, ninja, pytest preinstalled; no venv, no network):
-# builds lightllm._C, runs the whole test suite on CUDA (bfloat16 included), runs
-# compute-sanitizer (memcheck, racecheck) over the extension's CUDA tests, runs the quick
-# benchmarks, and leaves at most eight files in the results folder (argument 1; default
-# benchmarks/results/<card>-<date>): env.txt, build.log, tests.log, sanitizer.log, bench.log,
-# summary.md, results.tar.gz (every benchmark JSON and Markdown table). The summary prints last.
+# Uses the python3 it finds (torch, triton, ninja, pytest preinstalled; no venv, no network).
+# Stages in order of value, each under its own time limit and writing its files as it finishes,
+# so a stage that runs long leaves the earlier ones' results (about 8 minutes in all):
+#   build (LIGHTLLM_BUILD_S, 180 s) -> the quick benchmarks, ceilings first (LIGHTLLM_BENCH_S,
+#   240 s) -> the test suite on CUDA, bfloat16 included (LIGHTLLM_TESTS_S, 150 s) ->
+#   compute-sanitizer memcheck + racecheck over the extension's CUDA tests (LIGHTLLM_SANITIZER_S,
+#   60 s).
+# At most eight files land in the results folder (argument 1; default
+# benchmarks/results/<card>-<date>): env.txt, build.log, bench.log, results.tar.gz (every
+# benchmark JSON and Markdown table), tests.log, sanitizer.log, summary.md. The summary prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,16 +19,19 @@ OUT=${1:-benchmarks/results/${card}-$(date +%Y-%m-%d)}
 mkdir -p "$OUT"
 status=()
 
-step() {  # step NAME LOG COMMAND...: run, log, remember the outcome
-  local name=$1 log=$2; shift 2
+step() {  # step NAME SECONDS LOG COMMAND...: run under a time limit, log, remember the outcome
+  local name=$1 limit=$2 log=$3; shift 3
   local start=$SECONDS
-  "$@" >"$log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
   local rc=$?
-  status+=("$name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $((SECONDS - start)) s")
+  local outcome="FAILED (exit $rc)"
+  [ $rc -eq 0 ] && outcome=ok
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && outcome="TIMED OUT after ${limit} s"
+  status+=("$name: $outcome in $((SECONDS - start)) s")
   return $rc
 }
 
-step build "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -e .
+step build "${LIGHTLLM_BUILD_S:-180}" "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -e .
 $PY -m lightllm.env >"$OUT/env.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv >>"$OUT/env.txt" 2>&1
 
@@ -43,14 +50,23 @@ run_tests() {
   rm -rf "$logs"
   return $rc
 }
-step tests "$OUT/tests.log" run_tests
+
+bench_dir=$(mktemp -d)
+pack_bench() { tar -czf "$OUT/results.tar.gz" -C "$bench_dir" .; }
+step benchmarks "${LIGHTLLM_BENCH_S:-240}" "$OUT/bench.log" $PY -m benchmarks.run --quick --out "$bench_dir"
+pack_bench
+
+export PY
+export -f run_tests  # `timeout` runs a command, not a shell function: a child bash runs it
+step tests "${LIGHTLLM_TESTS_S:-150}" "$OUT/tests.log" bash -c run_tests
 
 if command -v compute-sanitizer >/dev/null; then
   {
     for tool in memcheck racecheck; do
       echo "== compute-sanitizer --tool $tool"
-      compute-sanitizer --tool "$tool" --error-exitcode 9 \
-        $PY -m pytest tests/test_softmax.py -q -x -m "cuda and not slow" -p no:cacheprovider || echo "$tool FAILED"
+      timeout --kill-after=10 $(( ${LIGHTLLM_SANITIZER_S:-60} / 2 )) compute-sanitizer --tool "$tool" \
+        --error-exitcode 9 $PY -m pytest tests/test_softmax.py -q -x -m "cuda and not slow" \
+        -p no:cacheprovider || echo "$tool FAILED (or ran out of time)"
     done
   } >"$OUT/sanitizer.log" 2>&1
   grep -q FAILED "$OUT/sanitizer.log" && status+=("sanitizer: FAILED") || status+=("sanitizer: ok")
@@ -58,10 +74,6 @@ else
   echo "compute-sanitizer not found" >"$OUT/sanitizer.log"
   status+=("sanitizer: not run (compute-sanitizer not found)")
 fi
-
-bench_dir=$(mktemp -d)
-step benchmarks "$OUT/bench.log" $PY -m benchmarks.run --quick --out "$bench_dir"
-tar -czf "$OUT/results.tar.gz" -C "$bench_dir" .
 
 {
   echo "# gpu-check on ${card}, $(date -u +%FT%TZ)"
