@@ -124,6 +124,16 @@ LIGHTLLM_VEC_INLINE HVec float_to_fp16(Vec f) {
 // -- kLanes elements of T (float, c10::Half, c10::BFloat16) as fp32 ------------------------------
 
 template <typename T>
+LIGHTLLM_VEC_INLINE Vec half_to_float(HVec h) {
+  return std::is_same_v<T, c10::BFloat16> ? bf16_to_float(h) : fp16_to_float(h);
+}
+
+template <typename T>
+LIGHTLLM_VEC_INLINE HVec float_to_half(Vec v) {
+  return std::is_same_v<T, c10::BFloat16> ? float_to_bf16(v) : float_to_fp16(v);
+}
+
+template <typename T>
 LIGHTLLM_VEC_INLINE Vec load(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     Vec v;
@@ -132,7 +142,7 @@ LIGHTLLM_VEC_INLINE Vec load(const T* p) {
   } else {
     HVec h;
     std::memcpy(&h, static_cast<const void*>(p), sizeof(h));
-    return std::is_same_v<T, c10::BFloat16> ? bf16_to_float(h) : fp16_to_float(h);
+    return half_to_float<T>(h);
   }
 }
 
@@ -142,14 +152,10 @@ LIGHTLLM_VEC_INLINE Vec store(T* p, Vec v) {
   if constexpr (std::is_same_v<T, float>) {
     std::memcpy(p, &v, sizeof(v));
     return v;
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const HVec h = float_to_bf16(v);
-    std::memcpy(static_cast<void*>(p), &h, sizeof(h));
-    return bf16_to_float(h);
   } else {
-    const HVec h = float_to_fp16(v);
+    const HVec h = float_to_half<T>(v);
     std::memcpy(static_cast<void*>(p), &h, sizeof(h));
-    return fp16_to_float(h);
+    return half_to_float<T>(h);
   }
 }
 
@@ -184,12 +190,22 @@ LIGHTLLM_VEC_INLINE Vec load_n(const T* p, Full) {
   return load(p);
 }
 
-// The first k elements; the other lanes read as 0.
+// The first k elements (k < kLanes); the other lanes read as 0. AVX-512 masks the lanes (no
+// access past the end, no fault); elsewhere they go through a zero-padded buffer.
 template <typename T>
 LIGHTLLM_VEC_INLINE Vec load_n(const T* p, int64_t k) {
+#if LIGHTLLM_CPU_ISA == 512
+  const auto m = static_cast<__mmask16>((1u << k) - 1);
+  if constexpr (std::is_same_v<T, float>) {
+    return bits_as<Vec>(_mm512_maskz_loadu_ps(m, p));
+  } else {
+    return half_to_float<T>(bits_as<HVec>(_mm256_maskz_loadu_epi16(m, p)));
+  }
+#else
   T buf[kLanes] = {};
   std::memcpy(static_cast<void*>(buf), p, k * sizeof(T));
   return load(buf);
+#endif
 }
 
 template <typename T>
@@ -199,10 +215,22 @@ LIGHTLLM_VEC_INLINE Vec store_n(T* p, Vec v, Full) {
 
 template <typename T>
 LIGHTLLM_VEC_INLINE Vec store_n(T* p, Vec v, int64_t k) {
+#if LIGHTLLM_CPU_ISA == 512
+  const auto m = static_cast<__mmask16>((1u << k) - 1);
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, m, bits_as<__m512>(v));
+    return v;
+  } else {
+    const HVec h = float_to_half<T>(v);
+    _mm256_mask_storeu_epi16(p, m, bits_as<__m256i>(h));
+    return half_to_float<T>(h);
+  }
+#else
   T buf[kLanes];
   const Vec stored = store(buf, v);
   std::memcpy(static_cast<void*>(p), buf, k * sizeof(T));
   return stored;
+#endif
 }
 
 // v with the lanes past the row's end zeroed (they would otherwise enter a reduction).
