@@ -1,6 +1,6 @@
-// SIMD helpers for the CPU kernels: 16 floats as one GCC/Clang vector, loads and stores that
-// convert float16 / bfloat16 to and from fp32 lane-wise, and row loops of whole vectors plus one
-// partial vector.
+// SIMD helpers for the CPU kernels: one register of floats as a GCC/Clang vector, loads and stores
+// that convert float16 / bfloat16 to and from fp32 lane-wise, and row loops of whole vectors plus
+// one partial vector.
 //
 // Included once per instruction set, each time inside a `#pragma GCC target` region and a
 // namespace of its own, with LIGHTLLM_CPU_ISA set to 512 (AVX-512 F/BW/DQ/VL), 2 (AVX2 + FMA +
@@ -9,7 +9,8 @@
 // include guard on purpose, and no #include: the includer includes <immintrin.h>, <cstdint>,
 // <cstring>, <type_traits> and <utility> first.
 //
-// One Vec is 1, 2 or 4 registers. No -ffast-math: NaN and inf keep their meaning. float16 uses the
+// One Vec is one register: 16, 8 or 4 floats (a wider type is split by GCC, badly: through the
+// stack). No -ffast-math: NaN and inf keep their meaning. float16 uses the
 // hardware conversions (F16C, AVX-512) where present and c10's bit-exact algorithm otherwise;
 // bfloat16 is c10's round to nearest even with NaN kept, on integer lanes. Every helper is always
 // inlined, so no Vec crosses a call between targets (the psABI note is moot).
@@ -19,7 +20,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-constexpr int kLanes = 16;
+constexpr int kLanes = LIGHTLLM_CPU_ISA == 512 ? 16 : LIGHTLLM_CPU_ISA == 2 ? 8 : 4;
 using Vec = float __attribute__((vector_size(4 * kLanes)));
 using IVec = int32_t __attribute__((vector_size(4 * kLanes)));
 using UVec = uint32_t __attribute__((vector_size(4 * kLanes)));
@@ -55,6 +56,8 @@ LIGHTLLM_VEC_INLINE Vec bf16_to_float(HVec h) {
 #if LIGHTLLM_CPU_ISA == 512
   // maskz with a full mask: GCC 12's unmasked intrinsics trip -Wmaybe-uninitialized in its header.
   return (Vec)(bits_as<UVec>(_mm512_maskz_cvtepu16_epi32(0xFFFF, bits_as<__m256i>(h))) << 16);
+#elif LIGHTLLM_CPU_ISA == 2
+  return (Vec)(bits_as<UVec>(_mm256_cvtepu16_epi32(bits_as<__m128i>(h))) << 16);
 #else
   return (Vec)(__builtin_convertvector(h, UVec) << 16);
 #endif
@@ -66,6 +69,12 @@ LIGHTLLM_VEC_INLINE HVec float_to_bf16(Vec f) {
   const UVec bits = select_bits(f != f, UVec{} + 0x7FC0u, rounded);
 #if LIGHTLLM_CPU_ISA == 512
   return bits_as<HVec>(_mm512_maskz_cvtepi32_epi16(0xFFFF, bits_as<__m512i>(bits)));
+#elif LIGHTLLM_CPU_ISA == 2
+  // Pack to 16 bits in each 128-bit half (no value exceeds 0xFFFF), then join the halves' low
+  // quadwords.
+  const __m256i b = bits_as<__m256i>(bits);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0x08);
+  return bits_as<HVec>(_mm256_castsi256_si128(packed));
 #else
   return __builtin_convertvector(bits, HVec);
 #endif
@@ -75,12 +84,7 @@ LIGHTLLM_VEC_INLINE Vec fp16_to_float(HVec h) {
 #if LIGHTLLM_CPU_ISA == 512
   return bits_as<Vec>(_mm512_maskz_cvtph_ps(0xFFFF, bits_as<__m256i>(h)));
 #elif LIGHTLLM_CPU_ISA == 2
-  __m128i in[2];
-  std::memcpy(in, &h, sizeof(in));
-  const __m256 out[2] = {_mm256_cvtph_ps(in[0]), _mm256_cvtph_ps(in[1])};
-  Vec v;
-  std::memcpy(&v, out, sizeof(v));
-  return v;
+  return bits_as<Vec>(_mm256_cvtph_ps(bits_as<__m128i>(h)));
 #else
   const UVec w = __builtin_convertvector(h, UVec) << 16;
   const UVec sign = w & 0x80000000u;
@@ -97,13 +101,8 @@ LIGHTLLM_VEC_INLINE HVec float_to_fp16(Vec f) {
   return bits_as<HVec>(_mm512_maskz_cvtps_ph(0xFFFF, bits_as<__m512>(f),
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #elif LIGHTLLM_CPU_ISA == 2
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  __m256 in[2];
-  std::memcpy(in, &f, sizeof(in));
-  const __m128i out[2] = {_mm256_cvtps_ph(in[0], kRound), _mm256_cvtps_ph(in[1], kRound)};
-  HVec h;
-  std::memcpy(&h, out, sizeof(h));
-  return h;
+  return bits_as<HVec>(
+      _mm256_cvtps_ph(bits_as<__m256>(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   const UVec w = (UVec)f;
   Vec base = ((Vec)(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
