@@ -3,24 +3,24 @@
 // one partial vector.
 //
 // Included once per instruction set, each time inside a `#pragma GCC target` region and a
-// namespace of its own, with LIGHTLLM_CPU_ISA set to 512 (AVX-512 F/BW/DQ/VL), 2 (AVX2 + FMA +
+// namespace of its own, with LIGHTLLM_VEC_ISA set to 512 (AVX-512 F/BW/DQ/VL), 2 (AVX2 + FMA +
 // F16C) or 0 (the x86-64 baseline); the kernel picks one at run time (see layer_norm.cpp). So the
 // extension needs no -m flags, loads on any x86-64 CPU and still runs AVX-512 where it exists. No
 // include guard on purpose, and no #include: the includer includes <immintrin.h>, <cstdint>,
-// <cstring>, <type_traits> and <utility> first.
+// <cstring>, <type_traits>, <utility> and c10's Half and BFloat16 first.
 //
-// One Vec is one register: 16, 8 or 4 floats (a wider type is split by GCC, badly: through the
-// stack). No -ffast-math: NaN and inf keep their meaning. float16 uses the
-// hardware conversions (F16C, AVX-512) where present and c10's bit-exact algorithm otherwise;
-// bfloat16 is c10's round to nearest even with NaN kept, on integer lanes. Every helper is always
-// inlined, so no Vec crosses a call between targets (the psABI note is moot).
+// One Vec is one register: 16, 8 or 4 floats (GCC splits a wider type badly, through the stack).
+// No -ffast-math: NaN and inf keep their meaning. float16 uses the hardware conversions (F16C,
+// AVX-512) where present and c10's bit-exact algorithm otherwise; bfloat16 is c10's round to
+// nearest even with NaN kept, on integer lanes. Every helper is always inlined, so no Vec crosses a
+// call between targets (the psABI note is moot).
 
 #ifndef LIGHTLLM_VEC_INLINE
 #define LIGHTLLM_VEC_INLINE __attribute__((always_inline)) inline
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-constexpr int kLanes = LIGHTLLM_CPU_ISA == 512 ? 16 : LIGHTLLM_CPU_ISA == 2 ? 8 : 4;
+constexpr int kLanes = LIGHTLLM_VEC_ISA == 512 ? 16 : LIGHTLLM_VEC_ISA == 2 ? 8 : 4;
 using Vec = float __attribute__((vector_size(4 * kLanes)));
 using IVec = int32_t __attribute__((vector_size(4 * kLanes)));
 using UVec = uint32_t __attribute__((vector_size(4 * kLanes)));
@@ -53,10 +53,10 @@ LIGHTLLM_VEC_INLINE float lane_sum(Vec v) {
 // -- fp32 <-> raw 16-bit patterns --------------------------------------------------------------
 
 LIGHTLLM_VEC_INLINE Vec bf16_to_float(HVec h) {
-#if LIGHTLLM_CPU_ISA == 512
+#if LIGHTLLM_VEC_ISA == 512
   // maskz with a full mask: GCC 12's unmasked intrinsics trip -Wmaybe-uninitialized in its header.
   return (Vec)(bits_as<UVec>(_mm512_maskz_cvtepu16_epi32(0xFFFF, bits_as<__m256i>(h))) << 16);
-#elif LIGHTLLM_CPU_ISA == 2
+#elif LIGHTLLM_VEC_ISA == 2
   return (Vec)(bits_as<UVec>(_mm256_cvtepu16_epi32(bits_as<__m128i>(h))) << 16);
 #else
   return (Vec)(__builtin_convertvector(h, UVec) << 16);
@@ -67,9 +67,9 @@ LIGHTLLM_VEC_INLINE HVec float_to_bf16(Vec f) {
   const UVec u = (UVec)f;
   const UVec rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
   const UVec bits = select_bits(f != f, UVec{} + 0x7FC0u, rounded);
-#if LIGHTLLM_CPU_ISA == 512
+#if LIGHTLLM_VEC_ISA == 512
   return bits_as<HVec>(_mm512_maskz_cvtepi32_epi16(0xFFFF, bits_as<__m512i>(bits)));
-#elif LIGHTLLM_CPU_ISA == 2
+#elif LIGHTLLM_VEC_ISA == 2
   // Pack to 16 bits in each 128-bit half (no value exceeds 0xFFFF), then join the halves' low
   // quadwords.
   const __m256i b = bits_as<__m256i>(bits);
@@ -81,9 +81,9 @@ LIGHTLLM_VEC_INLINE HVec float_to_bf16(Vec f) {
 }
 
 LIGHTLLM_VEC_INLINE Vec fp16_to_float(HVec h) {
-#if LIGHTLLM_CPU_ISA == 512
+#if LIGHTLLM_VEC_ISA == 512
   return bits_as<Vec>(_mm512_maskz_cvtph_ps(0xFFFF, bits_as<__m256i>(h)));
-#elif LIGHTLLM_CPU_ISA == 2
+#elif LIGHTLLM_VEC_ISA == 2
   return bits_as<Vec>(_mm256_cvtph_ps(bits_as<__m128i>(h)));
 #else
   const UVec w = __builtin_convertvector(h, UVec) << 16;
@@ -97,10 +97,10 @@ LIGHTLLM_VEC_INLINE Vec fp16_to_float(HVec h) {
 }
 
 LIGHTLLM_VEC_INLINE HVec float_to_fp16(Vec f) {
-#if LIGHTLLM_CPU_ISA == 512
+#if LIGHTLLM_VEC_ISA == 512
   return bits_as<HVec>(_mm512_maskz_cvtps_ph(0xFFFF, bits_as<__m512>(f),
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif LIGHTLLM_CPU_ISA == 2
+#elif LIGHTLLM_VEC_ISA == 2
   return bits_as<HVec>(
       _mm256_cvtps_ph(bits_as<__m256>(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
@@ -193,7 +193,7 @@ LIGHTLLM_VEC_INLINE Vec load_n(const T* p, Full) {
 // access past the end, no fault); elsewhere they go through a zero-padded buffer.
 template <typename T>
 LIGHTLLM_VEC_INLINE Vec load_n(const T* p, int64_t k) {
-#if LIGHTLLM_CPU_ISA == 512
+#if LIGHTLLM_VEC_ISA == 512
   const auto m = static_cast<__mmask16>((1u << k) - 1);
   if constexpr (std::is_same_v<T, float>) {
     return bits_as<Vec>(_mm512_maskz_loadu_ps(m, p));
@@ -214,7 +214,7 @@ LIGHTLLM_VEC_INLINE Vec store_n(T* p, Vec v, Full) {
 
 template <typename T>
 LIGHTLLM_VEC_INLINE Vec store_n(T* p, Vec v, int64_t k) {
-#if LIGHTLLM_CPU_ISA == 512
+#if LIGHTLLM_VEC_ISA == 512
   const auto m = static_cast<__mmask16>((1u << k) - 1);
   if constexpr (std::is_same_v<T, float>) {
     _mm512_mask_storeu_ps(p, m, bits_as<__m512>(v));

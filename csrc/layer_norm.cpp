@@ -174,27 +174,27 @@ struct BwdArgs {
 // the rest of the extension keeps the baseline flags).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
-#define LIGHTLLM_CPU_ISA 512
+#define LIGHTLLM_VEC_ISA 512
 namespace lightllm::avx512 {
 #include "layer_norm_cpu.h"
 }  // namespace lightllm::avx512
-#undef LIGHTLLM_CPU_ISA
+#undef LIGHTLLM_VEC_ISA
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
-#define LIGHTLLM_CPU_ISA 2
+#define LIGHTLLM_VEC_ISA 2
 namespace lightllm::avx2 {
 #include "layer_norm_cpu.h"
 }  // namespace lightllm::avx2
-#undef LIGHTLLM_CPU_ISA
+#undef LIGHTLLM_VEC_ISA
 #pragma GCC pop_options
 
-#define LIGHTLLM_CPU_ISA 0
+#define LIGHTLLM_VEC_ISA 0
 namespace lightllm::baseline {
 #include "layer_norm_cpu.h"
 }  // namespace lightllm::baseline
-#undef LIGHTLLM_CPU_ISA
+#undef LIGHTLLM_VEC_ISA
 
 namespace lightllm {
 namespace {

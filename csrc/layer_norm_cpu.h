@@ -1,6 +1,6 @@
 // LayerNorm row kernels for one instruction set. layer_norm.cpp includes this file once per ISA,
 // each time inside a `#pragma GCC target` region and a namespace of its own, after defining
-// FwdArgs / BwdArgs and LIGHTLLM_CPU_ISA: no include guard on purpose (see cpu_vec.h).
+// FwdArgs / BwdArgs and LIGHTLLM_VEC_ISA: no include guard on purpose (see cpu_vec.h).
 
 #include "cpu_vec.h"
 
