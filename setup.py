@@ -75,7 +75,11 @@ def _extensions():
 
     # No -std flag: cpp_extension adds the standard torch's headers need (C++20 since torch 2.10;
     # forcing c++17 breaks the build with "C++20 or later compatible compiler is required").
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for (ATen/Parallel.h, inlined into our CPU kernels) runs its chunks in
+    # parallel only when the extension itself is built with OpenMP; without it every CPU kernel
+    # runs on one thread. The runtime is torch's own libgomp (same soname), already loaded.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if build_cuda:
         ext = cpp_extension.CUDAExtension(
             "lightllm._C",
@@ -84,10 +88,12 @@ def _extensions():
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
             },
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "lightllm._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}
+            "lightllm._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"lightllm: building lightllm._C ({'CUDA + CPU' if build_cuda else 'CPU only'})")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

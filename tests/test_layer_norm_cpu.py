@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import dtype_params
 
+import lightllm.ops.layer_norm  # noqa: F401  (registers the ops' fake tensors, for opcheck)
 from lightllm.reference import layer_norm as reference
 from lightllm.testing import assert_parity, grads, leaves
 
@@ -26,28 +27,6 @@ DTYPES = dtype_params(interpreted=False)  # C++ kernels: bfloat16 runs natively 
 ROWS = [1, 7, 97]
 HIDDEN = [1, 3, 1023, 1500, 4096]
 AFFINE = ["weight+bias", "weight", "none"]
-
-
-# -- fake tensors for opcheck: the extension registers none (that is done from Python, beside the
-#    autograd), so register these here unless lightllm already has ---------------------------------
-
-def _fwd_fake(x, residual, weight, bias, eps):
-    m, n = x.shape
-    s = x.new_empty((m, n)) if residual is not None else x.new_empty((0,))
-    return (x.new_empty((m, n)), s, x.new_empty((m,), dtype=torch.float32),
-            x.new_empty((m,), dtype=torch.float32))
-
-
-def _bwd_fake(dy, x, weight, mean, rstd, ds, need_dw, need_db):
-    n = x.shape[1]
-    return (x.new_empty(x.shape), x.new_empty((n if need_dw else 0,), dtype=torch.float32),
-            x.new_empty((n if need_db else 0,), dtype=torch.float32))
-
-
-for _name, _fake in (("lightllm::layer_norm_fwd_cpu", _fwd_fake),
-                     ("lightllm::layer_norm_bwd_cpu", _bwd_fake)):
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(_name, "Meta"):
-        torch.library.register_fake(_name, _fake)
 
 
 # -- helpers ----------------------------------------------------------------------------------------

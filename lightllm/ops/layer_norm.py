@@ -43,6 +43,9 @@ def _has_cpu_kernels() -> bool:
 
 
 HAS_CPU_KERNELS = _has_cpu_kernels()
+# The C++ kernels convert float16/bfloat16 with F16C / AVX2 instructions; on a CPU without them
+# the conversions run in software and PyTorch's own op is faster for those dtypes.
+_CPU_HALF_KERNELS = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _cpu_fwd(x, residual, weight, bias, eps: float):
@@ -279,7 +282,9 @@ def _served(op: str, x: Tensor) -> bool:
         return False
     if x.numel() == 0:
         return False
-    return _dispatch.runs_triton(x) or (HAS_CPU_KERNELS and x.is_cpu)
+    if _dispatch.runs_triton(x):
+        return True
+    return HAS_CPU_KERNELS and x.is_cpu and (x.dtype is torch.float32 or _CPU_HALF_KERNELS)
 
 
 def _rows_of(x: Tensor, shape: tuple[int, ...]) -> tuple[int, bool]:

@@ -55,12 +55,15 @@ _BELOW_AUTOGRAD = {
 
 
 def _call(op: str, x: Tensor, *args, mask: Tensor | None = None):
+    """``torch.ops.lightllm.<op>(x, *args)``; ``mask`` (also among ``args``) is the other input
+    whose gradient may be needed."""
     overload = getattr(torch.ops.lightllm, op).default
     if _dispatch.direct(x) and not _dispatch.needs_grad(x, mask):
         keys = _BELOW_AUTOGRAD.get(x.device.type)
         if keys is not None:
             return overload.redispatch(keys, x, *args)
     return overload(x, *args)
+
 
 # ------------------------------------------------------------------------------------------------
 # Fake tensors and autograd of the extension's ops
