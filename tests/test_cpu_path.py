@@ -91,9 +91,9 @@ def test_layer_norm_runs_the_cpp_kernels(monkeypatch):
     x = torch.randn(5, 64, requires_grad=True)
     r = torch.randn(5, 64, requires_grad=True)
     w = torch.randn(64, requires_grad=True)
-    LF.layer_norm(x, (64,), w).sum().backward()
+    (LF.layer_norm(x, (64,), w) * torch.randn(5, 64)).sum().backward()
     y, s = LF.add_layer_norm(x, r, (64,), w)
-    (y.sum() + s.sum()).backward()
+    ((y * torch.randn(5, 64)).sum() + (s * torch.randn(5, 64)).sum()).backward()
     with torch.no_grad():
         lightllm.nn.LayerNorm(64)(x)
     assert counts == {"layer_norm_fwd": 3, "layer_norm_bwd": 2}
