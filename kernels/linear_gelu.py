@@ -1,4 +1,5 @@
-"""Linear + bias + GeLU with the activation fused into the matmul epilogue, forward and backward.
+"""Linear + bias + activation (GeLU, its tanh form, ReLU) fused into the matmul epilogue, forward
+and backward.
 
 One tiled matmul, ``C = A @ B`` for a 2-D ``A`` (M, K) and ``B`` (K, N), in two flavours sharing
 their tile order and epilogue:
@@ -15,8 +16,8 @@ software-pipelined by Triton (``num_stages``); autotuned per (M bucket, N, K, dt
 The epilogue works on the fp32 tile before the single store:
     pre = acc + bias                                   (HAS_BIAS)
     AUX_STORE_PRE: also store pre (the saved pre-activation of the backward)
-    out = gelu(pre) | gelu_tanh(pre) | pre             (ACTIVATION)
-    AUX_GELU_GRAD: out = acc * gelu'(aux), aux = a saved pre-activation (backward dH -> dPre)
+    out = gelu(pre) | gelu_tanh(pre) | relu(pre) | pre (ACTIVATION)
+    AUX_ACT_GRAD: out = acc * act'(aux), aux = a saved pre-activation (backward dH -> dPre)
     out += residual                                     (HAS_RESIDUAL)
 Memory traffic of the forward: A and B from DRAM once (tiles re-read through L2), C written once
 (plus pre once when a backward needs it); eager PyTorch writes pre, reads it and writes gelu(pre).
@@ -24,16 +25,17 @@ Memory traffic of the forward: A and B from DRAM once (tiles re-read through L2)
 Uses of the one matmul:
   linear_gelu forward       y = gelu(x @ W^T + b)                 (+ pre when saving for backward)
   feed_forward forward      h = gelu(x @ W1^T + b1);  y = h @ W2^T + b2 + residual
-  feed_forward backward     dPre = (dY @ W2) * gelu'(pre)         (dH never reaches memory)
+  feed_forward backward     dPre = (dY @ W2) * act'(pre)          (dH never reaches memory)
 The plain matmuls of the backward (dX = dPre @ W, dW = dPre^T @ X) are left to cuBLAS by the op.
 
 ``_linear_gelu_bwd`` is the elementwise backward of ``linear_gelu`` alone (no matmul produces its
-dY): dPre = dY * gelu'(pre), with db's per-program column partial sums in the same pass
+dY): dPre = dY * act'(pre), with db's per-program column partial sums in the same pass
 (dY and pre read once, dPre written once, db from a (G, N) fp32 partial buffer).
 
 GeLU forms: exact ``0.5 x (1 + erf(x / sqrt 2))``; tanh ``0.5 x (1 + tanh(u))``, u =
 sqrt(2/pi) (x + 0.044715 x^3), computed as ``x * sigmoid(2u)`` (the same value; no libdevice tanh,
-which the interpreter lacks, and no cancellation in 1 + tanh(u) for large negative x).
+which the interpreter lacks, and no cancellation in 1 + tanh(u) for large negative x). ReLU's
+derivative is taken as 0 at 0, as PyTorch's ``threshold_backward`` does.
 Offsets are 64-bit (row offsets are cast before multiplying by strides, K steps are int64).
 """
 
@@ -56,40 +58,49 @@ from ._utils import (
     sm_count,
 )
 
-# ACTIVATION codes (the `approximate` strings of F.gelu map onto the GeLU ones).
+# ACTIVATION codes; the ops name them by the strings of ACTIVATIONS.
 ACT_NONE = 0
 ACT_GELU = 1
 ACT_GELU_TANH = 2
-GELU_CODES = {"none": ACT_GELU, "tanh": ACT_GELU_TANH}
+ACT_RELU = 3
+ACTIVATIONS = {"gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
 
 # AUX codes: what the epilogue does with the auxiliary (M, N) tensor.
 AUX_NONE = 0
 AUX_STORE_PRE = 1  # write the pre-activation there
-AUX_GELU_GRAD = 2  # read a pre-activation there and multiply the tile by gelu'(pre)
+AUX_ACT_GRAD = 2  # read a pre-activation there and multiply the tile by act'(pre)
 
 
 @triton.jit
-def _gelu(x, TANH: tl.constexpr):
-    if TANH:
+def _activation(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:  # exact GeLU
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 2:  # tanh GeLU
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         return x * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == 3:  # ReLU (NaN stays NaN, as torch.relu)
+        return tl.where(x < 0.0, 0.0, x)
     else:
-        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return x
 
 
 @triton.jit
-def _gelu_grad(x, TANH: tl.constexpr):
-    if TANH:
+def _activation_grad(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        # Phi(x) + x phi(x)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        return cdf + x * pdf
+    elif ACTIVATION == 2:
         # d/dx [x s(2u)] = s + 2 x s (1 - s) u',  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         s = tl.sigmoid(2.0 * u)
         du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
         return s + 2.0 * x * s * (1.0 - s) * du
+    elif ACTIVATION == 3:
+        return tl.where(x > 0.0, 1.0, 0.0)
     else:
-        # Phi(x) + x phi(x)
-        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-        return cdf + x * pdf
+        return tl.full(x.shape, 1.0, tl.float32)
 
 
 # Tiles as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The first is the interpreter's one
@@ -203,11 +214,11 @@ def _epilogue(
     aux_ptrs = Aux + rows[:, None] * stride_xm + cols[None, :] * stride_xn
     if AUX == 1:  # AUX_STORE_PRE
         tl.store(aux_ptrs, acc.to(Aux.dtype.element_ty), mask=mask)
-    if AUX == 2:  # AUX_GELU_GRAD
+    if AUX == 2:  # AUX_ACT_GRAD
         pre = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * _gelu_grad(pre, ACTIVATION == 2)
+        acc = acc * _activation_grad(pre, ACTIVATION)
     elif ACTIVATION != 0:
-        acc = _gelu(acc, ACTIVATION == 2)
+        acc = _activation(acc, ACTIVATION)
     if HAS_RESIDUAL:
         res_ptrs = Res + rows[:, None] * stride_rm + cols[None, :] * stride_rn
         acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -312,7 +323,7 @@ def _linear_gelu_bwd(
     DY, Pre, DPre, DB,
     M, N, rows_per_program,
     stride_dym, stride_dyn, stride_pm, stride_pn, stride_dm, stride_dn,
-    TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -327,7 +338,7 @@ def _linear_gelu_bwd(
     row_end = tl.minimum(row_start + rows_per_program, M)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(row_start, row_end, BLOCK_M):
-        # -- dPre = dY * gelu'(pre) on a (BLOCK_M, BLOCK_N) tile --
+        # -- dPre = dY * act'(pre) on a (BLOCK_M, BLOCK_N) tile --
         offs_m = start + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
         mask = (offs_m < row_end)[:, None] & col_mask[None, :]
@@ -335,7 +346,7 @@ def _linear_gelu_bwd(
                      mask=mask, other=0.0).to(tl.float32)
         pre = tl.load(Pre + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
                       mask=mask, other=0.0).to(tl.float32)
-        dpre = dy * _gelu_grad(pre, TANH)
+        dpre = dy * _activation_grad(pre, ACTIVATION)
         tl.store(DPre + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
                  dpre.to(DPre.dtype.element_ty), mask=mask)
         # -- this program's share of db (masked entries are exactly 0) --
@@ -425,13 +436,14 @@ def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=No
         )
 
 
-def linear_gelu_fwd(x, weight, bias, approximate: str, save_pre: bool):
-    """``y = gelu(x @ weight^T + bias)`` on a 2-D ``x`` (M, K), ``weight`` (N, K). Returns
-    ``(y, pre)``; ``pre`` (the pre-activation, for the backward) is None unless ``save_pre``."""
+def linear_act_fwd(x, weight, bias, activation: str, save_pre: bool):
+    """``y = act(x @ weight^T + bias)`` on a 2-D ``x`` (M, K), ``weight`` (N, K); ``activation``
+    is a key of ACTIVATIONS. Returns ``(y, pre)``; ``pre`` (the pre-activation, for the
+    backward) is None unless ``save_pre``."""
     M, N = x.shape[0], weight.shape[0]
     y = empty((M, N), dtype=x.dtype, device=x.device)
     pre = empty((M, N), dtype=x.dtype, device=x.device) if save_pre else None
-    _mm(x, weight, bias, None, pre, y, GELU_CODES[approximate],
+    _mm(x, weight, bias, None, pre, y, ACTIVATIONS[activation],
         AUX_STORE_PRE if save_pre else AUX_NONE)
     return y, pre
 
@@ -443,12 +455,12 @@ def linear_fwd(x, weight, bias, residual):
     return y
 
 
-def matmul_gelu_grad(dy, w2, pre, approximate: str):
-    """``dPre = (dy @ w2) * gelu'(pre)``: ``dy`` (M, D), ``w2`` (D, F) — the second linear's
+def matmul_act_grad(dy, w2, pre, activation: str):
+    """``dPre = (dy @ w2) * act'(pre)``: ``dy`` (M, D), ``w2`` (D, F) — the second linear's
     weight — ``pre`` (M, F). The product dH is consumed in the epilogue, never stored."""
     M, F = pre.shape
     dpre = empty((M, F), dtype=pre.dtype, device=pre.device)
-    _mm(dy, w2.t(), None, None, pre, dpre, GELU_CODES[approximate], AUX_GELU_GRAD)
+    _mm(dy, w2.t(), None, None, pre, dpre, ACTIVATIONS[activation], AUX_ACT_GRAD)
     return dpre
 
 
@@ -456,8 +468,8 @@ _BWD_BLOCK_M = 32
 _BWD_BLOCK_N = 128
 
 
-def gelu_bwd(dy, pre, approximate: str, need_db: bool):
-    """``dPre = dy * gelu'(pre)`` on 2-D tensors (any strides, e.g. a stride-0 ``dy``), and
+def act_bwd(dy, pre, activation: str, need_db: bool):
+    """``dPre = dy * act'(pre)`` on 2-D tensors (any strides, e.g. a stride-0 ``dy``), and
     ``db = dPre.sum(0)`` in fp32 when ``need_db`` (else None)."""
     M, N = pre.shape
     dpre = empty((M, N), dtype=pre.dtype, device=pre.device)
@@ -473,7 +485,7 @@ def gelu_bwd(dy, pre, approximate: str, need_db: bool):
         dy, pre, dpre, db_partial if need_db else dpre,
         M, N, rows_per_program,
         dy.stride(0), dy.stride(1), pre.stride(0), pre.stride(1), dpre.stride(0), dpre.stride(1),
-        TANH=approximate == "tanh", NEED_DB=need_db,
+        ACTIVATION=ACTIVATIONS[activation], NEED_DB=need_db,
         BLOCK_M=_BWD_BLOCK_M, BLOCK_N=_BWD_BLOCK_N, num_warps=4,
     )
     return dpre, (db_partial.sum(0) if need_db else None)

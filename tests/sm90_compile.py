@@ -243,39 +243,44 @@ def scenario_linear_gelu(mod, cap: Capture):
     m, k, n = 256, 1024, 4096  # M = 256 keeps every row tile (pruning drops tiles above 2 M)
     for dt, configs in (("bfloat16", "all"), ("float16", "default")):
         with cap.launches("TMA fwd train: gelu, save pre", strict="default", configs=configs):
-            mod.linear_gelu_fwd(_t(m, k, dtype=dt), _t(n, k, dtype=dt), _t(n, dtype=dt), "none",
-                                True)
+            mod.linear_act_fwd(_t(m, k, dtype=dt), _t(n, k, dtype=dt), _t(n, dtype=dt), "gelu",
+                               True)
     with cap.launches("TMA ffn bwd: dPre=(dY W2)*gelu'(pre)", strict="default",
                       configs="default"):
-        mod.matmul_gelu_grad(_t(m, k, dtype="bfloat16"), _t(k, n, dtype="bfloat16"),
-                             _t(m, n, dtype="bfloat16"), "none")
+        mod.matmul_act_grad(_t(m, k, dtype="bfloat16"), _t(k, n, dtype="bfloat16"),
+                            _t(m, n, dtype="bfloat16"), "gelu")
     with cap.launches("TMA fwd infer: gelu_tanh", strict="default", configs="default"):
-        mod.linear_gelu_fwd(_t(m, k, dtype="float16"), _t(n, k, dtype="float16"),
-                            _t(n, dtype="float16"), "tanh", False)
+        mod.linear_act_fwd(_t(m, k, dtype="float16"), _t(n, k, dtype="float16"),
+                           _t(n, dtype="float16"), "gelu_tanh", False)
     with cap.launches("TMA ffn 2nd linear + residual", strict="default", configs="default"):
         mod.linear_fwd(_t(m, n, dtype="bfloat16"), _t(k, n, dtype="bfloat16"),
                        _t(k, dtype="bfloat16"), _t(m, k, dtype="bfloat16"))
     with cap.launches("TMA decode M=1", strict="default", configs="default"):
-        mod.linear_gelu_fwd(_t(1, k, dtype="bfloat16"), _t(n, k, dtype="bfloat16"),
-                            _t(n, dtype="bfloat16"), "tanh", False)
+        mod.linear_act_fwd(_t(1, k, dtype="bfloat16"), _t(n, k, dtype="bfloat16"),
+                           _t(n, dtype="bfloat16"), "gelu_tanh", False)
     with cap.launches("ptr fwd K=1023 (rows not 16B aligned)", strict="default",
                       configs="default"):
-        mod.linear_gelu_fwd(_t(m, 1023, dtype="float16"), _t(n, 1023, dtype="float16"),
-                            _t(n, dtype="float16"), "none", True)
+        mod.linear_act_fwd(_t(m, 1023, dtype="float16"), _t(n, 1023, dtype="float16"),
+                           _t(n, dtype="float16"), "gelu", True)
     with cap.launches("ptr fwd fp32 ieee, save pre", strict=True):
-        mod.linear_gelu_fwd(_t(m, k, dtype="float32"), _t(n, k, dtype="float32"),
-                            _t(n, dtype="float32"), "none", True)
+        mod.linear_act_fwd(_t(m, k, dtype="float32"), _t(n, k, dtype="float32"),
+                           _t(n, dtype="float32"), "gelu", True)
     with cap.launches("ptr ffn bwd fp32", strict=True, configs="default"):
-        mod.matmul_gelu_grad(_t(m, k, dtype="float32"), _t(k, n, dtype="float32"),
-                             _t(m, n, dtype="float32"), "tanh")
+        mod.matmul_act_grad(_t(m, k, dtype="float32"), _t(k, n, dtype="float32"),
+                            _t(m, n, dtype="float32"), "gelu_tanh")
     for dt in ("float16", "bfloat16", "float32"):
         with cap.launches("gelu bwd + db", strict=True):
-            mod.gelu_bwd(_t(m, n, dtype=dt), _t(m, n, dtype=dt), "none", True)
+            mod.act_bwd(_t(m, n, dtype=dt), _t(m, n, dtype=dt), "gelu", True)
+    with cap.launches("relu fwd, save pre", strict="default", configs="default"):
+        mod.linear_act_fwd(_t(m, k, dtype="bfloat16"), _t(n, k, dtype="bfloat16"),
+                           _t(n, dtype="bfloat16"), "relu", True)
+    with cap.launches("relu bwd + db", strict=True):
+        mod.act_bwd(_t(m, n, dtype="bfloat16"), _t(m, n, dtype="bfloat16"), "relu", True)
     with cap.launches("gelu_tanh bwd + db", strict=True):
-        mod.gelu_bwd(_t(m, n, dtype="bfloat16"), _t(m, n, dtype="bfloat16"), "tanh", True)
+        mod.act_bwd(_t(m, n, dtype="bfloat16"), _t(m, n, dtype="bfloat16"), "gelu_tanh", True)
     with cap.launches("gelu bwd, stride-0 dY (y.sum()), no db"):
-        mod.gelu_bwd(_t(1, 1, dtype="bfloat16").expand(m, n), _t(m, n, dtype="bfloat16"),
-                     "none", False)
+        mod.act_bwd(_t(1, 1, dtype="bfloat16").expand(m, n), _t(m, n, dtype="bfloat16"),
+                    "gelu", False)
 
 
 def _qkv(dt, d, *, b=2, hq=4, hkv=4, nq=256, nk=256):

@@ -103,7 +103,7 @@ def _routes():
          {"layer_norm_fwd", "layer_norm_bwd"}),
         ("add_layer_norm", lambda *a: LF.add_layer_norm(a[0], a[1], (33,), *a[2:]), (x, r, w, b),
          {"add_layer_norm_fwd", "layer_norm_bwd"}),
-        ("linear_gelu", LF.linear_gelu, (x, w1, b1), {"linear_gelu_fwd", "linear_gelu_bwd"}),
+        ("linear_gelu", LF.linear_gelu, (x, w1, b1), {"linear_act_fwd", "linear_act_bwd"}),
         ("feed_forward", lambda *a: LF.feed_forward(*a[:5], residual=a[5]),
          (x, w1, b1, w2, b2, r), {"feed_forward_fwd", "feed_forward_bwd"}),
     ]

@@ -37,11 +37,12 @@ def make_inputs(m, d_model, d_ff, dtype, variant="bias+residual", lead=()):
             t(*lead, m, d_model) if variant == "bias+residual" else None)
 
 
-def check_feed_forward(x, w1, b1, w2, b2, residual, approximate, dy=None):
+def check_feed_forward(x, w1, b1, w2, b2, residual, approximate, dy=None, activation="gelu"):
     inputs = (x, w1, b1, w2, b2, residual)
 
     def run(fn, ts):
-        return fn(ts[0], ts[1], ts[2], ts[3], ts[4], approximate, residual=ts[5])
+        return fn(ts[0], ts[1], ts[2], ts[3], ts[4], approximate, residual=ts[5],
+                  activation=activation)
 
     ours = leaves(*inputs)
     y = run(LF.feed_forward, ours)
@@ -66,6 +67,13 @@ def check_feed_forward(x, w1, b1, w2, b2, residual, approximate, dy=None):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_feed_forward(shape, approximate, variant, dtype):
     check_feed_forward(*make_inputs(*shape, dtype, variant), approximate)
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_feed_forward_relu(shape, variant, dtype):
+    check_feed_forward(*make_inputs(*shape, dtype, variant), "none", activation="relu")
 
 
 @pytest.mark.slow
@@ -113,27 +121,28 @@ def test_empty_tokens():
 
 def test_kernels_are_what_runs(monkeypatch):
     calls = []
-    for name in ("linear_gelu_fwd", "linear_fwd", "matmul_gelu_grad"):
+    for name in ("linear_act_fwd", "linear_fwd", "matmul_act_grad"):
         real = getattr(kernel, name)
         monkeypatch.setattr(kernel, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     x, w1, b1, w2, b2, r = leaves(*make_inputs(3, 8, 12, torch.float32))
     LF.feed_forward(x, w1, b1, w2, b2, residual=r).sum().backward()
-    assert calls == ["linear_gelu_fwd", "linear_fwd", "matmul_gelu_grad"]
+    assert calls == ["linear_act_fwd", "linear_fwd", "matmul_act_grad"]
 
 
 def test_registered_ops_pass_opcheck():
     x, w1, b1, w2, b2, r = leaves(*make_inputs(6, 20, 36, torch.float32))
     ff = torch.ops.lightllm.feed_forward_fwd.default
-    torch.library.opcheck(ff, (x, w1, b1, w2, b2, r, "tanh", True))
-    torch.library.opcheck(ff, (x, w1, None, w2, None, None, "none", True))
-    torch.library.opcheck(ff, (x, w1, b1, w2, b2, r, "none", False))
+    torch.library.opcheck(ff, (x, w1, b1, w2, b2, r, "gelu_tanh", True))
+    torch.library.opcheck(ff, (x, w1, None, w2, None, None, "gelu", True))
+    torch.library.opcheck(ff, (x, w1, b1, w2, b2, r, "relu", False))
     det = [t.detach() for t in (x, w1, b1, w2, b2)]
-    _, h, pre = ff(*det, None, "tanh", True)
     dy = torch.randn(6, 20, device=DEVICE)
     bwd = torch.ops.lightllm.feed_forward_bwd.default
-    torch.library.opcheck(bwd, (dy, det[0], det[1], det[3], h, pre, "tanh",
-                                True, True, True, True, True))
-    torch.library.opcheck(bwd, (dy, det[0], det[1], det[3], h, pre, "none",
+    for activation in ("gelu_tanh", "relu"):
+        _, h, pre = ff(*det, None, activation, True)
+        torch.library.opcheck(bwd, (dy, det[0], det[1], det[3], h, pre, activation,
+                                    True, True, True, True, True))
+    torch.library.opcheck(bwd, (dy, det[0], det[1], det[3], h, pre, "gelu",
                                 False, True, False, True, False))
 
 
@@ -212,7 +221,8 @@ def test_module_constructor_and_repr():
 
 def _args(**over):
     x, w1, b1, w2, b2, r = make_inputs(4, 16, 24, torch.float32)
-    args = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "residual": r, "approximate": "none"}
+    args = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "residual": r, "approximate": "none",
+            "activation": "gelu"}
     args.update(over)
     return args
 
@@ -220,7 +230,7 @@ def _args(**over):
 def _call(**over):
     a = _args(**over)
     return LF.feed_forward(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], a["approximate"],
-                           residual=a["residual"])
+                           residual=a["residual"], activation=a["activation"])
 
 
 @pytest.mark.parametrize(
@@ -237,6 +247,7 @@ def _call(**over):
         ({"b1": torch.randn(24, device="meta")}, RuntimeError, "device"),
         ({"x": torch.ones(4, 16, dtype=torch.int64)}, TypeError, "x must have dtype"),
         ({"approximate": "sigmoid"}, ValueError, "approximate"),
+        ({"activation": "silu"}, ValueError, "activation must be 'gelu' or 'relu'"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(over, error, match):

@@ -21,6 +21,7 @@ SHAPES = [(1, 40, 3072), (7, 1023, 40), (97, 40, 1000), (7, 3072, 40), (1, 1000,
 SLOW_SHAPES = [(97, 1000, 1023), (1, 1000, 3072), (7, 1023, 3072), (97, 3072, 1023)]
 GPU_SHAPES = [(4096, 1024, 4096), (2049, 3072, 1023), (1, 8192, 3072)]
 APPROX = ["none", "tanh"]
+ACTIVATIONS = ["gelu", "gelu_tanh", "relu"]
 
 
 
@@ -58,6 +59,29 @@ def check_linear_gelu(x, w, b, approximate, dy=None):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_linear_gelu(shape, approximate, bias, dtype):
     check_linear_gelu(*make_inputs(*shape, dtype, bias=bias), approximate)
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_linear_relu(shape, bias, dtype):
+    """ReLU in the epilogue: forward and every gradient (the derivative is 0 at and below 0)."""
+    x, w, b = make_inputs(*shape, dtype, bias=bias)
+    ours = leaves(x, w, b)
+    y = LF.linear_relu(*ours)
+    mine = leaves(x, w, b)
+    y_torch = F.relu(F.linear(*mine))
+    ref = leaves(x, w, b, dtype=torch.float64)
+    y_ref = reference.linear_relu(*ref)
+    assert_parity(y, y_ref, y_torch, name="y")
+    assert (y == 0).any() and (y > 0).any()  # both sides of the kink are exercised
+    dy = torch.randn_like(y)
+    for name, g, g_ref, g_torch in zip(
+        ("dx", "dweight", "dbias"),
+        grads(y, ours, dy), grads(y_ref, ref, dy.double()), grads(y_torch, mine, dy),
+    ):
+        if g_ref is not None:
+            assert_parity(g, g_ref, g_torch, grad=True, name=name)
 
 
 @pytest.mark.slow
@@ -139,12 +163,12 @@ def test_float64_and_cpu_bfloat16_fall_back_to_the_reference():
 def test_kernel_is_what_runs(monkeypatch):
     """On CUDA, and on CPU under the interpreter, the Triton launchers (not the reference) run."""
     calls = []
-    for name in ("linear_gelu_fwd", "gelu_bwd"):
+    for name in ("linear_act_fwd", "act_bwd"):
         real = getattr(kernel, name)
         monkeypatch.setattr(kernel, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     x, w, b = leaves(*make_inputs(3, 8, 5, torch.float32))
     LF.linear_gelu(x, w, b).sum().backward()
-    assert calls == ["linear_gelu_fwd", "gelu_bwd"]
+    assert calls == ["linear_act_fwd", "act_bwd"]
 
 
 @pytest.mark.parametrize("dtype", dtype_params(torch.float16, torch.bfloat16))
@@ -170,7 +194,7 @@ def test_tma_and_pointer_kernels_agree(epilogue, dtype):
             results.append((out,))
         else:
             kernel._mm(a, w2.t(), None, None, pre, out, kernel.ACT_GELU_TANH,
-                       kernel.AUX_GELU_GRAD, tma)
+                       kernel.AUX_ACT_GRAD, tma)
             results.append((out,))
     for got_tma, got_ptr in zip(*results):
         assert not got_tma.isnan().any()
@@ -203,8 +227,8 @@ def test_kernel_choice():
 
 def test_pre_activation_is_saved_only_for_a_backward(monkeypatch):
     saved = []
-    real = kernel.linear_gelu_fwd
-    monkeypatch.setattr(kernel, "linear_gelu_fwd",
+    real = kernel.linear_act_fwd
+    monkeypatch.setattr(kernel, "linear_act_fwd",
                         lambda *a: saved.append(a[-1]) or real(*a))
     x, w, b = make_inputs(3, 8, 5, torch.float32)
     LF.linear_gelu(x, w, b)
@@ -216,15 +240,18 @@ def test_pre_activation_is_saved_only_for_a_backward(monkeypatch):
 
 def test_registered_ops_pass_opcheck():
     x, w, b = leaves(*make_inputs(6, 33, 20, torch.float32))
-    for approximate in APPROX:
-        torch.library.opcheck(torch.ops.lightllm.linear_gelu_fwd.default, (x, w, b, approximate, True))
-    torch.library.opcheck(torch.ops.lightllm.linear_gelu_fwd.default, (x, w, None, "none", False))
-    _, pre = torch.ops.lightllm.linear_gelu_fwd(x.detach(), w.detach(), b.detach(), "tanh", True)
+    for activation in ACTIVATIONS:
+        torch.library.opcheck(torch.ops.lightllm.linear_act_fwd.default,
+                              (x, w, b, activation, True))
+    torch.library.opcheck(torch.ops.lightllm.linear_act_fwd.default, (x, w, None, "gelu", False))
     dy = torch.randn(6, 20, device=DEVICE)
-    torch.library.opcheck(torch.ops.lightllm.linear_gelu_bwd.default,
-                          (dy, x.detach(), w.detach(), pre, "tanh", True, True, True))
-    torch.library.opcheck(torch.ops.lightllm.linear_gelu_bwd.default,
-                          (dy, x.detach(), w.detach(), pre, "none", False, True, False))
+    for activation in ("gelu_tanh", "relu"):
+        _, pre = torch.ops.lightllm.linear_act_fwd(x.detach(), w.detach(), b.detach(), activation,
+                                                   True)
+        torch.library.opcheck(torch.ops.lightllm.linear_act_bwd.default,
+                              (dy, x.detach(), w.detach(), pre, activation, True, True, True))
+    torch.library.opcheck(torch.ops.lightllm.linear_act_bwd.default,
+                          (dy, x.detach(), w.detach(), pre, "gelu", False, True, False))
 
 
 def test_torch_compile_fullgraph():

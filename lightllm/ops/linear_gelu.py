@@ -1,18 +1,20 @@
-"""Linear + GeLU and the GeLU feed-forward: validation, dispatch, autograd, torch.library registration.
+"""Linear + activation and the feed-forward: validation, dispatch, autograd, torch.library
+registration. The activation is GeLU (exact or tanh) or ReLU, named by the strings of
+``lightllm.kernels.linear_gelu.ACTIVATIONS`` ("gelu", "gelu_tanh", "relu").
 
 Four custom ops carry the work on 2-D (rows, features) views:
-  lightllm::linear_gelu_fwd(x, weight, bias?, approximate, save_pre)        -> (y, pre)
-  lightllm::linear_gelu_bwd(dy, x, weight, pre, approximate, need_dx, need_dw, need_db)
+  lightllm::linear_act_fwd(x, weight, bias?, activation, save_pre)         -> (y, pre)
+  lightllm::linear_act_bwd(dy, x, weight, pre, activation, need_dx, need_dw, need_db)
                                                                             -> (dx, dw, db)
-  lightllm::feed_forward_fwd(x, w1, b1?, w2, b2?, residual?, approximate, save) -> (y, h, pre)
-  lightllm::feed_forward_bwd(dy, x, w1, w2, h, pre, approximate, need_dx, need_dw1, need_db1,
+  lightllm::feed_forward_fwd(x, w1, b1?, w2, b2?, residual?, activation, save) -> (y, h, pre)
+  lightllm::feed_forward_bwd(dy, x, w1, w2, h, pre, activation, need_dx, need_dw1, need_db1,
                              need_dw2, need_db2)                  -> (dx, dw1, db1, dw2, db2)
 ``pre``/``h`` are returned only when a backward will need them (else empty; a backward reached
 anyway recomputes them) and are marked non-differentiable; unneeded gradients come back empty.
 
 Launchers: the Triton kernels (``lightllm.kernels.linear_gelu``: CUDA, and CPU under the
 interpreter) or, on the native CPU path, the same four functions on PyTorch's own ops (addmm with
-the GeLU applied in place when no backward needs the pre-activation). The public functions pick one
+the activation applied in place when no backward needs the pre-activation). The public functions pick one
 per call and, in plain eager mode, call it directly (through an ``autograd.Function`` when a
 gradient is needed); under ``torch.compile`` or a dispatch mode they call the custom ops. Both
 routes share the autograd functions below.
@@ -23,10 +25,10 @@ bytes); recomputing costs a matmul, 2·M·N·K FLOPs (a third of the layer's tra
 wins whenever K > e · (matmul rate) / (bandwidth), about 470 for bf16 on an H100 (~700 TFLOP/s,
 ~3 TB/s); every target width (d_model >= 768) is above that. Eager PyTorch keeps the same tensor
 for F.gelu's backward, so peak memory matches eager. Then:
-  linear_gelu:   dPre = dY * gelu'(pre) (one elementwise Triton pass, db's partial sums fused),
+  linear_act:    dPre = dY * act'(pre) (one elementwise Triton pass, db's partial sums fused),
                  dX = dPre @ W, dW = dPre^T @ X (cuBLAS via torch.matmul: plain matmuls).
   feed_forward:  dW2 = dY^T @ H, db2 = sum(dY), dR = dY;
-                 dPre = (dY @ W2) * gelu'(pre) in the Triton matmul's epilogue (dH never stored);
+                 dPre = (dY @ W2) * act'(pre) in the Triton matmul's epilogue (dH never stored);
                  dX = dPre @ W1, dW1 = dPre^T @ X, db1 = sum(dPre).
 """
 
@@ -42,8 +44,9 @@ from torch import Tensor
 from lightllm import _dispatch
 from lightllm._validation import check_broadcastable, dtype_error, shape_error, tensor_error
 from lightllm.kernels import linear_gelu as kernel
+from lightllm.reference import linear_gelu as reference
 
-APPROXIMATIONS = ("none", "tanh")
+ACTIVATIONS = tuple(kernel.ACTIVATIONS)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # ------------------------------------------------------------------------------------------------
@@ -51,10 +54,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # ------------------------------------------------------------------------------------------------
 
 
-def _native_linear_gelu_fwd(x, weight, bias, approximate: str, save_pre: bool):
+def _native_linear_act_fwd(x, weight, bias, activation: str, save_pre: bool):
     pre = F.linear(x, weight, bias)
     if save_pre:
-        return F.gelu(pre, approximate=approximate), pre
+        return reference.activate(pre, activation), pre
+    if activation == "relu":
+        return pre.relu_(), None
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
     return torch._C._nn.gelu_(pre, approximate=approximate), None
 
 
@@ -63,18 +69,9 @@ def _native_linear_fwd(x, weight, bias, residual):
     return y if residual is None else y.add_(residual)
 
 
-def _native_matmul_gelu_grad(dy, w2, pre, approximate: str):
-    return torch.ops.aten.gelu_backward(dy @ w2, pre, approximate=approximate)
-
-
-def _native_gelu_bwd(dy, pre, approximate: str, need_db: bool):
-    dpre = torch.ops.aten.gelu_backward(dy, pre, approximate=approximate)
-    return dpre, (dpre.sum(0, dtype=torch.float32) if need_db else None)
-
-
 _NATIVE = SimpleNamespace(
-    linear_gelu_fwd=_native_linear_gelu_fwd, linear_fwd=_native_linear_fwd,
-    matmul_gelu_grad=_native_matmul_gelu_grad, gelu_bwd=_native_gelu_bwd,
+    linear_act_fwd=_native_linear_act_fwd, linear_fwd=_native_linear_fwd,
+    matmul_act_grad=reference.matmul_act_grad, act_bwd=reference.act_bwd,
 )
 
 
@@ -84,7 +81,7 @@ def _launcher(x: Tensor):
     if x.dtype is not torch.float64 and _dispatch.runs_triton(x):
         return kernel
     if x.dtype is torch.float64 and _dispatch.triton_runs_on(x.device):
-        _dispatch.warn_once("linear_gelu:float64", "linear_gelu: float64 has no Triton path; "
+        _dispatch.warn_once("linear_act:float64", "linear + activation: float64 has no Triton path; "
                             "running PyTorch's own ops instead")
     return _NATIVE
 
@@ -94,78 +91,78 @@ def _none(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# linear_gelu
+# linear + activation
 # ------------------------------------------------------------------------------------------------
 
 
-def _linear_gelu_fwd_impl(x, weight, bias, approximate, save_pre):
-    y, pre = _launcher(x).linear_gelu_fwd(x, weight, bias, approximate, save_pre)
+def _linear_act_fwd_impl(x, weight, bias, activation, save_pre):
+    y, pre = _launcher(x).linear_act_fwd(x, weight, bias, activation, save_pre)
     return y, pre if pre is not None else _none(x)
 
 
-def _linear_gelu_bwd_impl(dy, x, weight, pre, approximate, need_dx, need_dw, need_db):
-    dpre, db = _launcher(pre).gelu_bwd(dy, pre, approximate, need_db)
+def _linear_act_bwd_impl(dy, x, weight, pre, activation, need_dx, need_dw, need_db):
+    dpre, db = _launcher(pre).act_bwd(dy, pre, activation, need_db)
     dx = torch.matmul(dpre, weight) if need_dx else _none(x)
     dw = torch.matmul(dpre.t(), x) if need_dw else _none(x)
     return dx, dw, db.to(pre.dtype) if need_db else _none(x)
 
 
-@torch.library.custom_op("lightllm::linear_gelu_fwd", mutates_args=())
-def _linear_gelu_fwd(
-    x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str, save_pre: bool
+@torch.library.custom_op("lightllm::linear_act_fwd", mutates_args=())
+def _linear_act_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, save_pre: bool
 ) -> tuple[Tensor, Tensor]:
-    return _linear_gelu_fwd_impl(x, weight, bias, approximate, save_pre)
+    return _linear_act_fwd_impl(x, weight, bias, activation, save_pre)
 
 
-@_linear_gelu_fwd.register_fake
-def _(x, weight, bias, approximate, save_pre):
+@_linear_act_fwd.register_fake
+def _(x, weight, bias, activation, save_pre):
     shape = (x.shape[0], weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape if save_pre else (0,))
 
 
-@torch.library.custom_op("lightllm::linear_gelu_bwd", mutates_args=())
-def _linear_gelu_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approximate: str,
+@torch.library.custom_op("lightllm::linear_act_bwd", mutates_args=())
+def _linear_act_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, activation: str,
     need_dx: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _linear_gelu_bwd_impl(dy, x, weight, pre, approximate, need_dx, need_dw, need_db)
+    return _linear_act_bwd_impl(dy, x, weight, pre, activation, need_dx, need_dw, need_db)
 
 
-@_linear_gelu_bwd.register_fake
-def _(dy, x, weight, pre, approximate, need_dx, need_dw, need_db):
+@_linear_act_bwd.register_fake
+def _(dy, x, weight, pre, activation, need_dx, need_dw, need_db):
     return (x.new_empty(x.shape if need_dx else (0,)),
             x.new_empty(weight.shape if need_dw else (0,)),
             x.new_empty((weight.shape[0],) if need_db else (0,)))
 
 
-def _linear_gelu_setup(ctx, inputs, output):
-    x, weight, bias, approximate, save_pre = inputs
+def _linear_act_setup(ctx, inputs, output):
+    x, weight, bias, activation, save_pre = inputs
     _, pre = output
     ctx.mark_non_differentiable(pre)
     ctx.save_for_backward(x, weight, bias, pre)
-    ctx.approximate = approximate
+    ctx.activation = activation
     ctx.saved_pre = save_pre
     ctx.has_bias = bias is not None
 
 
-def _linear_gelu_backward(ctx, dy, _dpre):
+def _linear_act_backward(ctx, dy, _dpre):
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
     x, weight, bias, pre = ctx.saved_tensors
     direct = _dispatch.direct(dy)
     if not ctx.saved_pre:  # called without save_pre (never by linear_gelu): recompute it
-        fwd = _linear_gelu_fwd_impl if direct else _linear_gelu_fwd
-        _, pre = fwd(x, weight, bias, ctx.approximate, True)
-    bwd = _linear_gelu_bwd_impl if direct else _linear_gelu_bwd
-    dx, dw, db = bwd(dy, x, weight, pre, ctx.approximate, need_dx, need_dw, need_db)
+        fwd = _linear_act_fwd_impl if direct else _linear_act_fwd
+        _, pre = fwd(x, weight, bias, ctx.activation, True)
+    bwd = _linear_act_bwd_impl if direct else _linear_act_bwd
+    dx, dw, db = bwd(dy, x, weight, pre, ctx.activation, need_dx, need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
 
 
-_linear_gelu_fwd.register_autograd(_linear_gelu_backward, setup_context=_linear_gelu_setup)
+_linear_act_fwd.register_autograd(_linear_act_backward, setup_context=_linear_act_setup)
 
 
-_LinearGelu = _dispatch.autograd_function("linear_gelu", _linear_gelu_fwd_impl,
-                                           _linear_gelu_setup, _linear_gelu_backward)
+_LinearAct = _dispatch.autograd_function("linear_act", _linear_act_fwd_impl,
+                                           _linear_act_setup, _linear_act_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,22 +170,22 @@ _LinearGelu = _dispatch.autograd_function("linear_gelu", _linear_gelu_fwd_impl,
 # ------------------------------------------------------------------------------------------------
 
 
-def _feed_forward_fwd_impl(x, w1, b1, w2, b2, residual, approximate, save):
+def _feed_forward_fwd_impl(x, w1, b1, w2, b2, residual, activation, save):
     launcher = _launcher(x)
-    h, pre = launcher.linear_gelu_fwd(x, w1, b1, approximate, save)
+    h, pre = launcher.linear_act_fwd(x, w1, b1, activation, save)
     y = launcher.linear_fwd(h, w2, b2, residual)
     if not save:
         return y, _none(x), _none(x)
     return y, h, pre
 
 
-def _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, approximate,
+def _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, activation,
                            need_dx, need_dw1, need_db1, need_dw2, need_db2):
     dw2 = torch.matmul(dy.t(), h) if need_dw2 else _none(x)
     db2 = dy.sum(0) if need_db2 else _none(x)
     dx, dw1, db1 = _none(x), _none(x), _none(x)  # distinct: outputs may not alias each other
     if need_dx or need_dw1 or need_db1:
-        dpre = _launcher(x).matmul_gelu_grad(dy, w2, pre, approximate)
+        dpre = _launcher(x).matmul_act_grad(dy, w2, pre, activation)
         if need_dx:
             dx = torch.matmul(dpre, w1)
         if need_dw1:
@@ -201,28 +198,28 @@ def _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, approximate,
 @torch.library.custom_op("lightllm::feed_forward_fwd", mutates_args=())
 def _feed_forward_fwd(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    residual: Tensor | None, approximate: str, save: bool,
+    residual: Tensor | None, activation: str, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _feed_forward_fwd_impl(x, w1, b1, w2, b2, residual, approximate, save)
+    return _feed_forward_fwd_impl(x, w1, b1, w2, b2, residual, activation, save)
 
 
 @_feed_forward_fwd.register_fake
-def _(x, w1, b1, w2, b2, residual, approximate, save):
+def _(x, w1, b1, w2, b2, residual, activation, save):
     hidden = (x.shape[0], w1.shape[0]) if save else (0,)
     return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty(hidden), x.new_empty(hidden)
 
 
 @torch.library.custom_op("lightllm::feed_forward_bwd", mutates_args=())
 def _feed_forward_bwd(
-    dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, pre: Tensor, approximate: str,
+    dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, pre: Tensor, activation: str,
     need_dx: bool, need_dw1: bool, need_db1: bool, need_dw2: bool, need_db2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, approximate,
+    return _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, activation,
                                   need_dx, need_dw1, need_db1, need_dw2, need_db2)
 
 
 @_feed_forward_bwd.register_fake
-def _(dy, x, w1, w2, h, pre, approximate, need_dx, need_dw1, need_db1, need_dw2, need_db2):
+def _(dy, x, w1, w2, h, pre, activation, need_dx, need_dw1, need_db1, need_dw2, need_db2):
     def out(need, shape):
         return x.new_empty(shape if need else (0,))
 
@@ -231,11 +228,11 @@ def _(dy, x, w1, w2, h, pre, approximate, need_dx, need_dw1, need_db1, need_dw2,
 
 
 def _feed_forward_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, residual, approximate, save = inputs
+    x, w1, b1, w2, b2, residual, activation, save = inputs
     _, h, pre = output
     ctx.mark_non_differentiable(h, pre)
     ctx.save_for_backward(x, w1, b1, w2, h, pre)
-    ctx.approximate = approximate
+    ctx.activation = activation
     ctx.saved = save
     ctx.has_b1 = b1 is not None
     ctx.has_b2 = b2 is not None
@@ -250,10 +247,10 @@ def _feed_forward_backward(ctx, dy, _dh, _dpre):
         x, w1, b1, w2, h, pre = ctx.saved_tensors
         direct = _dispatch.direct(dy)
         if not ctx.saved:  # called without save (never by feed_forward): recompute h and pre
-            fwd = _linear_gelu_fwd_impl if direct else _linear_gelu_fwd
-            h, pre = fwd(x, w1, b1, ctx.approximate, True)
+            fwd = _linear_act_fwd_impl if direct else _linear_act_fwd
+            h, pre = fwd(x, w1, b1, ctx.activation, True)
         bwd = _feed_forward_bwd_impl if direct else _feed_forward_bwd
-        grads = bwd(dy, x, w1, w2, h, pre, ctx.approximate, *need[:5])
+        grads = bwd(dy, x, w1, w2, h, pre, ctx.activation, *need[:5])
         grads = [g if n else None for g, n in zip(grads, need[:5])]
     # The residual is added to the output: its gradient is dY itself.
     return (*grads, dy if need[5] else None, None, None)
@@ -271,9 +268,17 @@ _FeedForward = _dispatch.autograd_function("feed_forward", _feed_forward_fwd_imp
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_approximate(op: str, approximate) -> None:
-    if not isinstance(approximate, str) or (approximate != "none" and approximate != "tanh"):
-        raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
+APPROXIMATIONS = ("none", "tanh")
+FEED_FORWARD_ACTIVATIONS = ("gelu", "relu")
+
+
+def _gelu_activation(op: str, approximate) -> str:
+    """The activation name of ``F.gelu(approximate=...)``."""
+    if approximate == "none":
+        return "gelu"
+    if approximate == "tanh":
+        return "gelu_tanh"
+    raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def _check_tensor(op: str, name: str, t) -> None:
@@ -320,6 +325,30 @@ def _check_x(op: str, x) -> None:
         raise ValueError(f"{op}: x must have at least 1 dimensions, got shape {tuple(x.shape)}")
 
 
+def _linear_act(op: str, x, weight, bias, activation: str) -> Tensor:
+    _check_x(op, x)
+    _check_weight(op, "weight", weight, "bias", bias, x, x.shape[-1])
+    flat = x.dim() != 2
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
+    if not _dispatch.direct(x):
+        save = _dispatch.needs_grad(x, weight, bias)
+        y = _linear_act_fwd(x2d, weight, bias, activation, save)[0]
+    elif _dispatch.needs_grad(x, weight, bias):
+        y = _LinearAct.apply(x2d, weight, bias, activation, True)[0]
+    else:
+        y = _launcher(x).linear_act_fwd(x2d, weight, bias, activation, False)[0]
+    return y.view(*x.shape[:-1], weight.shape[0]) if flat else y
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+               activation: str = "gelu") -> Tensor:
+    """``act(F.linear(x, weight, bias))`` for an activation named as in ``ACTIVATIONS`` ("gelu",
+    "gelu_tanh", "relu"): the one entry the modules and ``lightllm.patch`` share."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"linear_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return _linear_act("linear_act", x, weight, bias, activation)
+
+
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                 approximate: str = "none") -> Tensor:
     """``F.gelu(F.linear(x, weight, bias), approximate=approximate)`` as one Triton matmul whose
@@ -328,39 +357,41 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     ``x`` is (..., in_features) with any leading dims and strides: a layout that cannot be
     viewed as 2-D is copied by ``reshape``, and a 2-D view with no unit stride (e.g. a strided
     slice) is copied by the launcher, so the kernels' loads stay contiguous. ``weight`` is
-    (out_features, in_features), ``bias`` (out_features,); all of one floating dtype and device.
-    On the native CPU path (and for float64) it is PyTorch's addmm and GeLU. Forward and backward.
+    (out_features, in_features) with any strides (a transposed (in, out) buffer such as GPT-2's
+    ``Conv1D`` weight passes as ``weight.t()`` without a copy), ``bias`` (out_features,); all of
+    one floating dtype and device. On the native CPU path (and for float64) it is PyTorch's addmm
+    and GeLU. Forward and backward.
     """
-    op = "linear_gelu"
-    _check_x(op, x)
-    _check_weight(op, "weight", weight, "bias", bias, x, x.shape[-1])
-    _check_approximate(op, approximate)
-    flat = x.dim() != 2
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
-    if not _dispatch.direct(x):
-        save = _dispatch.needs_grad(x, weight, bias)
-        y = _linear_gelu_fwd(x2d, weight, bias, approximate, save)[0]
-    elif _dispatch.needs_grad(x, weight, bias):
-        y = _LinearGelu.apply(x2d, weight, bias, approximate, True)[0]
-    else:
-        y = _launcher(x).linear_gelu_fwd(x2d, weight, bias, approximate, False)[0]
-    return y.view(*x.shape[:-1], weight.shape[0]) if flat else y
+    return _linear_act("linear_gelu", x, weight, bias, _gelu_activation("linear_gelu", approximate))
+
+
+def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.relu(F.linear(x, weight, bias))`` with the bias and ReLU in the matmul's epilogue;
+    shapes, layouts and dispatch as :func:`linear_gelu`. Forward and backward."""
+    return _linear_act("linear_relu", x, weight, bias, "relu")
 
 
 def feed_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                 approximate: str = "none", residual: Tensor | None = None) -> Tensor:
-    """The GeLU feed-forward ``F.linear(F.gelu(F.linear(x, w1, b1), approximate), w2, b2)``
-    ``(+ residual)``: two Triton matmuls, the first with bias + GeLU in its epilogue, the second
-    adding b2 and the residual in its epilogue.
+                 approximate: str = "none", residual: Tensor | None = None,
+                 activation: str = "gelu") -> Tensor:
+    """The feed-forward ``F.linear(act(F.linear(x, w1, b1)), w2, b2) (+ residual)``: two Triton
+    matmuls, the first with bias + activation in its epilogue, the second adding b2 and the
+    residual in its epilogue. ``activation`` is ``"gelu"`` (``approximate`` as in ``F.gelu``) or
+    ``"relu"``.
 
-    ``w1`` is (d_ff, d_model), ``w2`` (d_model, d_ff) (the ``nn.Linear`` layouts); ``residual``
-    broadcasts to the output (..., d_model) and has the dtype of ``x``.
+    ``w1`` is (d_ff, d_model), ``w2`` (d_model, d_ff) (the ``nn.Linear`` layouts, any strides);
+    ``residual`` broadcasts to the output (..., d_model) and has the dtype of ``x``.
     """
     op = "feed_forward"
     _check_x(op, x)
     _check_weight(op, "w1", w1, "b1", b1, x, x.shape[-1])
     _check_weight(op, "w2", w2, "b2", b2, x, w1.shape[0], "w1's out_features (d_ff)")
-    _check_approximate(op, approximate)
+    if activation == "relu":
+        act = "relu"
+    elif activation == "gelu":
+        act = _gelu_activation(op, approximate)
+    else:
+        raise ValueError(f"{op}: activation must be 'gelu' or 'relu', got {activation!r}")
     d_model = w2.shape[0]
     flat = x.dim() != 2
     if residual is not None:
@@ -377,11 +408,11 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
     # h and pre are saved only when a weight-side gradient needs them (the residual's is dY).
     save = _dispatch.needs_grad(x, w1, b1, w2, b2)
     if not _dispatch.direct(x):
-        y = _feed_forward_fwd(x2d, w1, b1, w2, b2, r2d, approximate, save)[0]
+        y = _feed_forward_fwd(x2d, w1, b1, w2, b2, r2d, act, save)[0]
     elif save or _dispatch.needs_grad(residual):
-        y = _FeedForward.apply(x2d, w1, b1, w2, b2, r2d, approximate, save)[0]
+        y = _FeedForward.apply(x2d, w1, b1, w2, b2, r2d, act, save)[0]
     else:
         launcher = _launcher(x)
-        h = launcher.linear_gelu_fwd(x2d, w1, b1, approximate, False)[0]
+        h = launcher.linear_act_fwd(x2d, w1, b1, act, False)[0]
         y = launcher.linear_fwd(h, w2, b2, r2d)
     return y.view(*x.shape[:-1], d_model) if flat else y
