@@ -7,10 +7,12 @@ plus a small absolute floor for the case where PyTorch happens to be exact.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Absolute floors: a few units in the last place of each dtype at magnitude 1.
 ATOL_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -142,3 +144,26 @@ def stub_launches(record: bool = True):
         yield launches
     finally:
         Autotuner.run, JITFunction.run, InterpretedFunction.run = saved
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Counts the ops dispatched while active, by name: ``lightllm`` (``torch.ops.lightllm.*``)
+    and ``aten``. The ops a lightllm custom op runs inside itself are not seen (the mode is off
+    while an op it intercepted runs), so ``aten`` holds what ran *outside* lightllm: a model whose
+    LayerNorms were all swapped dispatches no ``native_layer_norm``.
+
+    Inside the mode lightllm's public functions take their custom-op route (the plain-eager route
+    computes the same, bit for bit: tests/test_dispatch.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lightllm: collections.Counter[str] = collections.Counter()
+        self.aten: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if func.namespace == "lightllm":
+            self.lightllm[name] += 1
+        elif func.namespace == "aten":
+            self.aten[name] += 1
+        return func(*args, **(kwargs or {}))

@@ -8,25 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightllm.functional as LF
 from lightllm import _dispatch
+from lightllm.testing import DispatchedOps
 
 CPU_KERNELS = _dispatch.triton_runs_on(torch.device("cpu"))  # the interpreter is on
-
-
-class LightllmOps(TorchDispatchMode):
-    """Counts the torch.ops.lightllm.* ops dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "lightllm":
-            self.seen.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
 
 
 def _bf16_cases():
@@ -82,7 +69,7 @@ def test_direct_only_in_plain_eager():
     x = torch.empty(2, device=DEVICE)
     assert _dispatch.direct(x)
     assert not _dispatch.direct(torch.empty(2, device="meta"))
-    with LightllmOps():
+    with DispatchedOps():
         assert not _dispatch.direct(x)
 
 
@@ -127,8 +114,8 @@ def test_eager_and_custom_op_routes_agree(name, fn, inputs, ops):
         return [o.detach() for o in outs], grads
 
     eager_out, eager_grads = run()
-    with LightllmOps() as mode:
+    with DispatchedOps() as mode:
         op_out, op_grads = run()
-    assert ops <= set(mode.seen), mode.seen
+    assert ops <= set(mode.lightllm), mode.lightllm
     for a, b in zip(eager_out + list(eager_grads), op_out + list(op_grads)):
         assert torch.equal(a, b)
