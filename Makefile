@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -n $(JOBS) tests
+	$(VENV)/bin/pytest -n $(JOBS) --dist loadgroup tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --quick --out benchmarks/results/local

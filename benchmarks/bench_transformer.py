@@ -1,5 +1,6 @@
 """End to end: a ``torch.nn.TransformerEncoder`` training step, PyTorch's layers against the same
-model switched onto lightllm with ``lightllm.patch`` (its LayerNorms, attention and softmax).
+model switched onto lightllm with ``lightllm.patch`` (whole layers: attention, the fused Add & Norm
+and the fused GeLU feed-forward).
 
 One step is zero_grad, forward, a random-projection loss and backward (every parameter's gradient).
 GPU: GPT-2-medium widths (d_model 1024, 16 heads, d_ff 4096), sequence 2048, bfloat16. CPU: a

