@@ -102,13 +102,29 @@ def _qualname(cls: type) -> str:
     return f"{module.split('.')[0]}.{cls.__name__}"
 
 
-def _hugging_face(model: nn.Module):
-    """The Hugging Face integration when ``model`` comes from transformers, else None."""
+def _hugging_face():
+    """The Hugging Face integration once transformers is imported (a model of its exists only
+    then), else None."""
     if "transformers" not in sys.modules:
         return None
     from .integrations import hugging_face
 
-    return hugging_face if hugging_face.is_hf_model(model) else None
+    return hugging_face
+
+
+def _set_attention(model: nn.Module, hf, report: PatchReport) -> None:
+    """Every transformers model in ``model`` (itself or wrapped) gets the "lightllm" attention;
+    each remembers the implementation it had for ``unpatch``."""
+    for module in model.modules():
+        if not hf.is_hf_model(module):
+            continue
+        previous = hf.set_attention(module, hf.ATTENTION)
+        if previous != hf.ATTENTION:
+            module.__dict__.setdefault(_PREVIOUS_ATTENTION, previous)
+        report.attn_implementation = hf.ATTENTION
+        if report.previous_attn_implementation is None:
+            report.previous_attn_implementation = module.__dict__.get(_PREVIOUS_ATTENTION,
+                                                                      previous)
 
 
 def patch(model: nn.Module, *, attention: bool = True, verbose: bool = False) -> PatchReport:
@@ -128,14 +144,10 @@ def patch(model: nn.Module, *, attention: bool = True, verbose: bool = False) ->
     if not isinstance(model, nn.Module):
         raise TypeError(f"lightllm.patch: model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
-    hf = _hugging_face(model)
+    hf = _hugging_face()
     if hf is not None and attention:
         integrations.install()
-        previous = hf.set_attention(model, hf.ATTENTION)
-        if previous != hf.ATTENTION and not hasattr(model, _PREVIOUS_ATTENTION):
-            setattr(model, _PREVIOUS_ATTENTION, previous)
-        report.attn_implementation = hf.ATTENTION
-        report.previous_attn_implementation = getattr(model, _PREVIOUS_ATTENTION, previous)
+        _set_attention(model, hf, report)
     planners = [torch_nn.plan_module] + ([hf.plan_module] if hf is not None else [])
     absorbed = None  # a swapped Hugging Face block's prefix: its own forward reads its children
     for name, module in model.named_modules():
@@ -171,9 +183,7 @@ def unpatch(model: nn.Module) -> int:
         if original is not None:
             module.__class__ = original
             count += 1
-    previous = model.__dict__.pop(_PREVIOUS_ATTENTION, None)
-    if previous is not None:
-        hf = _hugging_face(model)
-        if hf is not None:
-            hf.set_attention(model, previous)
+        previous = module.__dict__.pop(_PREVIOUS_ATTENTION, None)
+        if previous is not None:
+            _hugging_face().set_attention(module, previous)
     return count

@@ -169,6 +169,16 @@ def test_unpatch_restores_modules_and_attention():
     assert {n: type(m) for n, m in model.named_modules()} == classes
 
 
+def test_wrapped_model_gets_the_attention_too():
+    model = _gpt2()
+    wrapper = torch.nn.ModuleDict({"lm": model})
+    report = lightllm.patch(wrapper)
+    assert report.attn_implementation == "lightllm" and "lm.transformer.h.0.mlp" in report.swapped
+    assert model.config._attn_implementation == "lightllm"
+    lightllm.unpatch(wrapper)
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_patch_keeps_attention_when_asked():
     model = _gpt2()
     report = lightllm.patch(model, attention=False)

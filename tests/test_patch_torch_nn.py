@@ -119,6 +119,14 @@ def test_encoder_stack(train, norm_first, batch_first, activation):
     assert sorted(report.by_kind()) == ["attention", "layer", "norm"]
 
 
+def test_layers_without_bias():
+    model = _encoder(True, True, "gelu", bias=False)
+    x = torch.randn(2, 7, D, device=DEVICE)
+    results, ops, _ = _run_three(model, lambda m, x: m(x), [x], train=True, grad=True)
+    _check(results, ["dx"] + [n for n, _ in model.named_parameters()])
+    assert ops.lightllm["feed_forward_fwd"] == 2 and ops.lightllm["add_layer_norm_fwd"] == 2
+
+
 def test_encoder_masks_and_causality():
     """An additive float src_mask, a bool one, and is_causal with its mask, beside padding."""
     model = _encoder(False, True, "gelu")
