@@ -346,6 +346,8 @@ def add_layer_norm(
     Each input is read once and each output written once; the sum is rounded to the input dtype
     and that rounded sum is what gets normalised, exactly as the unfused PyTorch code does.
     """
+    if not isinstance(residual, Tensor):  # None would read as "no residual" below
+        raise tensor_error("add_layer_norm", "residual", residual)
     shape = _check("add_layer_norm", input, normalized_shape, weight, bias, residual)
     if not _served("add_layer_norm", input):
         s = input + residual

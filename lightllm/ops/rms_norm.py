@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightllm import _dispatch
+from lightllm._validation import tensor_error
 from lightllm.kernels import layer_norm as kernel
 from lightllm.ops import layer_norm as _ln
 
@@ -256,6 +257,8 @@ def add_rms_norm(
     Each input is read once and each output written once; the sum is rounded to the input dtype and
     that rounded sum is what gets normalised, exactly as the unfused PyTorch code does.
     """
+    if not isinstance(residual, Tensor):  # None would read as "no residual" below
+        raise tensor_error("add_rms_norm", "residual", residual)
     shape = _ln._check("add_rms_norm", input, normalized_shape, weight, None, residual,
                        any_float_params=True)
     cast = cast_before_weight and weight is not None
