@@ -80,7 +80,8 @@ def _overflowed(ssq, amax):
 def _rms_rstd(ssq, amax, scaled, N, eps):
     """1 / sqrt(ssq / N + eps), where a ``scaled`` ssq is in units of amax^2 (amax > 1e17 then, so
     neither 1 / amax nor eps / amax^2 overflows)."""
-    rstd_scaled = 1.0 / (tl.sqrt(ssq / N + eps / amax / amax) * amax)
+    unit = tl.maximum(amax, 1.0)  # = amax where it is used; no 0 / 0 in the other lanes
+    rstd_scaled = 1.0 / (tl.sqrt(ssq / N + eps / unit / unit) * unit)
     return tl.where(scaled, rstd_scaled, 1.0 / tl.sqrt(ssq / N + eps))
 
 
