@@ -66,6 +66,8 @@ def cases(device: str):
     scores, keep = t(1, 8, 16, 16), t(1, 1, 16, 16) > 0
     ln, add_ln = LN.LayerNorm(1024).to(device), LN.AddLayerNorm(1024).to(device)
     tln = torch.nn.LayerNorm(1024).to(device)
+    rms, add_rms = LN.RMSNorm(1024).to(device), LN.AddRMSNorm(1024).to(device)
+    trms = torch.nn.RMSNorm(1024).to(device)
     ff = LN.FeedForward(64, 256).eval().to(device)
     tff = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(),
                               torch.nn.Linear(256, 64)).eval().to(device)
@@ -99,6 +101,10 @@ def cases(device: str):
          lambda: F.layer_norm(x, (1024,), w, b), (x, w, b)),
         ("add_layer_norm 16x1024", lambda: LF.add_layer_norm(x, r, (1024,), w, b),
          lambda: F.layer_norm(x + r, (1024,), w, b), (x, r, w, b)),
+        ("rms_norm 16x1024", lambda: LF.rms_norm(x, (1024,), w, 1e-6),
+         lambda: F.rms_norm(x, (1024,), w, 1e-6), (x, w)),
+        ("add_rms_norm 16x1024", lambda: LF.add_rms_norm(x, r, (1024,), w, 1e-6),
+         lambda: F.rms_norm(x + r, (1024,), w, 1e-6), (x, r, w)),
         ("linear_gelu 4x64->256", lambda: LF.linear_gelu(xs, w1, b1),
          lambda: F.gelu(F.linear(xs, w1, b1)), (xs, w1, b1)),
         ("feed_forward 4x64x256", lambda: LF.feed_forward(xs, w1, b1, w2, b2),
@@ -110,6 +116,8 @@ def cases(device: str):
             ~keep, float("-inf")), -1), (scores,)),
         ("nn.LayerNorm forward", lambda: ln(x), lambda: tln(x), (x,)),
         ("nn.AddLayerNorm forward", lambda: add_ln(x, r), lambda: tln(x + r), (x, r)),
+        ("nn.RMSNorm forward", lambda: rms(x), lambda: trms(x), (x,)),
+        ("nn.AddRMSNorm forward", lambda: add_rms(x, r), lambda: trms(x + r), (x, r)),
         ("nn.FeedForward forward (eval)", lambda: ff(xs), lambda: tff(xs), (xs,)),
         ("nn.MultiheadAttention forward E64 16 tokens", lambda: mha(xm, xm, xm, need_weights=False),
          lambda: tmha(xm, xm, xm, need_weights=False), (xm,)),

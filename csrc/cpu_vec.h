@@ -158,6 +158,16 @@ LIGHTLLM_VEC_INLINE Vec store(T* p, Vec v) {
   }
 }
 
+// v rounded to T (to nearest even) and back to fp32; v itself for float.
+template <typename T>
+LIGHTLLM_VEC_INLINE Vec round_to(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return half_to_float<T>(float_to_half<T>(v));
+  }
+}
+
 // -- rows as whole vectors plus one partial vector ------------------------------------------------
 //
 // for_each_block<kChains>(n, body) calls body(j, k, chain) for j = 0, kLanes, ...: k is Full{} for

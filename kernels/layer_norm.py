@@ -1,9 +1,15 @@
-"""LayerNorm and fused residual-add + LayerNorm ("Add & Norm"), forward and backward.
+"""LayerNorm and RMSNorm, each with the fused residual add ("Add & Norm"), forward and backward.
 
+One kernel source serves both norms; the constexpr ``IS_RMS`` selects RMSNorm (no mean, no bias).
 Forward, one program per row of ``N`` features:
   s    = x + residual                      (only with a residual; written once, rounded to x's dtype)
-  mean = sum(s) / N,  var = sum((s - mean)^2) / N,  rstd = 1 / sqrt(var + eps)
-  y    = (s - mean) * rstd * w + b
+  LayerNorm: mean = sum(s) / N,  var = sum((s - mean)^2) / N,  rstd = 1 / sqrt(var + eps)
+             y    = (s - mean) * rstd * w + b
+  RMSNorm:   rstd = 1 / sqrt(sum(s^2) / N + eps),  y = s * rstd * w   (mean = 0, not stored)
+With ``CAST_BEFORE_WEIGHT`` (RMSNorm only) s * rstd is rounded to x's dtype before the weight
+multiplies it, the casting order of Hugging Face's LlamaRMSNorm; y may then have another dtype than
+x (torch.result_type(x, w)). A row whose sum of squares overflows fp32 (|s| past ~1e17) takes it
+again in units of the row's largest magnitude, so large inputs normalise instead of giving 0.
 A row of up to ``MAX_FUSED_FWD`` elements is held in registers: one read of each input, one write of
 each output, plus 8 bytes of statistics per row. Longer rows stream through ``CHUNK`` wide tiles:
 the statistics come from one pass that merges per-tile (mean, M2) pairs (Chan et al.), then a second
@@ -12,6 +18,7 @@ pass normalises, so such rows are read twice (the second read mostly from L2).
 Backward, with xhat = (s - mean) * rstd and g = w * dy:
   ds = rstd * (g - xhat * mean(g * xhat) - mean(g))  (+ the gradient of the returned sum, if any)
   dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+RMSNorm is the same with mean = 0 and without the mean(g) term (its mean was never subtracted).
 Each of ``G`` programs owns a contiguous run of rows and accumulates its dw/db in fp32 (registers for
 short rows, its own row of the partial buffer for long rows); the ``G`` partials are then summed. The
 reduction is deterministic and never serialises on a lock across the grid.
@@ -51,12 +58,31 @@ def _load_input(X, R, S, offs, mask, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _affine(y, W, B, offs, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _affine(y, W, B, offs, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+            ROUND_TO: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr):
+    if CAST_BEFORE_WEIGHT:  # the normalised value in the input's dtype, then the weight
+        y = y.to(ROUND_TO).to(tl.float32)
     if HAS_WEIGHT:
         y = y * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
     return y
+
+
+@triton.jit
+def _overflowed(ssq, amax):
+    """RMSNorm: the fp32 sum of squares overflowed although every element is finite (an inf or
+    NaN element keeps PyTorch's answer)."""
+    return (ssq == float("inf")) & (amax < float("inf"))
+
+
+@triton.jit
+def _rms_rstd(ssq, amax, scaled, N, eps):
+    """1 / sqrt(ssq / N + eps), where a ``scaled`` ssq is in units of amax^2 (amax > 1e17 then, so
+    neither 1 / amax nor eps / amax^2 overflows)."""
+    unit = tl.maximum(amax, 1.0)  # = amax where it is used; no 0 / 0 in the other lanes
+    rstd_scaled = 1.0 / (tl.sqrt(ssq / N + eps / unit / unit) * unit)
+    return tl.where(scaled, rstd_scaled, 1.0 / tl.sqrt(ssq / N + eps))
 
 
 @triton.jit
@@ -69,6 +95,8 @@ def _layer_norm_fwd(
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
@@ -81,43 +109,77 @@ def _layer_norm_fwd(
         # -- the row in registers: load, add the residual, statistics, normalise, store --
         mask = cols < N
         x = _load_input(X, R, S, cols, mask, HAS_RESIDUAL)
-        mean = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / N
-        rstd = 1.0 / tl.sqrt(var + eps)
-        y = _affine(xc * rstd, W, B, cols, mask, HAS_WEIGHT, HAS_BIAS)
+        if IS_RMS:
+            mean = 0.0
+            xc = x  # 0 outside the row
+            ssq = tl.sum(xc * xc, axis=0)
+            amax = tl.max(tl.abs(xc), axis=0)
+            scaled = _overflowed(ssq, amax)
+            if scaled:  # -- only then: the squares again, in units of amax --
+                ssq = tl.sum((xc / amax) * (xc / amax), axis=0)
+            rstd = _rms_rstd(ssq, amax, scaled, N, eps)
+        else:
+            mean = tl.sum(x, axis=0) / N
+            xc = tl.where(mask, x - mean, 0.0)
+            var = tl.sum(xc * xc, axis=0) / N
+            rstd = 1.0 / tl.sqrt(var + eps)
+        y = _affine(xc * rstd, W, B, cols, mask, HAS_WEIGHT, HAS_BIAS, X.dtype.element_ty,
+                    CAST_BEFORE_WEIGHT)
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
-        # -- pass 1: per-tile (mean, M2), merged into the row's running statistics --
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
+        # The source of passes after the first: the sum, when there is one, is re-read from S.
+        if HAS_RESIDUAL:
+            SRC = S
+        else:
+            SRC = X
+        if IS_RMS:
+            # -- pass 1: the sum of squares and the largest magnitude --
+            mean = 0.0
+            ssq = 0.0
+            amax = 0.0
+            for start in range(0, N, BLOCK_N):
+                offs = start + cols
+                x = _load_input(X, R, S, offs, offs < N, HAS_RESIDUAL)
+                ssq += tl.sum(x * x, axis=0)
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+            scaled = _overflowed(ssq, amax)
+            if scaled:  # -- only then: the squares again, in units of amax --
+                ssq = 0.0
+                for start in range(0, N, BLOCK_N):
+                    offs = start + cols
+                    x = tl.load(SRC + offs, mask=offs < N, other=0.0).to(tl.float32) / amax
+                    ssq += tl.sum(x * x, axis=0)
+            rstd = _rms_rstd(ssq, amax, scaled, N, eps)
+        else:
+            # -- pass 1: per-tile (mean, M2), merged into the row's running statistics --
+            count = 0.0
+            mean = 0.0
+            m2 = 0.0
+            for start in range(0, N, BLOCK_N):
+                offs = start + cols
+                mask = offs < N
+                x = _load_input(X, R, S, offs, mask, HAS_RESIDUAL)
+                n_tile = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+                mean_tile = tl.sum(x, axis=0) / n_tile
+                xc = tl.where(mask, x - mean_tile, 0.0)
+                m2_tile = tl.sum(xc * xc, axis=0)
+                total = count + n_tile
+                delta = mean_tile - mean
+                mean += delta * (n_tile / total)
+                m2 += m2_tile + delta * delta * (count * n_tile / total)
+                count = total
+            rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        # -- pass 2: normalise tile by tile --
         for start in range(0, N, BLOCK_N):
             offs = start + cols
             mask = offs < N
-            x = _load_input(X, R, S, offs, mask, HAS_RESIDUAL)
-            n_tile = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-            mean_tile = tl.sum(x, axis=0) / n_tile
-            xc = tl.where(mask, x - mean_tile, 0.0)
-            m2_tile = tl.sum(xc * xc, axis=0)
-            total = count + n_tile
-            delta = mean_tile - mean
-            mean += delta * (n_tile / total)
-            m2 += m2_tile + delta * delta * (count * n_tile / total)
-            count = total
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        # -- pass 2: normalise tile by tile (the sum, when there is one, is re-read from S) --
-        for start in range(0, N, BLOCK_N):
-            offs = start + cols
-            mask = offs < N
-            if HAS_RESIDUAL:
-                x = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            y = _affine((x - mean) * rstd, W, B, offs, mask, HAS_WEIGHT, HAS_BIAS)
+            x = tl.load(SRC + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _affine((x - mean) * rstd, W, B, offs, mask, HAS_WEIGHT, HAS_BIAS,
+                        X.dtype.element_ty, CAST_BEFORE_WEIGHT)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
-    tl.store(Mean + row, mean)
+    if not IS_RMS:
+        tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
 
@@ -143,6 +205,24 @@ def _store_dx(DX, DS, offs, mask, dx, HAS_DS: tl.constexpr):
 
 
 @triton.jit
+def _row_mean(Mean, IS_RMS: tl.constexpr):
+    """The row's saved mean; RMSNorm has none (its xhat is s * rstd)."""
+    if IS_RMS:
+        return 0.0
+    else:
+        return tl.load(Mean)
+
+
+@triton.jit
+def _mean_g(g, N, IS_RMS: tl.constexpr):
+    """mean(g), the term of dx that comes from subtracting the mean (none for RMSNorm)."""
+    if IS_RMS:
+        return 0.0
+    else:
+        return tl.sum(g, axis=0) / N
+
+
+@triton.jit
 def _layer_norm_bwd(
     DY, X, W, Mean, Rstd, DS, DX, DW, DB,
     stride_dy, stride_x, stride_ds, stride_dx,
@@ -153,6 +233,7 @@ def _layer_norm_bwd(
     HAS_DS: tl.constexpr,
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
+    IS_RMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -180,16 +261,16 @@ def _layer_norm_bwd(
             # -- recompute xhat from the saved statistics --
             x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(Mean)
+            mean = _row_mean(Mean, IS_RMS)
             rstd = tl.load(Rstd)
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
             if HAS_WEIGHT:
                 g = dy * w
             else:
                 g = dy
-            # -- dx from the two row reductions --
+            # -- dx from the two row reductions (one for RMSNorm) --
             c1 = tl.sum(xhat * g, axis=0) / N
-            c2 = tl.sum(g, axis=0) / N
+            c2 = _mean_g(g, N, IS_RMS)
             _store_dx(DX, DS, cols, mask, (g - (xhat * c1 + c2)) * rstd, HAS_DS)
             # -- accumulate this program's share of dw, db --
             dw_acc += dy * xhat
@@ -206,9 +287,9 @@ def _layer_norm_bwd(
             tl.store(DB + cols, db_acc, mask=mask)
     else:
         for _ in range(row_start, row_end):
-            mean = tl.load(Mean)
+            mean = _row_mean(Mean, IS_RMS)
             rstd = tl.load(Rstd)
-            # -- pass 1: the two row reductions, and dw/db into this program's partial row --
+            # -- pass 1: the row reductions, and dw/db into this program's partial row --
             c1 = 0.0
             c2 = 0.0
             for start in range(0, N, BLOCK_N):
@@ -216,7 +297,8 @@ def _layer_norm_bwd(
                 mask = offs < N
                 xhat, dy, g = _bwd_tile(X, DY, W, offs, mask, mean, rstd, HAS_WEIGHT)
                 c1 += tl.sum(xhat * g, axis=0)
-                c2 += tl.sum(g, axis=0)
+                if not IS_RMS:
+                    c2 += tl.sum(g, axis=0)
                 if NEED_DW:
                     tl.store(DW + offs, tl.load(DW + offs, mask=mask) + dy * xhat, mask=mask)
                 if NEED_DB:
@@ -262,17 +344,19 @@ def _bwd_plan(m: int, n: int, sms: int) -> tuple[int, bool, int, int, int]:
     return block, single, warps_for_block(block), programs, rows_per_program
 
 
-def layer_norm_fwd(x, residual, weight, bias, eps: float):
-    """Launch the forward on a 2-D ``x`` (M, N). Returns ``(y, s, mean, rstd)``; ``s`` (the sum
-    x + residual) is None without a residual. ``mean``/``rstd`` are fp32 of shape (M,)."""
+def _fwd(x, residual, weight, bias, eps: float, is_rms: bool, cast_before_weight: bool,
+         out_dtype: torch.dtype):
+    """Launch the forward of either norm on a 2-D ``x`` (M, N): ``(y, s, mean, rstd)``; ``mean`` is
+    None for RMSNorm, ``s`` None without a residual."""
     x = _rows(x)
     M, N = x.shape
     if M > MAX_ROWS:
-        raise ValueError(f"layer_norm: the input has {M} rows of {N} features; at most "
+        name = "rms_norm" if is_rms else "layer_norm"
+        raise ValueError(f"{name}: the input has {M} rows of {N} features; at most "
                          f"{MAX_ROWS} rows are supported (one program per row)")
     dev = x.device
-    y = empty((M, N), dtype=x.dtype, device=dev)
-    mean = empty((M,), dtype=torch.float32, device=dev)
+    y = empty((M, N), dtype=out_dtype, device=dev)
+    mean = None if is_rms else empty((M,), dtype=torch.float32, device=dev)
     rstd = empty((M,), dtype=torch.float32, device=dev)
     if residual is None:
         s = None
@@ -286,20 +370,19 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     block, single, warps = _fwd_plan(N)
     _layer_norm_fwd[(M,)](
         x, r, x if weight is None else weight, x if bias is None else bias,
-        y, y if s is None else s, mean, rstd,
+        y, y if s is None else s, rstd if mean is None else mean, rstd,
         x.stride(0), stride_r, N, stride_s,
         N, eps,
         BLOCK_N=block, SINGLE_TILE=single, HAS_RESIDUAL=s is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        IS_RMS=is_rms, CAST_BEFORE_WEIGHT=cast_before_weight,
         num_warps=warps,
     )
     return y, s, mean, rstd
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
-    """Launch the backward on 2-D ``dy``/``x`` (M, N); ``x`` is what was normalised (the sum for
-    Add & Norm) and ``ds`` the gradient of the returned sum, or None. Returns ``(dx, dw, db)`` with
-    dw/db fp32 of shape (N,), or None where not needed."""
+def _bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool, is_rms: bool):
+    """Launch the backward of either norm (``mean`` is None for RMSNorm): ``(dx, dw, db)``."""
     dy, x = _rows(dy), _rows(x)
     ds = _rows(ds) if ds is not None else None
     M, N = x.shape
@@ -311,15 +394,42 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
     db_partial = alloc((programs, N), dtype=torch.float32, device=dev) if need_db else None
     if M > 0:
         _layer_norm_bwd[(programs,)](
-            dy, x, x if weight is None else weight, mean, rstd,
+            dy, x, x if weight is None else weight, rstd if mean is None else mean, rstd,
             dy if ds is None else ds, dx,
             dw_partial if need_dw else dx, db_partial if need_db else dx,
             dy.stride(0), x.stride(0), 0 if ds is None else ds.stride(0), N,
             M, N, rows_per_program,
             BLOCK_N=block, SINGLE_TILE=single, HAS_WEIGHT=weight is not None,
-            HAS_DS=ds is not None, NEED_DW=need_dw, NEED_DB=need_db,
+            HAS_DS=ds is not None, NEED_DW=need_dw, NEED_DB=need_db, IS_RMS=is_rms,
             num_warps=warps,
         )
     dw = dw_partial.sum(0) if need_dw else None
     db = db_partial.sum(0) if need_db else None
     return dx, dw, db
+
+
+def layer_norm_fwd(x, residual, weight, bias, eps: float):
+    """LayerNorm's forward on a 2-D ``x`` (M, N). Returns ``(y, s, mean, rstd)``; ``s`` (the sum
+    x + residual) is None without a residual. ``mean``/``rstd`` are fp32 of shape (M,)."""
+    return _fwd(x, residual, weight, bias, eps, False, False, x.dtype)
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
+    """LayerNorm's backward on 2-D ``dy``/``x`` (M, N); ``x`` is what was normalised (the sum for
+    Add & Norm) and ``ds`` the gradient of the returned sum, or None. Returns ``(dx, dw, db)`` with
+    dw/db fp32 of shape (N,), or None where not needed."""
+    return _bwd(dy, x, weight, mean, rstd, ds, need_dw, need_db, False)
+
+
+def rms_norm_fwd(x, residual, weight, eps: float, cast_before_weight: bool, out_dtype: torch.dtype):
+    """RMSNorm's forward on a 2-D ``x`` (M, N): ``(y, s, rstd)``, y of ``out_dtype``, s None
+    without a residual, rstd fp32 (M,). ``cast_before_weight``: round x * rstd to x's dtype before
+    the weight multiplies it (LlamaRMSNorm's order)."""
+    y, s, _, rstd = _fwd(x, residual, weight, None, eps, True, cast_before_weight, out_dtype)
+    return y, s, rstd
+
+
+def rms_norm_bwd(dy, x, weight, rstd, ds, need_dw: bool):
+    """RMSNorm's backward on 2-D ``dy``/``x`` (M, N), as layer_norm_bwd: ``(dx, dw)``."""
+    dx, dw, _ = _bwd(dy, x, weight, None, rstd, ds, need_dw, False, True)
+    return dx, dw

@@ -34,12 +34,14 @@ from lightllm.kernels import layer_norm as kernel
 
 
 def _has_cpu_kernels() -> bool:
-    """Whether lightllm._C holds the C++ LayerNorm kernels (a LIGHTLLM_SKIP_EXT=1 build has none)."""
+    """Whether lightllm._C holds the C++ LayerNorm and RMSNorm kernels (one source file builds
+    them all; a LIGHTLLM_SKIP_EXT=1 build has none)."""
     try:
         from lightllm import _C  # noqa: F401  (importing it registers torch.ops.lightllm.*)
     except ImportError:
         return False
-    return all(hasattr(torch.ops.lightllm, op) for op in ("layer_norm_fwd_cpu", "layer_norm_bwd_cpu"))
+    return all(hasattr(torch.ops.lightllm, op) for op in (
+        "layer_norm_fwd_cpu", "layer_norm_bwd_cpu", "rms_norm_fwd_cpu", "rms_norm_bwd_cpu"))
 
 
 HAS_CPU_KERNELS = _has_cpu_kernels()
@@ -224,12 +226,15 @@ def _normalized_shape(op: str, normalized_shape) -> tuple[int, ...]:
                     f"{normalized_shape!r}")
 
 
-def _check_param(op: str, name: str, p, x: Tensor, shape: tuple) -> None:
+def _check_param(op: str, name: str, p, x: Tensor, shape: tuple, any_float: bool = False) -> None:
     if type(p) is not torch.nn.Parameter and not isinstance(p, Tensor):
         raise tensor_error(op, name, p)
     dt = p.dtype
-    # PyTorch's rule: a parameter has the input's dtype, or float32 beside a half-precision input.
-    if dt is not x.dtype and not (dt is torch.float32 and x.dtype in _HALF):
+    if any_float:  # F.rms_norm promotes any floating weight
+        if dt not in _DTYPES:
+            raise dtype_error(op, name, dt, _DTYPES)
+    # F.layer_norm's rule: a parameter has the input's dtype, or float32 beside a half input.
+    elif dt is not x.dtype and not (dt is torch.float32 and x.dtype in _HALF):
         if dt not in _DTYPES:
             raise dtype_error(op, name, dt, _DTYPES)
         raise TypeError(f"{op}: {name} has dtype {dt} but input has {x.dtype}; a parameter must "
@@ -242,8 +247,10 @@ def _check_param(op: str, name: str, p, x: Tensor, shape: tuple) -> None:
                            f"{name}={p.device}")
 
 
-def _check(op: str, x, normalized_shape, weight, bias, residual=None) -> tuple[int, ...]:
-    """Everything checked before any launch; returns normalized_shape as a tuple."""
+def _check(op: str, x, normalized_shape, weight, bias, residual=None,
+           any_float_params: bool = False) -> tuple[int, ...]:
+    """Everything checked before any launch; returns normalized_shape as a tuple.
+    ``any_float_params``: parameters of any float dtype (RMSNorm), else F.layer_norm's rule."""
     if not isinstance(x, Tensor):
         raise tensor_error(op, "input", x)
     if x.dtype not in _DTYPES:
@@ -253,7 +260,7 @@ def _check(op: str, x, normalized_shape, weight, bias, residual=None) -> tuple[i
         raise ValueError(f"{op}: normalized_shape {list(shape)} does not match the trailing "
                          f"dimensions of input of shape {tuple(x.shape)}")
     if weight is not None:
-        _check_param(op, "weight", weight, x, shape)
+        _check_param(op, "weight", weight, x, shape, any_float_params)
     if bias is not None:
         _check_param(op, "bias", bias, x, shape)
         if weight is not None and bias.dtype is not weight.dtype:
@@ -339,6 +346,8 @@ def add_layer_norm(
     Each input is read once and each output written once; the sum is rounded to the input dtype
     and that rounded sum is what gets normalised, exactly as the unfused PyTorch code does.
     """
+    if not isinstance(residual, Tensor):  # None would read as "no residual" below
+        raise tensor_error("add_layer_norm", "residual", residual)
     shape = _check("add_layer_norm", input, normalized_shape, weight, bias, residual)
     if not _served("add_layer_norm", input):
         s = input + residual
