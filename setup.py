@@ -103,6 +103,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["lightllm", "lightllm.ops", "lightllm.nn", "lightllm.reference", "lightllm.integrations",
+              "lightllm.models",
               "lightllm.kernels"],
     # kernels/ installs as lightllm.kernels, never as a top-level `kernels` (DESIGN.md §2).
     package_dir={"lightllm": "lightllm", "lightllm.kernels": "kernels"},

@@ -130,7 +130,7 @@ def _act_name(activation: str, approximate: str) -> str:
 
 def _rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     return LF.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight,
-                       self.variance_epsilon)
+                       self.variance_epsilon, cast_before_weight=True)
 
 
 def _linear_act_forward(self, hidden_states: Tensor) -> Tensor:
