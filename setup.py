@@ -102,9 +102,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["lightllm", "lightllm.ops", "lightllm.nn", "lightllm.reference", "lightllm.integrations",
-              "lightllm.models",
-              "lightllm.kernels"],
+    packages=["lightllm", "lightllm.ops", "lightllm.nn", "lightllm.reference",
+              "lightllm.integrations", "lightllm.models", "lightllm.kernels"],
     # kernels/ installs as lightllm.kernels, never as a top-level `kernels` (DESIGN.md §2).
     package_dir={"lightllm": "lightllm", "lightllm.kernels": "kernels"},
     ext_modules=ext_modules,
