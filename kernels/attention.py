@@ -731,7 +731,7 @@ def _dropout(dropout_p: float) -> tuple[bool, float, float]:
     return True, float(dropout_p), (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _meta(d: int, dv: int, dtype: torch.dtype, is_causal: bool, has_mask: bool,
           mask_is_bool: bool, has_dropout: bool) -> dict:
     """The constexpr arguments every attention kernel shares, per specialisation (cached: the

@@ -324,7 +324,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fwd_plan(n: int) -> tuple[int, bool, int]:
     """(BLOCK_N, SINGLE_TILE, num_warps) of the forward for rows of ``n`` features."""
     single = n <= MAX_FUSED_FWD
@@ -332,7 +332,7 @@ def _fwd_plan(n: int) -> tuple[int, bool, int]:
     return block, single, warps_for_block(block)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bwd_plan(m: int, n: int, sms: int) -> tuple[int, bool, int, int, int]:
     """(BLOCK_N, SINGLE_TILE, num_warps, programs, rows_per_program) of the backward: enough
     programs to fill the GPU twice over, each owning a contiguous run of rows."""

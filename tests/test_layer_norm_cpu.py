@@ -269,7 +269,7 @@ def test_each_instruction_set(isa, tmp_path):
     subprocess.run([sys.executable, "-c", _CHILD, str(src), str(dst)], check=True,
                    env=dict(os.environ, LIGHTLLM_CPU_ISA=isa))
     for case, outputs in zip(cases, torch.load(dst)):
-        check(*case, ours=lambda *_: outputs)
+        check(*case, ours=lambda *_, _o=outputs: _o)
 
 
 # -- registration and bad input ---------------------------------------------------------------------

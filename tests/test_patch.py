@@ -1,6 +1,5 @@
 """lightllm.patch: swaps supported modules in place, keeps parameters, changes only the kernels."""
 
-import copy
 
 import pytest
 import torch

@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BF16_ON_CPU, DEVICE, HAS_CUDA
-from test_dispatch import LightllmOps
+from lightllm.kernels import layer_norm as kernel
 
 import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
-from lightllm.kernels import layer_norm as kernel
 from lightllm.ops import rms_norm as rms_op
 from lightllm.reference import rms_norm as reference
-from lightllm.testing import assert_parity, grads, leaves
+from lightllm.testing import DispatchedOps, assert_parity, grads, leaves
 
 F32_EPS = torch.finfo(torch.float32).eps
 HAS_CPP = rms_op._ln.HAS_CPU_KERNELS
@@ -344,9 +343,9 @@ def test_eager_and_custom_op_routes_agree(route, dtype, op):
             return [o.detach() for o in outs], torch.autograd.grad(outs, leaves_, projections)
 
         eager_out, eager_grads = run()
-        with LightllmOps() as mode:
+        with DispatchedOps() as mode:
             op_out, op_grads = run()
-    assert expected <= set(mode.seen), mode.seen
+    assert expected <= set(mode.lightllm), mode.lightllm
     for a, b in zip(eager_out + list(eager_grads), op_out + list(op_grads)):
         assert torch.equal(a, b)
 
