@@ -265,8 +265,8 @@ def _fmt(v: Any) -> str:
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    cols = ["op", "case", "mode", "provider", "device", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s",
-            "%roof", "peak_mib"]
+    cols = ["op", "case", "mode", "provider", "device", "ms", "ms_p20", "ms_p80", "tokens/s",
+            "GB/s", "TFLOP/s", "%roof", "peak_mib"]
     extra = sorted({k for r in rows for k in r if k.startswith("x_vs_")})
     cols += extra + ["error", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]

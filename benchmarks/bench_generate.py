@@ -1,0 +1,158 @@
+"""Generation: decode tokens/s and prefill tokens/s of lightllm's GPT against transformers'
+``generate`` on the same weights.
+
+Providers: ``lightllm`` (``GPT.from_hf(model).generate``; the decode step is a CUDA-graph replay on
+a GPU), ``torch`` (transformers' eager ``generate``, SDPA attention, dynamic cache), ``compile``
+(transformers with its static cache and ``torch.compile``; GPU only) and ``eager`` (lightllm's GPT
+with every op replaced by its eager reference). Weights are random (speed does not depend on
+them), laid out as SmolLM2-135M and GPT-2-medium (GPU) / GPT-2 small (CPU).
+
+A decode step's time is the difference between generating ``n + k`` and ``n`` tokens, divided by
+``k`` (prefill and set-up cancel); tokens/s counts every sequence of the batch. Prefill is one
+forward over the prompt. GPU: context 2048, batch 1 and 16, bfloat16. CPU: context 128, batch 1
+and 4, float32 (the native CPU path).
+
+    python -m benchmarks.bench_generate [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks.harness import HAS_CUDA, add_speedups, markdown, write_results
+from lightllm.models import GPT
+from lightllm.testing import gpt_eager_reference
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def _seconds(gen, ids, tokens: int, repeats: int) -> float:
+    """Median wall time of ``gen(ids, tokens)``."""
+    gen(ids, tokens)  # warm-up: graphs, autotuning, compilation
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        gen(ids, tokens)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _models(quick: bool, dtype):
+    import transformers
+
+    llama = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                     num_hidden_layers=30, num_attention_heads=9,
+                                     num_key_value_heads=3, max_position_embeddings=8192,
+                                     tie_word_embeddings=True)
+    if HAS_CUDA:
+        gpt2 = transformers.GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=4096)
+        name = "GPT-2-medium"
+    else:
+        gpt2 = transformers.GPT2Config(n_positions=1024)
+        name = "GPT-2"
+    out = [("SmolLM2-135M", transformers.LlamaForCausalLM, llama)]
+    if not quick:
+        out.append((name, transformers.GPT2LMHeadModel, gpt2))
+    for label, cls, config in out:
+        torch.manual_seed(0)
+        yield label, cls(config).to(DEVICE, dtype).eval()
+
+
+def _providers(hf, ours):
+    def lightllm_gen(ids, n):
+        return ours.generate(ids, n)
+
+    def eager_gen(ids, n):
+        with gpt_eager_reference():
+            return ours.generate(ids, n, cuda_graph=False)
+
+    def torch_gen(ids, n):
+        return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+
+    providers = {"lightllm": lightllm_gen, "torch": torch_gen, "eager": eager_gen}
+    if HAS_CUDA:
+        compiled = {}
+
+        def compile_gen(ids, n):
+            if "model" not in compiled:
+                hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+                compiled["model"] = True
+            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0, cache_implementation="static")
+
+        providers["compile"] = compile_gen
+    return providers
+
+
+def run(quick: bool, out: str, only: set[str]) -> list[dict]:
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    context = 2048 if HAS_CUDA else 128
+    batches = (1, 16) if HAS_CUDA else (1, 4)
+    n, k = (8, 32) if HAS_CUDA else (2, 8)
+    repeats = 3 if HAS_CUDA else 2
+    rows = []
+    with torch.no_grad():
+        for label, hf in _models(quick, dtype):
+            ours = GPT.from_hf(hf)
+            for provider, gen in _providers(hf, ours).items():
+                if only and provider not in only:
+                    continue
+                for batch in batches:
+                    ids = torch.randint(0, hf.config.vocab_size, (batch, context - n - k),
+                                        device=DEVICE)
+                    case = f"{label} B{batch} ctx{context} {str(dtype)[6:]}"
+                    base = dict(op="generate", case=case, provider=provider, device=DEVICE,
+                                B=batch, context=context)
+                    try:
+                        short = _seconds(gen, ids, n, repeats)
+                        long = _seconds(gen, ids, n + k, repeats)
+                        step = (long - short) / k
+                        rows.append({**base, "mode": "decode", "ms": step * 1e3,
+                                     "tokens/s": batch / step})
+                        prefill = _seconds(gen, ids, 1, repeats)
+                        rows.append({**base, "mode": "prefill", "ms": prefill * 1e3,
+                                     "tokens/s": batch * ids.shape[1] / prefill})
+                    except Exception as e:  # reported, not fatal: one provider may not run here
+                        rows.append({**base, "mode": "decode", "ms": None,
+                                     "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                    print(f"[generate] {case} {provider}: done", flush=True)
+            del ours, hf
+            if HAS_CUDA:
+                torch.cuda.empty_cache()
+    add_speedups(rows)
+    write_results("generate", rows, out, None)
+    print(markdown(rows, "generate"))
+    return rows
+
+
+def main(op: str = "generate", build_cases=None, argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/local")
+    parser.add_argument("--providers", default="")
+    args = parser.parse_args(argv)
+    if not HAS_CUDA:
+        print("[generate] no CUDA device: timing the CPU paths. GPU timings need an NVIDIA GPU.")
+    rows = run(args.quick, args.out, {p for p in args.providers.split(",") if p})
+    if any("error" in r and r["provider"] == "lightllm" for r in rows):
+        sys.exit(1)
+    return rows
+
+
+build_cases = None  # benchmarks.run calls main(op, build_cases, argv): this file times by itself
+
+if __name__ == "__main__":
+    main()
