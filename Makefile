@@ -1,6 +1,7 @@
 # lightllm: every target sets itself up from nothing.
 #   make test       CPU or GPU: create .venv, install torch + the project (building lightllm._C), run tests
-#   make bench      the quick benchmark pass (a smoke pass without a GPU) into benchmarks/results/local
+#   make bench      the quick benchmark pass (CPU timings without a GPU) into benchmarks/results/local
+#   make demo       lightllm's GPT answers "What is the capital of France?" (SmolLM2-135M-Instruct)
 #   make gpu-check  on a GPU machine with torch/triton preinstalled and no network (DESIGN.md §6)
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ JOBS ?= 2
 STAMP := $(VENV)/.lightllm-installed
 RESULTS ?=
 
-.PHONY: install test bench gpu-check lint clean
+.PHONY: install test bench demo gpu-check lint clean
 
 # Rebuilt when the build description or the C++/CUDA sources change.
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
@@ -30,6 +31,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --quick --out benchmarks/results/local
+
+demo: $(STAMP)
+	$(PY) -m lightllm.generate "What is the capital of France?"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
