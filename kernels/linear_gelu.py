@@ -153,20 +153,24 @@ _FP32_TILES = [
     (32, 64, 32, 4, 3),
     (16, 64, 64, 4, 3),
 ]
-# Two accumulators (GATED, and the two-output epilogue of AUX_GATE_GRAD, which holds dH, g and u):
-# at most 128 fp32 accumulator values per thread, e.g. 128x128 over 8 warps (2 x 64), so no
-# 128x256 / 256x128 tiles, nor 128x128 on 4 warps; shared memory holds two B tiles per stage.
+# Two accumulators (GATED): at most 128 fp32 accumulator values per thread, e.g. 128x128 over 8
+# warps (2 x 64), so no 128x256 / 256x128 tiles, nor 128x128 on 4 warps (both spill on sm_90);
+# shared memory holds two B tiles per stage. The TMA default, 128x128 on 8 warps, takes 184
+# registers saving g and u, 255 without (ptxas, sm_90a; no spill).
 _GATED_HALF_TILES = [
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
     (128, 64, 64, 8, 4),
+    (64, 128, 64, 8, 4),
+    (64, 64, 64, 4, 4),
     (16, 64, 128, 4, 4),
     (32, 64, 128, 4, 4),
     (32, 64, 64, 4, 4),
 ]
+# Below 128x128 for the gated pointer kernel (rows that are not 16-byte aligned stage operands
+# through registers: 128x128 spills 1.3 KB there) and for AUX_GATE_GRAD (its epilogue holds dH,
+# g and dU or u: 128x128 spills 76 bytes).
+_GATED_HALF_TILES_SMALL = [t for t in _GATED_HALF_TILES if t[0] * t[1] < 128 * 128]
 _GATED_FP32_TILES = [
     (64, 64, 32, 4, 3),
     (128, 64, 32, 8, 3),
@@ -213,10 +217,13 @@ def _prune_configs(configs, named_args, **kwargs):
     compute wrapped rows)."""
     esize = named_args["Out"].element_size()
     gated = kwargs["GATED"]
-    if gated or kwargs["AUX"] == AUX_GATE_GRAD:
-        tiles = _GATED_FP32_TILES if esize == 4 else _GATED_HALF_TILES
-    else:
+    if not gated and kwargs["AUX"] != AUX_GATE_GRAD:
         tiles = _FP32_TILES if esize == 4 else _HALF_TILES
+    elif esize == 4:
+        tiles = _GATED_FP32_TILES
+    else:
+        tma = "ADesc" in named_args
+        tiles = _GATED_HALF_TILES if gated and tma else _GATED_HALF_TILES_SMALL
     b_tiles = 2 if gated else 1
     m_bucket = named_args["M_BUCKET"]
     kept = []
@@ -228,7 +235,8 @@ def _prune_configs(configs, named_args, **kwargs):
         if bm > max(16, 2 * m_bucket):
             continue
         kept.append(c)
-    kept = kept or configs[:1]
+    # In the order of the epilogue's own list: its first fitting tile is the default.
+    kept = sorted(kept, key=lambda c: tiles.index(_tile_of(c))) or configs[:1]
     return kept if autotune_enabled() else kept[:1]
 
 
@@ -284,11 +292,12 @@ def _epilogue(
         pre = tl.load(Aux + aux_offs, mask=mask, other=0.0).to(tl.float32)
         acc = acc * _activation_grad(pre, ACTIVATION)
     elif AUX == 3:  # AUX_GATE_GRAD: acc is dH; dU = dH * act(g) to Out2, dG = dH * u * act'(g)
+        # dU is stored before u is loaded: three tiles live at most (registers, sm_90)
         g = tl.load(Aux + aux_offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(Aux2 + aux_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Out2 + out_offs, (acc * _activation(g, ACTIVATION)).to(Out2.dtype.element_ty),
                  mask=mask)
-        acc = acc * u * _activation_grad(g, ACTIVATION)
+        acc = acc * _activation_grad(g, ACTIVATION)
+        acc = acc * tl.load(Aux2 + aux_offs, mask=mask, other=0.0).to(tl.float32)
     else:
         if ACTIVATION != 0:
             acc = _activation(acc, ACTIVATION)
