@@ -1,5 +1,5 @@
-"""Linear + bias + activation (GeLU, its tanh form, ReLU) fused into the matmul epilogue, forward
-and backward.
+"""Linear + bias + activation (GeLU, its tanh form, ReLU) fused into the matmul epilogue, and the
+gated form SwiGLU (two weights, one matmul), forward and backward.
 
 One tiled matmul, ``C = A @ B`` for a 2-D ``A`` (M, K) and ``B`` (K, N), in two flavours sharing
 their tile order and epilogue:
@@ -16,26 +16,39 @@ software-pipelined by Triton (``num_stages``); autotuned per (M bucket, N, K, dt
 The epilogue works on the fp32 tile before the single store:
     pre = acc + bias                                   (HAS_BIAS)
     AUX_STORE_PRE: also store pre (the saved pre-activation of the backward)
-    out = gelu(pre) | gelu_tanh(pre) | relu(pre) | pre (ACTIVATION)
+    out = gelu(pre) | gelu_tanh(pre) | relu(pre) | silu(pre) | pre (ACTIVATION)
     AUX_ACT_GRAD: out = acc * act'(aux), aux = a saved pre-activation (backward dH -> dPre)
     out += residual                                     (HAS_RESIDUAL)
+GATED (SwiGLU): the program reads a second weight B2 (N, K) beside B with the *same* A tile and
+keeps a second fp32 accumulator: g = A B^T + bias, u = A B2^T + bias2 (HAS_BIAS2), and the
+epilogue writes out = act(g) * u (AUX_STORE_PRE also writes g to Aux and u to Aux2). A is read
+once for both products and the two pre-activations never reach memory unless a backward saves
+them. Two accumulators double the registers per tile, so gated launches prune to their own
+(smaller) tile lists. AUX_GATE_GRAD is its backward through a matmul: acc = dH, Aux = g,
+Aux2 = u; Out = dG = dH * u * act'(g), Out2 = dU = dH * act(g) (two outputs, one accumulator).
 Memory traffic of the forward: A and B from DRAM once (tiles re-read through L2), C written once
-(plus pre once when a backward needs it); eager PyTorch writes pre, reads it and writes gelu(pre).
+(plus pre once when a backward needs it); eager PyTorch writes pre, reads it and writes gelu(pre)
+(SwiGLU in eager: g and u written, read, silu(g) written and read, h written).
 
 Uses of the one matmul:
   linear_gelu forward       y = gelu(x @ W^T + b)                 (+ pre when saving for backward)
   feed_forward forward      h = gelu(x @ W1^T + b1);  y = h @ W2^T + b2 + residual
   feed_forward backward     dPre = (dY @ W2) * act'(pre)          (dH never reaches memory)
+  linear_swiglu forward     h = silu(x Wg^T + bg) * (x Wu^T + bu)  (GATED; + g, u when saving)
+  swiglu_feed_forward bwd   dG, dU from dH = dY @ Wd               (AUX_GATE_GRAD)
 The plain matmuls of the backward (dX = dPre @ W, dW = dPre^T @ X) are left to cuBLAS by the op.
 
 ``_linear_gelu_bwd`` is the elementwise backward of ``linear_gelu`` alone (no matmul produces its
 dY): dPre = dY * act'(pre), with db's per-program column partial sums in the same pass
-(dY and pre read once, dPre written once, db from a (G, N) fp32 partial buffer).
+(dY and pre read once, dPre written once, db from a (G, N) fp32 partial buffer). GATED, that of
+``linear_swiglu``: dG = dH * u * act'(g), dU = dH * act(g), both db's.
 
 GeLU forms: exact ``0.5 x (1 + erf(x / sqrt 2))``; tanh ``0.5 x (1 + tanh(u))``, u =
 sqrt(2/pi) (x + 0.044715 x^3), computed as ``x * sigmoid(2u)`` (the same value; no libdevice tanh,
 which the interpreter lacks, and no cancellation in 1 + tanh(u) for large negative x). ReLU's
-derivative is taken as 0 at 0, as PyTorch's ``threshold_backward`` does.
+derivative is taken as 0 at 0, as PyTorch's ``threshold_backward`` does. SiLU is
+``x * sigmoid(x)``, its derivative ``s + x s (1 - s)``: for |x| large sigmoid saturates to exactly
+0 or 1 (exp overflows to inf, 1 / (1 + inf) = 0), so neither overflows.
 Offsets are 64-bit (row offsets are cast before multiplying by strides, K steps are int64).
 """
 
@@ -63,12 +76,14 @@ ACT_NONE = 0
 ACT_GELU = 1
 ACT_GELU_TANH = 2
 ACT_RELU = 3
+ACT_SILU = 4  # the gate of SwiGLU: the gated launchers pass it, linear_act does not offer it
 ACTIVATIONS = {"gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
 
 # AUX codes: what the epilogue does with the auxiliary (M, N) tensor.
 AUX_NONE = 0
 AUX_STORE_PRE = 1  # write the pre-activation there
 AUX_ACT_GRAD = 2  # read a pre-activation there and multiply the tile by act'(pre)
+AUX_GATE_GRAD = 3  # read g (Aux) and u (Aux2); write dH * u * act'(g) and dH * act(g) (Out2)
 
 
 @triton.jit
@@ -80,6 +95,8 @@ def _activation(x, ACTIVATION: tl.constexpr):
         return x * tl.sigmoid(2.0 * u)
     elif ACTIVATION == 3:  # ReLU (NaN stays NaN, as torch.relu)
         return tl.where(x < 0.0, 0.0, x)
+    elif ACTIVATION == 4:  # SiLU
+        return x * tl.sigmoid(x)
     else:
         return x
 
@@ -99,6 +116,9 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
         return s + 2.0 * x * s * (1.0 - s) * du
     elif ACTIVATION == 3:
         return tl.where(x > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 4:
+        s = tl.sigmoid(x)
+        return s + x * s * (1.0 - s)
     else:
         return tl.full(x.shape, 1.0, tl.float32)
 
@@ -133,6 +153,40 @@ _FP32_TILES = [
     (32, 64, 32, 4, 3),
     (16, 64, 64, 4, 3),
 ]
+# Two accumulators (GATED): at most 128 fp32 accumulator values per thread, e.g. 128x128 over 8
+# warps (2 x 64): no 128x256 / 256x128 tiles, and 128x64 / 64x128 on 8 warps, not 4 (there they
+# spill 44 / 28 bytes saving g and u, ptxas sm_90a); shared memory holds two B tiles per stage. The TMA default, 128x128 on 8 warps, takes 184
+# registers saving g and u, 255 without (ptxas, sm_90a; no spill).
+_GATED_HALF_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 64, 64, 8, 4),
+    (64, 128, 64, 8, 4),
+    (64, 64, 64, 4, 4),
+    (16, 64, 128, 4, 4),
+    (32, 64, 128, 4, 4),
+    (32, 64, 64, 4, 4),
+]
+# Below 128x128 for the gated pointer kernel (rows that are not 16-byte aligned stage operands
+# through registers: 128x128 spills 1.3 KB there) and for AUX_GATE_GRAD (its epilogue holds dH,
+# g and dU or u: 128x128 spills 76 bytes).
+_GATED_HALF_TILES_SMALL = [t for t in _GATED_HALF_TILES if t[0] * t[1] < 128 * 128]
+_GATED_FP32_TILES = [
+    (64, 64, 32, 4, 3),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (32, 64, 32, 4, 3),
+    (16, 64, 64, 4, 3),
+]
+
+
+def _unique(*lists) -> list:
+    """The tiles of ``lists`` in order, each once (one autotune list serves every epilogue)."""
+    return list(dict.fromkeys(t for tiles in lists for t in tiles))
+
+
+_POINTER_TILES = _unique(_HALF_TILES, _FP32_TILES, _GATED_HALF_TILES, _GATED_FP32_TILES)
+_TMA_TILES = _unique(_HALF_TILES, _GATED_HALF_TILES)
 
 
 def _config(tile, pre_hook=None) -> triton.Config:
@@ -151,32 +205,45 @@ def _set_tma_blocks(nargs) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["ADesc"].block_shape = [bm, bk]
     nargs["BDesc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
+    nargs["B2Desc"].block_shape = nargs["BDesc"].block_shape  # the same object unless GATED
 
 
 _SMEM_BYTES = 200 * 1024  # stay under the H100's 227 KiB per block with room for the epilogue
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the tiles meant for this dtype whose pipelined operand tiles fit in shared memory,
-    and drop row tiles far taller than M (they would only compute wrapped rows)."""
+    """Keep the tiles meant for this dtype and epilogue (two accumulators or one) whose pipelined
+    operand tiles fit in shared memory, and drop row tiles far taller than M (they would only
+    compute wrapped rows)."""
     esize = named_args["Out"].element_size()
-    tiles = _FP32_TILES if esize == 4 else _HALF_TILES
+    gated = kwargs["GATED"]
+    if not gated and kwargs["AUX"] != AUX_GATE_GRAD:
+        tiles = _FP32_TILES if esize == 4 else _HALF_TILES
+    elif esize == 4:
+        tiles = _GATED_FP32_TILES
+    else:
+        tma = "ADesc" in named_args
+        tiles = _GATED_HALF_TILES if gated and tma else _GATED_HALF_TILES_SMALL
+    b_tiles = 2 if gated else 1
     m_bucket = named_args["M_BUCKET"]
     kept = []
     for c in configs:
         bm, bn, bk, _, stages = _tile_of(c)
-        if _tile_of(c) not in tiles or (bm * bk + bk * bn) * esize * stages > _SMEM_BYTES:
+        smem = (bm * bk + b_tiles * bk * bn) * esize * stages
+        if _tile_of(c) not in tiles or smem > _SMEM_BYTES:
             continue
         if bm > max(16, 2 * m_bucket):
             continue
         kept.append(c)
-    kept = kept or configs[:1]
+    # In the order of the epilogue's own list: its first fitting tile is the default.
+    kept = sorted(kept, key=lambda c: tiles.index(_tile_of(c))) or configs[:1]
     return kept if autotune_enabled() else kept[:1]
 
 
 # M by power-of-two bucket: a new token count does not trigger a new tuning run. The autotuner
 # appends the dtype of every tensor argument to this key.
-_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "AUX", "HAS_BIAS", "HAS_RESIDUAL"]
+_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "AUX", "GATED", "HAS_BIAS", "HAS_BIAS2",
+        "HAS_RESIDUAL"]
 _PRUNE = None if INTERPRET else {"early_config_prune": _prune_configs}
 
 
@@ -198,12 +265,14 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def _epilogue(
-    acc, pid_m, pid_n, M, N, Bias, Res, Aux, Out,
+    acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
     stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
-    ACTIVATION: tl.constexpr, AUX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, AUX: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Bias, pre-activation, activation or its gradient, residual, on the fp32 tile; one store."""
+    """Bias(es), pre-activation(s), activation (gated: act(g) * u) or its gradient, residual, on
+    the fp32 tile(s); one store (two for AUX_GATE_GRAD). Aux2 shares Aux's strides, Out2 Out's."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)
@@ -211,32 +280,57 @@ def _epilogue(
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    aux_ptrs = Aux + rows[:, None] * stride_xm + cols[None, :] * stride_xn
-    if AUX == 1:  # AUX_STORE_PRE
-        tl.store(aux_ptrs, acc.to(Aux.dtype.element_ty), mask=mask)
+    if HAS_BIAS2:
+        acc2 += tl.load(Bias2 + cols, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    aux_offs = rows[:, None] * stride_xm + cols[None, :] * stride_xn
+    out_offs = rows[:, None] * stride_om + cols[None, :] * stride_on
+    if AUX == 1:  # AUX_STORE_PRE (gated: g and u)
+        tl.store(Aux + aux_offs, acc.to(Aux.dtype.element_ty), mask=mask)
+        if GATED:
+            tl.store(Aux2 + aux_offs, acc2.to(Aux2.dtype.element_ty), mask=mask)
     if AUX == 2:  # AUX_ACT_GRAD
-        pre = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
+        pre = tl.load(Aux + aux_offs, mask=mask, other=0.0).to(tl.float32)
         acc = acc * _activation_grad(pre, ACTIVATION)
-    elif ACTIVATION != 0:
-        acc = _activation(acc, ACTIVATION)
+    elif AUX == 3:  # AUX_GATE_GRAD: acc is dH; dU = dH * act(g) to Out2, dG = dH * u * act'(g)
+        # dU is stored before u is loaded: three tiles live at most (registers, sm_90)
+        g = tl.load(Aux + aux_offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out2 + out_offs, (acc * _activation(g, ACTIVATION)).to(Out2.dtype.element_ty),
+                 mask=mask)
+        acc = acc * _activation_grad(g, ACTIVATION)
+        acc = acc * tl.load(Aux2 + aux_offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        if ACTIVATION != 0:
+            acc = _activation(acc, ACTIVATION)
+        if GATED:
+            acc = acc * acc2
     if HAS_RESIDUAL:
         res_ptrs = Res + rows[:, None] * stride_rm + cols[None, :] * stride_rn
         acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
-    out_ptrs = Out + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + out_offs, acc.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs([_config(t) for t in _HALF_TILES + _FP32_TILES]),
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """acc += a @ b; fp32 operands exactly (``ieee``) where PyTorch's result is to be matched."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.autotune(configs=autotune_configs([_config(t) for t in _POINTER_TILES]),
                  key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _linear_gelu_mm(
-    A, B, Bias, Res, Aux, Out,
+    A, B, B2, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
     M, N, K, M_BUCKET,
-    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_b2k, stride_b2n,
     stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
     ACTIVATION: tl.constexpr,
     AUX: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -244,7 +338,7 @@ def _linear_gelu_mm(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Pointer loads: any strides, any alignment."""
+    """Pointer loads: any strides, any alignment (B2, GATED only, has strides of its own)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # -- operand pointers; rows/columns past the edge wrap (loads stay in bounds, no M/N mask in
@@ -256,38 +350,45 @@ def _linear_gelu_mm(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + offs_am[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
     b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_bn[None, :] * stride_bn
+    b2_ptrs = B2 + offs_k[:, None].to(tl.int64) * stride_b2k + offs_bn[None, :] * stride_b2n
     a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
     b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+    b2_step = tl.cast(stride_b2k, tl.int64) * BLOCK_K
 
-    # -- main loop: fp32 accumulation, K edge masked, pipelined over num_stages --
+    # -- main loop: fp32 accumulation (two accumulators from one A tile when GATED), K edge
+    #    masked, pipelined over num_stages --
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # stays unused (and is dropped) ungated
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mma(a, b, acc, IEEE)
+        if GATED:
+            b2 = tl.load(b2_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc2 = _mma(a, b2, acc2, IEEE)
+            b2_ptrs += b2_step
         a_ptrs += a_step
         b_ptrs += b_step
 
-    _epilogue(acc, pid_m, pid_n, M, N, Bias, Res, Aux, Out,
+    _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
               stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
-              ACTIVATION, AUX, HAS_BIAS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+              ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
-@triton.autotune(configs=autotune_configs([_config(t, _set_tma_blocks) for t in _HALF_TILES]),
+@triton.autotune(configs=autotune_configs([_config(t, _set_tma_blocks) for t in _TMA_TILES]),
                  key=_KEY + ["B_NK"], prune_configs_by=_PRUNE)
 @triton.jit
 def _linear_gelu_mm_tma(
-    ADesc, BDesc, Bias, Res, Aux, Out,
+    ADesc, BDesc, B2Desc, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
     M, N, K, M_BUCKET,
     stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
     B_NK: tl.constexpr,
     ACTIVATION: tl.constexpr,
     AUX: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -297,13 +398,15 @@ def _linear_gelu_mm_tma(
     """TMA loads through host tensor descriptors (fp16/bf16, 16-byte aligned rows): the copy
     engine fills the pipeline's shared-memory stages and zero-fills out-of-bounds boxes, so
     there is no address arithmetic or masking in the loop. ``B_NK``: BDesc covers B as (N, K)
-    (the weight layout; its tile is transposed for the product), else as (K, N)."""
+    (the weight layout; its tile is transposed for the product), else as (K, N); B2Desc (GATED)
+    covers B2 in the same layout."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 
-    # -- main loop: fp32 accumulation, pipelined TMA loads --
+    # -- main loop: fp32 accumulation (two from one A tile when GATED), pipelined TMA loads --
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # stays unused (and is dropped) ungated
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         off_k = k * BLOCK_K
         a = ADesc.load([off_m, off_k])
@@ -312,22 +415,31 @@ def _linear_gelu_mm_tma(
         else:
             b = BDesc.load([off_k, off_n])
         acc = tl.dot(a, b, acc)
+        if GATED:
+            if B_NK:
+                b2 = B2Desc.load([off_n, off_k]).T
+            else:
+                b2 = B2Desc.load([off_k, off_n])
+            acc2 = tl.dot(a, b2, acc2)
 
-    _epilogue(acc, pid_m, pid_n, M, N, Bias, Res, Aux, Out,
+    _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
               stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
-              ACTIVATION, AUX, HAS_BIAS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+              ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _linear_gelu_bwd(
-    DY, Pre, DPre, DB,
+    DY, Pre, Up, DPre, DUp, DB, DB2,
     M, N, rows_per_program,
     stride_dym, stride_dyn, stride_pm, stride_pn, stride_dm, stride_dn,
     ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
     NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """dPre = dY * act'(pre) and db; GATED (Pre = g, Up = u with Pre's strides, DUp with DPre's):
+    dG = dY * u * act'(g) to DPre, dU = dY * act(g) to DUp, and both db's (DB, DB2)."""
     # Program (pid_n, g) owns columns [pid_n * BLOCK_N, +BLOCK_N) of a contiguous run of rows.
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
@@ -337,23 +449,34 @@ def _linear_gelu_bwd(
     row_start = g * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db2_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # GATED only
     for start in range(row_start, row_end, BLOCK_M):
-        # -- dPre = dY * act'(pre) on a (BLOCK_M, BLOCK_N) tile --
+        # -- dPre = dY * act'(pre) (gated: dG and dU) on a (BLOCK_M, BLOCK_N) tile --
         offs_m = start + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
         mask = (offs_m < row_end)[:, None] & col_mask[None, :]
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=mask, other=0.0).to(tl.float32)
-        pre = tl.load(Pre + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
-                      mask=mask, other=0.0).to(tl.float32)
-        dpre = dy * _activation_grad(pre, ACTIVATION)
-        tl.store(DPre + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
-                 dpre.to(DPre.dtype.element_ty), mask=mask)
+        pre_offs = rows[:, None] * stride_pm + cols[None, :] * stride_pn
+        d_offs = rows[:, None] * stride_dm + cols[None, :] * stride_dn
+        pre = tl.load(Pre + pre_offs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            u = tl.load(Up + pre_offs, mask=mask, other=0.0).to(tl.float32)
+            dup = dy * _activation(pre, ACTIVATION)
+            tl.store(DUp + d_offs, dup.to(DUp.dtype.element_ty), mask=mask)
+            dpre = dy * u * _activation_grad(pre, ACTIVATION)
+            if NEED_DB:
+                db2_acc += tl.sum(dup, axis=0)
+        else:
+            dpre = dy * _activation_grad(pre, ACTIVATION)
+        tl.store(DPre + d_offs, dpre.to(DPre.dtype.element_ty), mask=mask)
         # -- this program's share of db (masked entries are exactly 0) --
         if NEED_DB:
             db_acc += tl.sum(dpre, axis=0)
     if NEED_DB:
         tl.store(DB + g.to(tl.int64) * N + cols, db_acc, mask=col_mask)
+        if GATED:
+            tl.store(DB2 + g.to(tl.int64) * N + cols, db2_acc, mask=col_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,42 +499,51 @@ def _tma_view(t: torch.Tensor) -> bool:
             and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
-def uses_tma(a: torch.Tensor, b_t: torch.Tensor) -> bool:
-    """Whether ``a @ b_t^T`` takes the TMA kernel: fp16/bf16 operands whose rows are 16-byte
-    aligned (on Hopper+, or the interpreter). Anything else (fp32, K = 1023 in fp16, odd
-    strides) takes the pointer kernel."""
+def uses_tma(a: torch.Tensor, b_t: torch.Tensor, b2_t: torch.Tensor | None = None) -> bool:
+    """Whether ``a @ b_t^T`` (gated: and ``a @ b2_t^T``) takes the TMA kernel: fp16/bf16 operands
+    whose rows are 16-byte aligned (on Hopper+, or the interpreter), ``b2_t`` in ``b_t``'s
+    layout. Anything else (fp32, K = 1023 in fp16, odd strides) takes the pointer kernel."""
     b_view = b_t if b_t.stride(1) == 1 else b_t.t()
-    return (a.dtype in (torch.float16, torch.bfloat16) and _has_tma(a.device)
-            and _tma_view(a) and _tma_view(b_view))
+    ok = (a.dtype in (torch.float16, torch.bfloat16) and _has_tma(a.device)
+          and _tma_view(a) and _tma_view(b_view))
+    if ok and b2_t is not None:
+        b_nk = b_t.stride(1) == 1
+        ok = (b2_t.stride(1) == 1) == b_nk and _tma_view(b2_t if b_nk else b2_t.t())
+    return ok
 
 
-def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=None) -> None:
+def _unit_strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when no stride is 1 (a strided slice, a stride-0 gradient):
+    its loads could not be vectorised or pipelined (sm_90: no cp.async, spills), and the copy is
+    one pass over an operand the product reads K/BLOCK_K times anyway."""
+    return t if 1 in t.stride() else t.contiguous()
+
+
+def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=None, *,
+        b2_t=None, bias2=None, aux2=None, out2=None) -> None:
     """out = epilogue(a @ b_t^T): ``a`` (M, K), ``b_t`` (N, K) — the weight layout — any strides.
+    ``b2_t`` (N, K), any strides, makes it GATED (``bias2``: its bias; ``aux2``: where u is
+    stored, with ``aux``'s strides). ``out2`` (``out``'s strides) is AUX_GATE_GRAD's second output.
     ``tma`` overrides ``uses_tma`` (tests)."""
     M, K = a.shape
     N = b_t.shape[0]
     if M == 0 or N == 0:
         return
-    # An operand with no unit stride (a strided slice, a stride-0 gradient) is copied: its loads
-    # could not be vectorised or pipelined (sm_90: no cp.async, spills), and the copy is one pass
-    # over an operand the product reads K/BLOCK_K times anyway.
+    a, b_t = _unit_strided(a), _unit_strided(b_t)
     sa, sb = a.stride(), b_t.stride()
-    if 1 not in sa:
-        a = a.contiguous()
-        sa = a.stride()
-    if 1 not in sb:
-        b_t = b_t.contiguous()
-        sb = b_t.stride()
+    gated = b2_t is not None
+    if gated:
+        b2_t = _unit_strided(b2_t)
     dummy = out  # never dereferenced when its flag is off
     b_nk = sb[1] == 1
     if tma is None:
-        tma = uses_tma(a, b_t)
+        tma = uses_tma(a, b_t, b2_t)
 
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
-    common = dict(ACTIVATION=activation, AUX=aux_mode, HAS_BIAS=bias is not None,
-                  HAS_RESIDUAL=residual is not None)
+    common = dict(ACTIVATION=activation, AUX=aux_mode, GATED=gated, HAS_BIAS=bias is not None,
+                  HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None)
     so = out.stride()
     sr = residual.stride() if residual is not None else so
     sx = aux.stride() if aux is not None else so
@@ -419,19 +551,24 @@ def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=No
     res = residual if residual is not None else dummy
     aux_t = aux if aux is not None else dummy
     bias_t = bias if bias is not None else dummy
+    tensors2 = (bias2 if bias2 is not None else dummy, res,
+                aux_t, aux2 if aux2 is not None else dummy, out, out2 if out2 is not None else dummy)
     m_bucket = next_pow2(M)
     if tma:
         # Boxes are placeholders until the autotune pre-hook sets them from the chosen tile.
         a_desc = TensorDescriptor.from_tensor(a, [16, 16])
         b_desc = TensorDescriptor.from_tensor(b_t if b_nk else b_t.t(), [16, 16])
+        b2_desc = (TensorDescriptor.from_tensor(b2_t if b_nk else b2_t.t(), [16, 16]) if gated
+                   else b_desc)
         _linear_gelu_mm_tma[grid](
-            a_desc, b_desc, bias_t, res, aux_t, out, M, N, K, m_bucket,
+            a_desc, b_desc, b2_desc, bias_t, *tensors2, M, N, K, m_bucket,
             *epilogue_args, B_NK=b_nk, **common,
         )
     else:
+        sb2 = b2_t.stride() if gated else sb
         _linear_gelu_mm[grid](
-            a, b_t, bias_t, res, aux_t, out, M, N, K, m_bucket,
-            sa[0], sa[1], sb[1], sb[0], *epilogue_args,
+            a, b_t, b2_t if gated else b_t, bias_t, *tensors2, M, N, K, m_bucket,
+            sa[0], sa[1], sb[1], sb[0], sb2[1], sb2[0], *epilogue_args,
             IEEE=a.dtype == torch.float32, **common,
         )
 
@@ -464,28 +601,82 @@ def matmul_act_grad(dy, w2, pre, activation: str):
     return dpre
 
 
+def _same_strides(g: torch.Tensor, u: torch.Tensor):
+    """``g`` and ``u`` with one set of strides (the kernels address u with g's): as they come
+    from the gated forward, else contiguous copies."""
+    return (g, u) if g.stride() == u.stride() else (g.contiguous(), u.contiguous())
+
+
+def linear_swiglu_fwd(x, w_gate, w_up, b_gate, b_up, save: bool):
+    """``h = silu(x @ w_gate^T + b_gate) * (x @ w_up^T + b_up)`` on a 2-D ``x`` (M, K), weights
+    (N, K) each, as one gated matmul. Returns ``(h, g, u)``; the pre-activations ``g`` and ``u``
+    (for the backward) are None unless ``save``."""
+    M, N = x.shape[0], w_gate.shape[0]
+    h = empty((M, N), dtype=x.dtype, device=x.device)
+    g = empty((M, N), dtype=x.dtype, device=x.device) if save else None
+    u = empty((M, N), dtype=x.dtype, device=x.device) if save else None
+    _mm(x, w_gate, b_gate, None, g, h, ACT_SILU, AUX_STORE_PRE if save else AUX_NONE,
+        b2_t=w_up, bias2=b_up, aux2=u)
+    return h, g, u
+
+
+def matmul_swiglu_grad(dy, w_down, g, u):
+    """``dH = dy @ w_down`` consumed in the epilogue: returns ``(dG, dU)`` = (dH * u * silu'(g),
+    dH * silu(g)); ``dy`` (M, D), ``w_down`` (D, F), ``g``/``u`` (M, F). dH is never stored."""
+    g, u = _same_strides(g, u)
+    M, F = g.shape
+    dg = empty((M, F), dtype=g.dtype, device=g.device)
+    du = empty((M, F), dtype=g.dtype, device=g.device)
+    _mm(dy, w_down.t(), None, None, g, dg, ACT_SILU, AUX_GATE_GRAD, aux2=u, out2=du)
+    return dg, du
+
+
 _BWD_BLOCK_M = 32
 _BWD_BLOCK_N = 128
 
 
-def act_bwd(dy, pre, activation: str, need_db: bool):
-    """``dPre = dy * act'(pre)`` on 2-D tensors (any strides, e.g. a stride-0 ``dy``), and
-    ``db = dPre.sum(0)`` in fp32 when ``need_db`` (else None)."""
+def _elementwise_bwd(dy, pre, up, activation: int, need_db: bool):
+    """The launch of ``_linear_gelu_bwd``: (dPre, dUp or None, db, db2 or None); db's in fp32."""
     M, N = pre.shape
+    gated = up is not None
     dpre = empty((M, N), dtype=pre.dtype, device=pre.device)
+    dup = empty((M, N), dtype=pre.dtype, device=pre.device) if gated else None
     if M == 0 or N == 0:
-        return dpre, (torch.zeros(N, dtype=torch.float32, device=pre.device) if need_db else None)
+        def zeros():
+            return torch.zeros(N, dtype=torch.float32, device=pre.device) if need_db else None
+
+        return dpre, dup, zeros(), zeros() if gated else None
     col_blocks = cdiv(N, _BWD_BLOCK_N)
     # Enough row groups for about four programs per SM; each group is whole BLOCK_M tiles.
     groups = max(1, min(cdiv(4 * sm_count(pre), col_blocks), cdiv(M, _BWD_BLOCK_M)))
     rows_per_program = cdiv(cdiv(M, groups), _BWD_BLOCK_M) * _BWD_BLOCK_M
     groups = cdiv(M, rows_per_program)
-    db_partial = empty((groups, N), dtype=torch.float32, device=pre.device) if need_db else None
+    db_partial = (empty((2 if gated else 1, groups, N), dtype=torch.float32, device=pre.device)
+                  if need_db else None)
+    db_args = (db_partial[0], db_partial[-1]) if need_db else (dpre, dpre)
     _linear_gelu_bwd[(col_blocks, groups)](
-        dy, pre, dpre, db_partial if need_db else dpre,
+        dy, pre, up if gated else pre, dpre, dup if gated else dpre, *db_args,
         M, N, rows_per_program,
         dy.stride(0), dy.stride(1), pre.stride(0), pre.stride(1), dpre.stride(0), dpre.stride(1),
-        ACTIVATION=ACTIVATIONS[activation], NEED_DB=need_db,
+        ACTIVATION=activation, GATED=gated, NEED_DB=need_db,
         BLOCK_M=_BWD_BLOCK_M, BLOCK_N=_BWD_BLOCK_N, num_warps=4,
     )
-    return dpre, (db_partial.sum(0) if need_db else None)
+    if not need_db:
+        return dpre, dup, None, None
+    # One reduction per bias: the two db's are separate tensors (op outputs may not alias).
+    return dpre, dup, db_partial[0].sum(0), db_partial[1].sum(0) if gated else None
+
+
+def act_bwd(dy, pre, activation: str, need_db: bool):
+    """``dPre = dy * act'(pre)`` on 2-D tensors (any strides, e.g. a stride-0 ``dy``), and
+    ``db = dPre.sum(0)`` in fp32 when ``need_db`` (else None)."""
+    dpre, _, db, _ = _elementwise_bwd(dy, pre, None, ACTIVATIONS[activation], need_db)
+    return dpre, db
+
+
+def swiglu_bwd(dh, g, u, need_db: bool):
+    """The backward of ``h = silu(g) * u`` on 2-D tensors (any strides for ``dh``): returns
+    ``(dG, dU, db_gate, db_up)`` with dG = dh * u * silu'(g), dU = dh * silu(g) and the column
+    sums in fp32 when ``need_db`` (else None)."""
+    g, u = _same_strides(g, u)
+    return _elementwise_bwd(dh, g, u, ACT_SILU, need_db)

@@ -4,3 +4,4 @@ from .ops.layer_norm import add_layer_norm, layer_norm  # noqa: F401
 from .ops.linear_gelu import feed_forward, linear_gelu, linear_relu  # noqa: F401
 from .ops.rms_norm import add_rms_norm, rms_norm  # noqa: F401
 from .ops.softmax import scaled_masked_softmax, softmax  # noqa: F401
+from .ops.swiglu import linear_swiglu, swiglu_feed_forward  # noqa: F401

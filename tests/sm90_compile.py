@@ -281,6 +281,47 @@ def scenario_linear_gelu(mod, cap: Capture):
     with cap.launches("gelu bwd, stride-0 dY (y.sum()), no db"):
         mod.act_bwd(_t(1, 1, dtype="bfloat16").expand(m, n), _t(m, n, dtype="bfloat16"),
                     "gelu", False)
+    scenario_swiglu(mod, cap, m, k, n)
+
+
+def scenario_swiglu(mod, cap: Capture, m: int, k: int, n: int):
+    """The GATED matmul of SwiGLU (two weights, two accumulators) and its backwards, beside the
+    linear_gelu launches of the same kernels: the forward saving g and u (every config of the TMA
+    kernel in bf16: the gated tile list is sized for two accumulators, so no config may spill) and
+    for inference, decode (M = 1), rows that are not 16-byte aligned (pointer kernel), fp32
+    (every gated fp32 tile, strict); the feed-forward backward dG, dU from dH = dY Wd (two outputs
+    from one accumulator: every TMA config, strict); the elementwise backward with both db's."""
+    def weights(dt, kk=k):
+        return _t(n, kk, dtype=dt), _t(n, kk, dtype=dt), _t(n, dtype=dt), _t(n, dtype=dt)
+
+    def fwd(note, dt, save, *, rows=m, kk=k, strict="default", configs="default"):
+        with cap.launches(note, strict=strict, configs=configs):
+            mod.linear_swiglu_fwd(_t(rows, kk, dtype=dt), *weights(dt, kk), save)
+
+    fwd("TMA swiglu fwd train: save g, u", "bfloat16", True, strict=True, configs="all")
+    fwd("TMA swiglu fwd train: save g, u", "float16", True)
+    fwd("TMA swiglu fwd infer", "bfloat16", False)
+    fwd("TMA swiglu decode M=1", "bfloat16", False, rows=1)
+    fwd("ptr swiglu fwd K=1023 (rows not 16B aligned)", "float16", True, kk=1023, configs="all")
+    fwd("ptr swiglu fwd fp32 ieee, save g, u", "float32", True, strict=True, configs="all")
+    with cap.launches("ptr swiglu fwd, no biases, w_gate a (K, N) view beside a row-major w_up",
+                      strict="default"):
+        mod.linear_swiglu_fwd(_t(m, k, dtype="bfloat16"), _t(k, n, dtype="bfloat16").t(),
+                              _t(n, k, dtype="bfloat16"), None, None, False)
+
+    def ffn_bwd(note, dt, *, strict="default", configs="default"):
+        with cap.launches(note, strict=strict, configs=configs):
+            mod.matmul_swiglu_grad(_t(m, k, dtype=dt), _t(k, n, dtype=dt), _t(m, n, dtype=dt),
+                                   _t(m, n, dtype=dt))
+
+    ffn_bwd("TMA swiglu ffn bwd: dG, dU from dH = dY Wd", "bfloat16", strict=True, configs="all")
+    ffn_bwd("ptr swiglu ffn bwd fp32", "float32", strict=True)
+    for dt in ("float16", "bfloat16", "float32"):
+        with cap.launches("swiglu bwd + db_gate, db_up", strict=True):
+            mod.swiglu_bwd(_t(m, n, dtype=dt), _t(m, n, dtype=dt), _t(m, n, dtype=dt), True)
+    with cap.launches("swiglu bwd, stride-0 dH (h.sum()), no db"):
+        mod.swiglu_bwd(_t(1, 1, dtype="bfloat16").expand(m, n), _t(m, n, dtype="bfloat16"),
+                       _t(m, n, dtype="bfloat16"), False)
 
 
 def _qkv(dt, d, *, b=2, hq=4, hkv=4, nq=256, nk=256):

@@ -1,4 +1,5 @@
-"""The feed-forward block of a transformer layer as one module."""
+"""The feed-forward block of a transformer layer as one module: the GeLU/ReLU block of
+``torch.nn.TransformerEncoderLayer`` and the SwiGLU block of Llama."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightllm.ops.linear_gelu import APPROXIMATIONS, FEED_FORWARD_ACTIVATIONS, feed_forward, linear_act
+from lightllm.ops.swiglu import swiglu_feed_forward
 
 
 class FeedForward(nn.Module):
@@ -59,3 +61,33 @@ def feed_forward_block(x: Tensor, linear1: nn.Module, linear2: nn.Module, dropou
         return y if residual is None else y + residual
     return feed_forward(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, approximate,
                         residual, activation)
+
+
+class SwiGLU(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x)) (+ residual)``: the feed-forward of Llama
+    (transformers' ``LlamaMLP`` with ``hidden_act="silu"``) on lightllm's fused kernels — one
+    gated matmul for gate and up (silu(g) * u in its epilogue), then the down projection with its
+    bias and the residual in its epilogue (``lightllm.functional.swiglu_feed_forward``).
+
+    ``gate_proj``, ``up_proj`` (hidden_size -> intermediate_size) and ``down_proj``
+    (intermediate_size -> hidden_size) are plain ``nn.Linear`` modules with ``bias`` as
+    ``config.mlp_bias``, so a ``LlamaMLP`` state dict loads unchanged.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **factory)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        return swiglu_feed_forward(x, gate.weight, up.weight, down.weight, gate.bias, up.bias,
+                                   down.bias, residual)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"

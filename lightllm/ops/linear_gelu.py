@@ -75,15 +75,16 @@ _NATIVE = SimpleNamespace(
 )
 
 
-def _launcher(x: Tensor):
-    """The Triton launchers where the kernels serve ``x``, else the native ones (looked up per
-    call, so a test can wrap a launcher). float64 has no Triton path."""
+def _launcher(x: Tensor, native=_NATIVE, what: str = "linear + activation"):
+    """The Triton launchers where the kernels serve ``x``, else ``native`` (the namespace of the
+    same launchers on PyTorch's ops; looked up per call, so a test can wrap a launcher). float64
+    has no Triton path: a one-time warning names ``what``. Shared with ``lightllm.ops.swiglu``."""
     if x.dtype is not torch.float64 and _dispatch.runs_triton(x):
         return kernel
     if x.dtype is torch.float64 and _dispatch.triton_runs_on(x.device):
-        _dispatch.warn_once("linear_act:float64", "linear + activation: float64 has no Triton path; "
-                            "running PyTorch's own ops instead")
-    return _NATIVE
+        _dispatch.warn_once(f"{what}:float64", f"{what}: float64 has no Triton path; running "
+                            "PyTorch's own ops instead")
+    return native
 
 
 def _none(x: Tensor) -> Tensor:
@@ -325,6 +326,25 @@ def _check_x(op: str, x) -> None:
         raise ValueError(f"{op}: x must have at least 1 dimensions, got shape {tuple(x.shape)}")
 
 
+def _rows(op: str, x: Tensor, residual, d_out: int):
+    """``x`` as 2-D rows (m, in_features) and ``residual`` (checked: broadcastable to the output
+    (..., d_out), x's dtype and device) as (m, d_out); and whether the result must be viewed back
+    to x's leading dimensions. Shared by the feed-forwards."""
+    flat = x.dim() != 2
+    if residual is not None:
+        _check_tensor(op, "residual", residual)
+        out_shape = (*x.shape[:-1], d_out)
+        if residual.shape != out_shape:
+            check_broadcastable(op, "residual", residual, out_shape)
+            residual = residual.expand(out_shape)
+            flat = True
+        _check_like(op, "residual", residual, x)
+    m = math.prod(x.shape[:-1]) if flat else x.shape[0]
+    x2d = x.reshape(m, x.shape[-1]) if flat else x
+    r2d = residual.reshape(m, d_out) if flat and residual is not None else residual
+    return x2d, r2d, flat
+
+
 def _linear_act(op: str, x, weight, bias, activation: str) -> Tensor:
     _check_x(op, x)
     _check_weight(op, "weight", weight, "bias", bias, x, x.shape[-1])
@@ -393,18 +413,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
     else:
         raise ValueError(f"{op}: activation must be 'gelu' or 'relu', got {activation!r}")
     d_model = w2.shape[0]
-    flat = x.dim() != 2
-    if residual is not None:
-        _check_tensor(op, "residual", residual)
-        out_shape = (*x.shape[:-1], d_model)
-        if residual.shape != out_shape:
-            check_broadcastable(op, "residual", residual, out_shape)
-            residual = residual.expand(out_shape)
-            flat = True
-        _check_like(op, "residual", residual, x)
-    m = math.prod(x.shape[:-1]) if flat else x.shape[0]
-    x2d = x.reshape(m, x.shape[-1]) if flat else x
-    r2d = residual.reshape(m, d_model) if flat and residual is not None else residual
+    x2d, r2d, flat = _rows(op, x, residual, d_model)
     # h and pre are saved only when a weight-side gradient needs them (the residual's is dY).
     save = _dispatch.needs_grad(x, w1, b1, w2, b2)
     if not _dispatch.direct(x):
