@@ -155,8 +155,9 @@ _FP32_TILES = [
 ]
 # Two accumulators (GATED): at most 128 fp32 accumulator values per thread, e.g. 128x128 over 8
 # warps (2 x 64): no 128x256 / 256x128 tiles, and 128x64 / 64x128 on 8 warps, not 4 (there they
-# spill 44 / 28 bytes saving g and u, ptxas sm_90a); shared memory holds two B tiles per stage. The TMA default, 128x128 on 8 warps, takes 184
-# registers saving g and u, 255 without (ptxas, sm_90a; no spill).
+# spill 44 / 28 bytes saving g and u, ptxas sm_90a); shared memory holds two B tiles per stage.
+# The TMA default, 128x128 on 8 warps, takes 184 registers saving g and u, 255 without (ptxas,
+# sm_90a; no spill).
 _GATED_HALF_TILES = [
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
