@@ -286,11 +286,34 @@ def _llama():
     return transformers.LlamaForCausalLM(config).to(DEVICE).eval()
 
 
-def _llama_ops_per_layer(ops, layers):
-    assert ops.lightllm["sdpa_fwd"] == layers
+def _llama_ops_per_layer(ops, layers, native=False):
+    # On the native CPU path lightllm's attention is PyTorch's SDPA behind lightllm's checks (no
+    # custom op): the interface calls are counted instead (_counted_attention).
+    assert ops.lightllm["sdpa_fwd"] == (0 if native else layers)
     assert ops.lightllm["rms_norm_fwd"] == 2 * layers + 1  # input, post-attention; final norm
     assert ops.lightllm["swiglu_feed_forward_fwd"] == layers
-    assert not TORCH_PATHS & set(ops.aten), ops.aten
+    assert not (TORCH_PATHS - ({"_scaled_dot_product_flash_attention_for_cpu"} if native
+                               else set())) & set(ops.aten), ops.aten
+
+
+@contextlib.contextmanager
+def _counted_attention():
+    """Counts the calls transformers makes to the "lightllm" attention function."""
+    from transformers import AttentionInterface
+
+    from lightllm.integrations.hugging_face import attention_forward
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return attention_forward(*args, **kwargs)
+
+    AttentionInterface.register("lightllm", counted)
+    try:
+        yield calls
+    finally:
+        AttentionInterface.register("lightllm", attention_forward)
 
 
 def test_llama_patched_logits_and_gradients():
@@ -353,12 +376,14 @@ def test_smollm2_logits_and_generation(smollm2):
     ours = copy.deepcopy(model)
     report = lightllm.patch(ours)
     assert not report.left_alone, report.left_alone
-    route = _dispatch.native_cpu() if DEVICE == "cpu" else contextlib.nullcontext()
+    native = DEVICE == "cpu"
+    route = _dispatch.native_cpu() if native else contextlib.nullcontext()
     with torch.no_grad(), route:
-        with DispatchedOps() as ops:
+        with DispatchedOps() as ops, _counted_attention() as attention_calls:
             got_logits = ours(**batch).logits
         got = ours.generate(**batch, **args)
-    _llama_ops_per_layer(ops, 30)
+    _llama_ops_per_layer(ops, 30, native)
+    assert len(attention_calls) == 30
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got_logits[real], want_logits[real], atol=2e-4, rtol=2e-4)
     assert torch.equal(got, want), tok.batch_decode(got[:, batch["input_ids"].shape[1]:])
