@@ -19,14 +19,13 @@ from positions) are PyTorch reductions over the heads, computed only when asked 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from lightllm import _dispatch
 from lightllm._validation import FLOAT_DTYPES, check_same, dtype_error, shape_error, tensor_error
 from lightllm.kernels import rotary as kernel
+from lightllm.kernels._utils import empty
 from lightllm.reference import rotary as reference
 
 # ------------------------------------------------------------------------------------------------
@@ -56,8 +55,8 @@ def _native_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, heads_dim: int, 
     """``kernel.rotary_fwd`` with PyTorch's CPU ops (any device works: it is plain torch)."""
     in_place = out is not None
     if out is None:
-        out = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-               torch.empty(k.shape, dtype=k.dtype, device=k.device))
+        out = (empty(q.shape, dtype=q.dtype, device=q.device),
+               empty(k.shape, dtype=k.dtype, device=k.device))
     rotary = cos.shape[-1]
     half = rotary // 2
     c, s = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
@@ -261,11 +260,20 @@ def rotary_embedding_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     return q, k
 
 
-@functools.lru_cache(maxsize=64)
+_INV_FREQ: dict[tuple[int, float, torch.device], Tensor] = {}
+
+
 def _inv_freq(dim: int, base: float, device: torch.device) -> Tensor:
-    """1 / base^(2i / dim) as LlamaRotaryEmbedding computes it (on the CPU, in fp32), then moved
-    to ``device`` once: no per-call host tensor or copy on a CUDA path."""
-    return inv_freq(dim, base).to(device)
+    """1 / base^(2i / dim) as LlamaRotaryEmbedding computes it (on the CPU, in fp32), moved to
+    ``device`` once and cached: no per-call host tensor or copy on a CUDA path (a traced call
+    computes it in the graph instead)."""
+    if torch.compiler.is_compiling():
+        return inv_freq(dim, base).to(device)
+    key = (dim, base, device)
+    table = _INV_FREQ.get(key)
+    if table is None:
+        table = _INV_FREQ[key] = inv_freq(dim, base).to(device)
+    return table
 
 
 def inv_freq(dim: int, base: float = 10000.0) -> Tensor:
