@@ -175,6 +175,6 @@ def rotary_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         S, HQ, HK, half, n_pass, n_head_blocks, n_tiles,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
         BLOCK_PASS=next_pow2(n_pass), HAS_PASS=n_pass > 0, INVERSE=inverse,
-        num_warps=warps_for_block(2 * (block_hq + block_hk) * block_half),
+        num_warps=warps_for_block(2 * max(block_hq, block_hk) * block_half),
     )
     return out
