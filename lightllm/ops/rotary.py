@@ -8,9 +8,9 @@ applies the transpose of the rotation, which is the backward: the gradient of th
 ``inverse`` flipped (so it is differentiable to any order).
 
 Each has two launchers with one signature: the Triton kernel (``lightllm.kernels.rotary``: CUDA, and
-CPU under the interpreter) and the native CPU one, PyTorch ops writing straight into the output's
-halves (``torch.mul(..., out=)`` then ``addcmul_``: no temporary of q's size; about 2x faster than
-transformers' ``apply_rotary_pos_emb`` on CPU). The public functions pick one per call and, in
+CPU under the interpreter) and the native CPU one, PyTorch ops writing straight into the output
+(``torch.mul(x, cos, out=)``, then one ``addcmul_`` per half: no temporary of q's size, where
+transformers' ``apply_rotary_pos_emb`` makes five). The public functions pick one per call and, in
 plain eager mode, call it directly (through an ``autograd.Function`` when a gradient is needed);
 under ``torch.compile`` or a dispatch mode they call the custom ops, whose bodies pick the same
 launcher. float64 runs the eager reference. Gradients of cos and sin (rarely wanted: tables come
@@ -33,20 +33,26 @@ from lightllm.reference import rotary as reference
 # ------------------------------------------------------------------------------------------------
 
 
-def _native_rotate(x: Tensor, y: Tensor, c1, c2, s1, s2, half: int, rotary: int, inverse: bool,
-                   in_place: bool) -> None:
-    """y = rotation of x (y may be x), as in the kernel's docstring, in two fused ops per half."""
-    x1, x2 = x[..., :half], x[..., half:rotary]
-    y1, y2 = y[..., :half], y[..., half:rotary]
+def _native_rotate(x: Tensor, y: Tensor, c: Tensor, s1: Tensor, s2: Tensor, rotary: int,
+                   inverse: bool, in_place: bool) -> None:
+    """y = rotation of x (y may be x), as in the kernel's docstring: y = x * cos over the rotary
+    dims, then each half gains its sine term in place (three ops, no temporary of x's size).
+    At decode sizes the cost is PyTorch's per-op overhead: a full rotary dim takes no slices,
+    and each pair of halves comes from one ``chunk``."""
+    partial = rotary < x.shape[-1]
+    src, dst = (x[..., :rotary], y[..., :rotary]) if partial else (x, y)
     if in_place:
-        x1 = x1.clone()  # y1 overwrites it before y2 reads it
-    # forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; inverse: y1 = x1 c1 + x2 s2, y2 = x2 c2 - x1 s1
-    sa, va, sb, vb = (s2, 1, s1, -1) if inverse else (s1, -1, s2, 1)
-    torch.mul(x1, c1, out=y1)
-    y1.addcmul_(x2, sa, value=va)
-    torch.mul(x2, c2, out=y2)
-    y2.addcmul_(x1, sb, value=vb)
-    if not in_place and rotary < x.shape[-1]:
+        src = src.clone()  # y overwrites it before the sine terms read it
+    torch.mul(src, c, out=dst)
+    x1, x2 = src.chunk(2, -1)
+    y1, y2 = dst.chunk(2, -1)
+    if inverse:  # the transpose: y1 += x2 s2, y2 -= x1 s1
+        y1.addcmul_(x2, s2)
+        y2.addcmul_(x1, s1, value=-1)
+    else:  # y1 -= x2 s1, y2 += x1 s2
+        y1.addcmul_(x2, s1, value=-1)
+        y2.addcmul_(x1, s2)
+    if partial and not in_place:
         y[..., rotary:].copy_(x[..., rotary:])
 
 
@@ -57,12 +63,11 @@ def _native_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, heads_dim: int, 
     if out is None:
         out = (empty(q.shape, dtype=q.dtype, device=q.device),
                empty(k.shape, dtype=k.dtype, device=k.device))
+    c = cos.unsqueeze(heads_dim)
+    s1, s2 = sin.unsqueeze(heads_dim).chunk(2, -1)
     rotary = cos.shape[-1]
-    half = rotary // 2
-    c, s = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
-    c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
-    _native_rotate(q, out[0], c1, c2, s1, s2, half, rotary, inverse, in_place)
-    _native_rotate(k, out[1], c1, c2, s1, s2, half, rotary, inverse, in_place)
+    _native_rotate(q, out[0], c, s1, s2, rotary, inverse, in_place)
+    _native_rotate(k, out[1], c, s1, s2, rotary, inverse, in_place)
     return out
 
 
