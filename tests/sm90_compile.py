@@ -381,11 +381,40 @@ def scenario_attention_decode(mod, cap: Capture):
             mod.attention_decode_fwd(q, k, v, mask, d ** -0.5)
 
 
+def scenario_rotary(mod, cap: Capture):
+    """q and k of one launch: bf16 Llama-8B sizes (32 : 8 heads, head dim 128, per-row tables)
+    forward and inverse (the backward), fp16 (B, S, H, D) views of a fused qkv with a partial
+    rotary dim (40 of 80: the pass-through copy) and batch-1 tables, the fp32 decode step of
+    SmolLM2 (9 : 3 heads, head dim 64), the in-place form, head dim 256 (the widest half-tile).
+    Nothing may spill."""
+    import torch
+
+    def run(note, dt, b, s, hq, hk, d, r, *, heads_dim=1, table_batch=None, inverse=False,
+            in_place=False):
+        qkv = _t(b, s, (hq + 2 * hk) * d, dtype=dt)
+        q = qkv[..., : hq * d].view(b, s, hq, d)
+        k = qkv[..., hq * d: (hq + hk) * d].view(b, s, hk, d)
+        if heads_dim == 1:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = _t(table_batch or b, s, r, dtype=dt), _t(table_batch or b, s, r, dtype=dt)
+        with cap.launches(note, strict=True):
+            mod.rotary_fwd(q, k, cos, sin, heads_dim, inverse, (q, k) if in_place else None)
+
+    run("fwd d128 GQA 32:8", "bfloat16", 4, 128, 32, 8, 128, 128)
+    run("bwd (inverse) d128 GQA 32:8", "bfloat16", 4, 128, 32, 8, 128, 128, inverse=True)
+    run("fwd (B,S,H,D) d80 R=40, tables (1,S,R)", "float16", 2, 64, 16, 4, 80, 40,
+        heads_dim=2, table_batch=1)
+    run("decode d64 GQA 9:3", "float32", 8, 1, 9, 3, 64, 64)
+    run("decode in place d128 GQA 32:8", "bfloat16", 8, 1, 32, 8, 128, 128, in_place=True)
+    run("fwd d256", "bfloat16", 2, 64, 8, 2, 256, 256)
+
+
 SCENARIOS = {
     "attention": scenario_attention,
     "attention_decode": scenario_attention_decode,
     "layer_norm": scenario_layer_norm,
     "linear_gelu": scenario_linear_gelu,
+    "rotary": scenario_rotary,
 }
 
 

@@ -3,6 +3,7 @@ from .attention import CausalSelfAttention, KVCache, MultiheadAttention  # noqa:
 from .feed_forward import FeedForward, SwiGLU  # noqa: F401
 from .layer_norm import AddLayerNorm, LayerNorm  # noqa: F401
 from .rms_norm import AddRMSNorm, RMSNorm  # noqa: F401
+from .rotary import RotaryEmbedding  # noqa: F401
 from .softmax import Softmax  # noqa: F401
 from .transformer import (  # noqa: F401
     TransformerDecoderLayer,
