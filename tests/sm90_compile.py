@@ -387,7 +387,6 @@ def scenario_rotary(mod, cap: Capture):
     rotary dim (40 of 80: the pass-through copy) and batch-1 tables, the fp32 decode step of
     SmolLM2 (9 : 3 heads, head dim 64), the in-place form, head dim 256 (the widest half-tile).
     Nothing may spill."""
-    import torch
 
     def run(note, dt, b, s, hq, hk, d, r, *, heads_dim=1, table_batch=None, inverse=False,
             in_place=False):

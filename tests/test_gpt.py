@@ -60,8 +60,11 @@ def test_from_hf_shares_weights_and_matches_logits(family):
     ids, mask = _left_padded(hf.config.vocab_size, [13, 9, 2], 13)
     with DispatchedOps() as ops:
         logits = model(ids, attention_mask=mask)
-    want = hf(ids, attention_mask=mask).logits
-    want64 = copy.deepcopy(hf).double()(ids, attention_mask=mask).logits
+    # transformers' forward numbers positions 0.. across the padding; generate and lightllm's
+    # GPT number each sequence from its first real token.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    want = hf(ids, attention_mask=mask, position_ids=positions).logits
+    want64 = copy.deepcopy(hf).double()(ids, attention_mask=mask, position_ids=positions).logits
     real = mask.bool()
     assert_parity(logits[real], want64[real], want[real])
     layers = hf.config.num_hidden_layers
@@ -71,7 +74,7 @@ def test_from_hf_shares_weights_and_matches_logits(family):
     mlp = "feed_forward_fwd" if family == "gpt2" else "swiglu_feed_forward_fwd"
     assert ops.lightllm[mlp] == layers
     if family == "llama":
-        assert ops.lightllm["rotary_embedding_fwd"] == layers
+        assert ops.lightllm["rotary_embedding"] == layers
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -167,10 +170,17 @@ def test_config_checks():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_training_converges_like_the_eager_reference(family):
-    """A tiny byte-level GPT trained 30 steps from one seed: per-step losses and the final
-    parameters of lightllm's kernels and of the eager reference agree (Liger-Kernel's check)."""
+@pytest.mark.parametrize("family, steps, native", [
+    ("gpt2", 30, True), ("llama", 30, True),
+    # The Triton kernels themselves (the interpreter on a CPU machine: ~6 s a step).
+    ("llama", 4 if DEVICE == "cpu" else 30, False),
+], ids=["gpt2-native", "llama-native", "llama-kernels"])
+def test_training_converges_like_the_eager_reference(family, steps, native):
+    """A tiny byte-level GPT trained from one seed: per-step losses and the final parameters of
+    lightllm's ops and of the eager reference agree (Liger-Kernel's check). "native": lightllm's
+    CPU path (its C++ kernels, PyTorch's ops behind its checks), as a CPU user trains."""
+    if native and DEVICE != "cpu":
+        pytest.skip("the native CPU path")
     tok = ByteTokenizer()
     text = ("<USER>What is the capital of France?<ASSISTANT>Paris.<EOS>"
             "<USER>What is two plus two?<ASSISTANT>Four.<EOS>") * 3
@@ -182,15 +192,19 @@ def test_training_converges_like_the_eager_reference(family):
     torch.manual_seed(0)
     ours = GPT(config).to(DEVICE)
     theirs = copy.deepcopy(ours)
+    # The interpreter runs one program per (position, head block) of the rotary kernel: keep the
+    # kernels' case small.
+    rows, seq = (4, 32) if native or DEVICE != "cpu" else (2, 12)
     runs = []
-    for model, route in ((ours, contextlib.nullcontext), (theirs, gpt_eager_reference)):
+    ours_route = _dispatch.native_cpu if native else contextlib.nullcontext
+    for model, route in ((ours, ours_route), (theirs, gpt_eager_reference)):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(1)
         losses = []
         with route():
-            for _ in range(30):
-                starts = torch.randint(0, len(data) - 33, (4,), generator=g)
-                batch = torch.stack([data[s:s + 33] for s in starts])
+            for _ in range(steps):
+                starts = torch.randint(0, len(data) - seq - 1, (rows,), generator=g)
+                batch = torch.stack([data[s:s + seq + 1] for s in starts])
                 logits = model(batch[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
                 opt.zero_grad()
@@ -199,8 +213,13 @@ def test_training_converges_like_the_eager_reference(family):
                 losses.append(loss.item())
         runs.append(losses)
     torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]), atol=1e-4, rtol=1e-4)
-    assert runs[0][-1] < 0.6 * runs[0][0]  # it learned
+    if steps >= 30:
+        assert runs[0][-1] < 0.6 * runs[0][0]  # it learned
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        if name.endswith("k_proj.bias"):
+            # Softmax ignores a bias added to every key: its true gradient is 0, so both runs
+            # follow rounding noise, which Adam scales up to full-size steps.
+            continue
         torch.testing.assert_close(p, q, atol=2e-4, rtol=2e-4, msg=name)
 
 
@@ -231,12 +250,14 @@ def test_smollm2_greedy_tokens_equal_transformers(smollm2):
     chats = ["What is the capital of France?", "Name a colour."]
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
                                        add_generation_prompt=True) for c in chats]
-    route = _dispatch.native_cpu() if DEVICE == "cpu" else contextlib.nullcontext()
+    def route():
+        return _dispatch.native_cpu() if DEVICE == "cpu" else contextlib.nullcontext()
+
     for batch in ([prompts[0]], prompts):
         enc = tok(batch, padding=True, return_tensors="pt", add_special_tokens=False).to(DEVICE)
         want = hf.generate(**enc, max_new_tokens=12, do_sample=False,
                            pad_token_id=tok.pad_token_id)
-        with route:
+        with route():
             got = model.generate(enc["input_ids"], 12, attention_mask=enc["attention_mask"],
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         assert torch.equal(got, want), tok.batch_decode(got[:, enc["input_ids"].shape[1]:])
