@@ -19,7 +19,8 @@ so that the heads of a position usually fit one program (``TILE`` elements per h
 the program count is B * S, and each head block of a position sits next to the others in the
 launch order (cos/sin reread from L2 when a position takes several).
 
-Memory traffic (e = element size of q/k, e_c of cos/sin; ideal and achieved):
+Memory traffic (e = element size of q/k, e_c of cos/sin), the ideal, which the kernel moves when a
+position's heads fit one program:
   read  B·S·(H + Hkv)·D·e (q, k) + 2·B·S·R·e_c (cos, sin, once per position and head block)
   write B·S·(H + Hkv)·D·e (the rotated q, k; in place: only the R rotary dims)
 The in-place form (``y`` is ``x``) skips the pass-through dims entirely: each element is loaded

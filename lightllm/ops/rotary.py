@@ -10,7 +10,7 @@ applies the transpose of the rotation, which is the backward: the gradient of th
 Each has two launchers with one signature: the Triton kernel (``lightllm.kernels.rotary``: CUDA, and
 CPU under the interpreter) and the native CPU one, PyTorch ops writing straight into the output
 (``torch.mul(x, cos, out=)``, then one ``addcmul_`` per half: no temporary of q's size, where
-transformers' ``apply_rotary_pos_emb`` makes five). The public functions pick one per call and, in
+transformers' ``apply_rotary_pos_emb`` makes four per tensor). The public functions pick one per call and, in
 plain eager mode, call it directly (through an ``autograd.Function`` when a gradient is needed);
 under ``torch.compile`` or a dispatch mode they call the custom ops, whose bodies pick the same
 launcher. float64 runs the eager reference. Gradients of cos and sin (rarely wanted: tables come
