@@ -298,10 +298,6 @@ def plan_module(module: nn.Module) -> tuple[str, type, str] | str | None:
                     f"({', '.join(t[1] for t in _FORMS.values())})")
         return None
     _, template, kind, _, check = _FORMS[form]
-    if form in ("rms_norm",) and not hasattr(LF, "rms_norm"):
-        return "lightllm has no rms_norm op in this build"
-    if form in ("mlp_gated",) and not hasattr(LF, "swiglu_feed_forward"):
-        return "lightllm has no fused SwiGLU op in this build"
     reason = check(module)
     if reason is not None:
         return f"{cls.__name__} has {template}'s form but {reason}"

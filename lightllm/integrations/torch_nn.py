@@ -15,17 +15,15 @@ from ..nn.transformer import fused_activation
 
 
 def _swaps() -> dict[type[nn.Module], tuple[type[nn.Module], str]]:
-    swaps = {
+    return {
         nn.LayerNorm: (lnn.LayerNorm, "norm"),
+        nn.RMSNorm: (lnn.RMSNorm, "norm"),
         nn.Softmax: (lnn.Softmax, "softmax"),
         nn.MultiheadAttention: (lnn.MultiheadAttention, "attention"),
         nn.TransformerEncoderLayer: (lnn.TransformerEncoderLayer, "layer"),
         nn.TransformerDecoderLayer: (lnn.TransformerDecoderLayer, "layer"),
         nn.TransformerEncoder: (lnn.TransformerEncoder, "layer"),
     }
-    if hasattr(lnn, "RMSNorm"):
-        swaps[nn.RMSNorm] = (lnn.RMSNorm, "norm")
-    return swaps
 
 
 SWAPS = _swaps()

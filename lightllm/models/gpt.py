@@ -22,7 +22,6 @@ hd head dim, V vocabulary.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -453,16 +452,3 @@ class _GraphedDecode:
         self.graph.replay()
         return self.logits
 
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied head counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def flops_per_token(config: GPTConfig, context: int) -> float:
-    """Forward FLOPs per token at a given context (2 per multiply-add; attention included)."""
-    c = config
-    attn_proj = 2 * c.n_embd * c.head_dim * (2 * c.n_head + 2 * c.n_kv_head)
-    mlp = 2 * c.n_embd * c.intermediate_size * (3 if c.mlp == "swiglu" else 2)
-    attn = 4 * c.n_head * c.head_dim * context
-    return c.n_layer * (attn_proj + mlp + attn) + 2 * c.n_embd * c.vocab_size + 0 * math.pi
