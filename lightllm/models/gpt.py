@@ -194,8 +194,10 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None,
                 attention_mask: Tensor | None = None, caches: list[KVCache] | None = None,
-                start_pos: int | Tensor = 0, key_mask: Tensor | None = None) -> Tensor:
-        """Logits (B, S, V) of ``input_ids`` (B, S).
+                start_pos: int | Tensor = 0, key_mask: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits (B, S, V) of ``input_ids`` (B, S) (``last_only``: of the last position only,
+        (B, 1, V); generation needs no more and the output head is a large matmul).
 
         ``positions`` (B, S): each token's position (default ``start_pos + arange(S)``; with left
         padding, the position within its own sequence). ``attention_mask`` (B, S): 1 for real
@@ -229,7 +231,7 @@ class GPT(nn.Module):
             h, x = _add_norm(a, x, block.norm_mlp)
             following = blocks[i + 1].norm_attn if i + 1 < len(blocks) else self.norm_f
             h, x = _add_norm(block.mlp(h), x, following)
-        return self.lm_head(h)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     def make_caches(self, batch_size: int, max_seq_len: int) -> list[KVCache]:
         c, p = self.config, self.wte.weight
@@ -288,7 +290,7 @@ class GPT(nn.Module):
         else:
             positions = torch.arange(T, device=device).expand(B, T)
         logits = self(input_ids, positions, caches=caches, start_pos=0,
-                      key_mask=None if key_mask is None else key_mask[:, :T])[:, -1]
+                      key_mask=None if key_mask is None else key_mask[:, :T], last_only=True)[:, -1]
         next_pos = positions[:, -1:] + 1  # (B, 1)
         pad = eos_token_id if pad_token_id is None else pad_token_id
         pad = 0 if pad is None else pad
