@@ -23,8 +23,12 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated op files (bench_<op>)")
     args = parser.parse_args()
     only = {o for o in args.only.split(",") if o}
-    names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)
-                   if m.name.startswith("bench_"))
+    # The ops first, the end-to-end cases (whole models, generation) last: under a time limit
+    # (make gpu-check) the per-op evidence comes back even when a model case runs long.
+    end_to_end = ("bench_transformer", "bench_patch", "bench_generate")
+    names = sorted((m.name for m in pkgutil.iter_modules(benchmarks.__path__)
+                    if m.name.startswith("bench_")),
+                   key=lambda n: (end_to_end.index(n) + 1 if n in end_to_end else 0, n))
     failed = []
     for name in names:
         op = name.removeprefix("bench_")
