@@ -201,3 +201,53 @@ def gpt_eager_reference():
         yield
     finally:
         gpt.LF, gpt.feed_forward_block = saved
+
+
+def patched_three_way(model: torch.nn.Module, forward, inputs=(), *, grad: bool = False,
+                      train: bool | None = None):
+    """Run ``forward(m, *inputs)`` on three copies of ``model``: patched by ``lightllm.patch``
+    ("ours", under :class:`DispatchedOps`), the model as it is (PyTorch's result in its dtype) and
+    a float64 copy (the reference). Floating ``inputs`` are cast to each copy's dtype. With
+    ``grad``, each entry also holds the gradients of one random projection of the output w.r.t.
+    the floating inputs, then the parameters (in ``named_parameters`` order). ``train`` sets the
+    mode of all three (None keeps the model's).
+
+    Returns ``([(y, grads) ours, torch, reference], ops, report)``."""
+    import copy
+
+    import lightllm
+
+    ours = copy.deepcopy(model)
+    report = lightllm.patch(ours)
+    reference = copy.deepcopy(model).double()
+    results, projection, ops = [], None, None
+    for m in (ours, model, reference):
+        if train is not None:
+            m.train(train)
+        dtype = torch.float64 if m is reference else next(model.parameters()).dtype
+        xs = [t.detach().to(dtype).requires_grad_(grad) if t.is_floating_point() else t
+              for t in inputs]
+        with torch.set_grad_enabled(grad):
+            if m is ours:
+                with DispatchedOps() as ops:
+                    y = forward(m, *xs)
+            else:
+                y = forward(m, *xs)
+        g = None
+        if grad:
+            if projection is None:
+                projection = torch.randn(y.shape, device=y.device, dtype=torch.float64)
+            wrt = [t for t in xs if t.is_floating_point()] + list(m.parameters())
+            g = torch.autograd.grad((y * projection.to(y.dtype)).sum(), wrt, allow_unused=True)
+        results.append((y, g))
+    return results, ops, report
+
+
+def assert_three_way(results, names=()) -> None:
+    """The tolerance rule on :func:`patched_three_way`'s output and (named) gradients."""
+    (y, g), (y_torch, g_torch), (y_ref, g_ref) = results
+    assert_parity(y, y_ref, y_torch, name="output")
+    if g is not None:
+        for name, a, b, c in zip(names, g, g_torch, g_ref):
+            if c is not None:
+                assert_parity(a, c, b, grad=True, name=name)

@@ -13,7 +13,7 @@ from conftest import DEVICE
 
 import lightllm
 from lightllm import _dispatch
-from lightllm.testing import DispatchedOps, assert_parity
+from lightllm.testing import DispatchedOps, assert_three_way, patched_three_way
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,38 +37,6 @@ def _left_padded(vocab, lengths, seq):
         mask[i, seq - n:] = 1
         ids[i, :seq - n] = 0
     return ids, mask
-
-
-def _three_way(model, forward, grad=False):
-    """(ours patched, PyTorch's float32, float64 reference) outputs, gradients of a random
-    projection w.r.t. the parameters when ``grad``, and the ops the patched copy dispatched."""
-    ours = copy.deepcopy(model)
-    report = lightllm.patch(ours)
-    ref = copy.deepcopy(model).double()
-    out, r = [], None
-    for m in (ours, model, ref):
-        with torch.set_grad_enabled(grad):
-            if m is ours:
-                with DispatchedOps() as ops:
-                    y = forward(m)
-            else:
-                y = forward(m)
-        g = None
-        if grad:
-            r = torch.randn(y.shape, device=DEVICE, dtype=torch.float64) if r is None else r
-            g = torch.autograd.grad((y * r.to(y.dtype)).sum(), list(m.parameters()),
-                                    allow_unused=True)
-        out.append((y, g))
-    return out, ops, report
-
-
-def _check(out, names=()):
-    (y, g), (y_t, g_t), (y_r, g_r) = out
-    assert_parity(y, y_r, y_t, name="output")
-    if g is not None:
-        for name, a, b, c in zip(names, g, g_t, g_r):
-            if c is not None:
-                assert_parity(a, c, b, grad=True, name=name)
 
 
 def test_attention_is_registered_on_import():
@@ -126,8 +94,8 @@ def test_set_attn_implementation_and_padding():
 def test_gpt2_patched(activation):
     model = _gpt2(activation_function=activation)
     ids, mask = _left_padded(211, [13, 8], 13)
-    out, ops, report = _three_way(model, lambda m: m(ids, attention_mask=mask).logits)
-    _check(out)
+    out, ops, report = patched_three_way(model, lambda m: m(ids, attention_mask=mask).logits)
+    assert_three_way(out)
     assert report.attn_implementation == "lightllm"
     assert ops.lightllm["sdpa_fwd"] == 2
     assert ops.lightllm["feed_forward_fwd"] == 2  # GPT2MLP: Conv1D weights used as they are
@@ -140,8 +108,8 @@ def test_gpt2_trains_patched():
     model = _gpt2().train()  # dropouts are 0: deterministic
     ids, mask = _left_padded(211, [9, 5], 9)
     names = [n for n, _ in model.named_parameters()]
-    out, ops, _ = _three_way(model, lambda m: m(ids, attention_mask=mask).logits, grad=True)
-    _check(out, names)
+    out, ops, _ = patched_three_way(model, lambda m: m(ids, attention_mask=mask).logits, grad=True)
+    assert_three_way(out, names)
     assert ops.lightllm["feed_forward_fwd"] == 2 and ops.lightllm["sdpa_fwd"] == 2
 
 
@@ -175,6 +143,9 @@ def test_wrapped_model_gets_the_attention_too():
     report = lightllm.patch(wrapper)
     assert report.attn_implementation == "lightllm" and "lm.transformer.h.0.mlp" in report.swapped
     assert model.config._attn_implementation == "lightllm"
+    with DispatchedOps() as ops:
+        wrapper["lm"](torch.randint(0, 211, (1, 5), device=DEVICE))
+    assert ops.lightllm["sdpa_fwd"] == 2 and ops.lightllm["feed_forward_fwd"] == 2
     lightllm.unpatch(wrapper)
     assert model.config._attn_implementation == "sdpa"
 
@@ -243,8 +214,8 @@ def test_minilm_embeddings(minilm, padding_side):
     batch = tok(["The capital of France is Paris.", "kernels", "A longer sentence about fused "
                  "attention kernels and layer norms on GPUs."], padding=True, return_tensors="pt")
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
-    out, ops, report = _three_way(model.to(DEVICE), lambda m: m(**batch).last_hidden_state)
-    _check(out)
+    out, ops, report = patched_three_way(model.to(DEVICE), lambda m: m(**batch).last_hidden_state)
+    assert_three_way(out)
     assert ops.lightllm["sdpa_fwd"] == 6
     assert ops.lightllm["add_layer_norm_fwd"] == 12  # BertSelfOutput and BertOutput per layer
     assert ops.lightllm["linear_act_fwd"] == 6  # BertIntermediate: dense + GeLU
@@ -319,14 +290,14 @@ def _counted_attention():
 def test_llama_patched_logits_and_gradients():
     model = _llama()
     ids, mask = _left_padded(193, [12, 7, 2], 12)
-    out, ops, report = _three_way(model, lambda m: m(ids, attention_mask=mask).logits)
-    _check(out)
+    out, ops, report = patched_three_way(model, lambda m: m(ids, attention_mask=mask).logits)
+    assert_three_way(out)
     _llama_ops_per_layer(ops, 2)
     kinds = report.by_kind()
     assert len(kinds["norm"]) == 5 and len(kinds["feed-forward"]) == 2
     names = [n for n, _ in model.named_parameters()]
-    out, _, _ = _three_way(model.train(), lambda m: m(ids, attention_mask=mask).logits, grad=True)
-    _check(out, names)
+    out, _, _ = patched_three_way(model.train(), lambda m: m(ids, attention_mask=mask).logits, grad=True)
+    assert_three_way(out, names)
 
 
 def test_llama_greedy_generation_matches():

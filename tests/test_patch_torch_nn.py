@@ -13,7 +13,7 @@ from conftest import DEVICE
 from torch import nn
 
 import lightllm
-from lightllm.testing import DispatchedOps, assert_parity
+from lightllm.testing import DispatchedOps, assert_parity, assert_three_way, patched_three_way
 
 D, HEADS, FF = 32, 4, 72
 ACTIVATIONS = {
@@ -44,46 +44,6 @@ def _padding(batch, seq, lengths):
     return pad
 
 
-def _run_three(model, forward, inputs, train: bool, grad: bool):
-    """Run the unpatched model in float32 (PyTorch's result), a float64 copy (the reference) and
-    a patched copy (ours) on the same inputs; returns the three outputs, the three sets of
-    (input, parameter) gradients of a random-projection loss when ``grad``, and the ops the
-    patched copy dispatched."""
-    ours = copy.deepcopy(model)
-    report = lightllm.patch(ours)
-    ref = copy.deepcopy(model).double()
-    results, mode = [], None
-    r = None
-    for m in (ours, model, ref):
-        m.train(train)
-        dtype = torch.float64 if m is ref else torch.float32
-        xs = [t.detach().to(dtype).requires_grad_(grad) if t.is_floating_point() else t
-              for t in inputs]
-        with torch.set_grad_enabled(grad):
-            if m is ours:
-                with DispatchedOps() as mode:
-                    y = forward(m, *xs)
-            else:
-                y = forward(m, *xs)
-        entry = [y, None]
-        if grad:
-            if r is None:
-                r = torch.randn(y.shape, device=DEVICE, dtype=torch.float64)
-            leaves = [t for t in xs if t.is_floating_point()] + list(m.parameters())
-            entry[1] = torch.autograd.grad((y * r.to(y.dtype)).sum(), leaves, allow_unused=True)
-        results.append(entry)
-    return results, mode, report
-
-
-def _check(results, names):
-    (y, g), (y_torch, g_torch), (y_ref, g_ref) = results
-    assert_parity(y, y_ref, y_torch, name="output")
-    if g is not None:
-        for name, a, b, c in zip(names, g, g_torch, g_ref):
-            if c is not None:
-                assert_parity(a, c, b, grad=True, name=name)
-
-
 def _encoder(norm_first, batch_first, activation, layers=2, **kw):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, activation=activation,
@@ -109,9 +69,9 @@ def test_encoder_stack(train, norm_first, batch_first, activation):
     # activation, so the tanh case is compared with PyTorch's eager path.
     fast_path = activation != "gelu_tanh"
     with _fast_path(fast_path):
-        results, ops, report = _run_three(model, forward, [x], train=train, grad=train)
+        results, ops, report = patched_three_way(model, forward, [x], train=train, grad=train)
     names = ["dx"] + [n for n, _ in model.named_parameters()]
-    _check(results, names)
+    assert_three_way(results, names)
     # Per layer: attention, the fused Add & Norm, the fused feed-forward, and the one plain norm.
     for op in ("sdpa_fwd", "add_layer_norm_fwd", "feed_forward_fwd", "layer_norm_fwd"):
         assert ops.lightllm[op] == 2, (op, ops.lightllm)
@@ -122,8 +82,8 @@ def test_encoder_stack(train, norm_first, batch_first, activation):
 def test_layers_without_bias():
     model = _encoder(True, True, "gelu", bias=False)
     x = torch.randn(2, 7, D, device=DEVICE)
-    results, ops, _ = _run_three(model, lambda m, x: m(x), [x], train=True, grad=True)
-    _check(results, ["dx"] + [n for n, _ in model.named_parameters()])
+    results, ops, _ = patched_three_way(model, lambda m, x: m(x), [x], train=True, grad=True)
+    assert_three_way(results, ["dx"] + [n for n, _ in model.named_parameters()])
     assert ops.lightllm["feed_forward_fwd"] == 2 and ops.lightllm["add_layer_norm_fwd"] == 2
 
 
@@ -141,8 +101,8 @@ def test_encoder_masks_and_causality():
         lambda m, x: m(x, mask=bool_mask, src_key_padding_mask=pad),
     ]
     for forward in cases:
-        results, ops, _ = _run_three(model, forward, [x], train=True, grad=True)
-        _check(results, ["dx"] + [n for n, _ in model.named_parameters()])
+        results, ops, _ = patched_three_way(model, forward, [x], train=True, grad=True)
+        assert_three_way(results, ["dx"] + [n for n, _ in model.named_parameters()])
         assert ops.lightllm["sdpa_fwd"] == 2
 
 
@@ -162,8 +122,8 @@ def test_decoder_stack(train, norm_first):
         return m(tgt, memory, tgt_mask=causal.to(tgt.dtype), tgt_is_causal=True,
                  memory_key_padding_mask=memory_pad)
 
-    results, ops, _ = _run_three(model, forward, [tgt, memory], train=train, grad=train)
-    _check(results, ["dtgt", "dmemory"] + [n for n, _ in model.named_parameters()])
+    results, ops, _ = patched_three_way(model, forward, [tgt, memory], train=train, grad=train)
+    assert_three_way(results, ["dtgt", "dmemory"] + [n for n, _ in model.named_parameters()])
     # Per layer: self- and cross-attention, two fused Add & Norms, the feed-forward, one plain
     # norm; plus the stack's final norm.
     assert ops.lightllm["sdpa_fwd"] == 4
@@ -185,8 +145,8 @@ def test_whole_transformer():
         return m(src, tgt, tgt_mask=causal.to(src.dtype), src_key_padding_mask=src_pad,
                  memory_key_padding_mask=src_pad)
 
-    results, ops, report = _run_three(model, forward, [src, tgt], train=True, grad=True)
-    _check(results, ["dsrc", "dtgt"] + [n for n, _ in model.named_parameters()])
+    results, ops, report = patched_three_way(model, forward, [src, tgt], train=True, grad=True)
+    assert_three_way(results, ["dsrc", "dtgt"] + [n for n, _ in model.named_parameters()])
     assert ops.lightllm["sdpa_fwd"] == 3 and ops.lightllm["feed_forward_fwd"] == 2
     assert not TORCH_PATHS & set(ops.aten), ops.aten
     assert len(report.by_kind()["layer"]) == 3  # encoder stack, encoder layer, decoder layer
@@ -237,8 +197,8 @@ def test_dropout_in_training():
 def test_other_activation_runs_eagerly_and_is_reported():
     model = _encoder(True, True, F.silu)
     x = torch.randn(2, 6, D, device=DEVICE)
-    results, ops, report = _run_three(model, lambda m, x: m(x), [x], train=True, grad=True)
-    _check(results, ["dx"] + [n for n, _ in model.named_parameters()])
+    results, ops, report = patched_three_way(model, lambda m, x: m(x), [x], train=True, grad=True)
+    assert_three_way(results, ["dx"] + [n for n, _ in model.named_parameters()])
     assert ops.lightllm["feed_forward_fwd"] == 0 and ops.aten["silu"] == 2
     assert ops.lightllm["add_layer_norm_fwd"] == 2
     assert "activation silu runs eagerly" in str(report)
@@ -278,8 +238,8 @@ def test_hooks_state_and_unpatch():
 def test_functools_partial_gelu_is_fused():
     model = _encoder(False, True, functools.partial(F.gelu, approximate="tanh"), layers=1)
     x = torch.randn(2, 5, D, device=DEVICE)
-    results, ops, _ = _run_three(model, lambda m, x: m(x), [x], train=False, grad=False)
-    _check(results, [])
+    results, ops, _ = patched_three_way(model, lambda m, x: m(x), [x], train=False, grad=False)
+    assert_three_way(results, [])
     assert ops.lightllm["feed_forward_fwd"] == 1
 
 
