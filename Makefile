@@ -2,7 +2,8 @@
 #   make test       CPU or GPU: create .venv, install torch + the project (building lightllm._C), run tests
 #   make bench      the quick benchmark pass (CPU timings without a GPU) into benchmarks/results/local
 #   make demo       lightllm's GPT answers "What is the capital of France?" (SmolLM2-135M-Instruct)
-#   make gpu-check  on a GPU machine with torch/triton preinstalled and no network (DESIGN.md §6)
+#   make gpu-check  on a GPU machine with torch/triton preinstalled and no network (DESIGN.md §6);
+#                   STAGE=benchmarks runs one stage, RESULTS=DIR picks the results folder
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,6 +12,7 @@ TORCH_SPEC ?= torch==2.14.1
 JOBS ?= 2
 STAMP := $(VENV)/.lightllm-installed
 RESULTS ?=
+STAGE ?=
 
 .PHONY: install test bench demo gpu-check lint clean
 
@@ -30,7 +32,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -n $(JOBS) --dist loadgroup tests
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run --quick --out benchmarks/results/local
+	$(PY) -m benchmarks --quick --name local
 
 demo: $(STAMP)
 	$(PY) -m lightllm.generate "What is the capital of France?"
@@ -39,7 +41,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 gpu-check:
-	bash benchmarks/gpu_check.sh $(RESULTS)
+	bash benchmarks/gpu_check.sh $(if $(STAGE),--stage $(STAGE)) $(RESULTS)
 
 clean:
 	rm -rf build *.egg-info lightllm/_C*.so benchmarks/results/local .pytest_cache

@@ -9,10 +9,11 @@ measured bf16 matmul rate. Batch x sequence is held at 16k tokens and heads x he
 Providers: "eager" (the reference: the N x N score matrix in memory), "torch-flash",
 "torch-efficient", "torch-cudnn", "torch-math" (``F.scaled_dot_product_attention`` pinned to one
 backend with ``torch.nn.attention.sdpa_kernel``; a backend that cannot serve a case is reported as an
-error row), "compile" (torch.compile of the reference), "lightllm", and "flash-attn" when the package
-is importable. The O(N²)-memory providers (eager, compile, torch-math) are left out above 4096.
+error row), "compile" (torch.compile of the reference), "lightllm", and the peers "flash-attn" and
+"xformers" (``benchmarks/peers.py``; listed as not installed when missing). The O(N²)-memory
+providers (eager, compile, torch-math) are left out above 4096.
 
-    python -m benchmarks.bench_attention [--quick] [--out DIR] [--providers lightllm,torch-flash]
+    python -m benchmarks --ops attention [--quick] [--providers lightllm,torch-flash]
 """
 
 from __future__ import annotations
@@ -23,18 +24,16 @@ import torch
 import torch.nn.functional as F
 
 import lightllm.functional as LF
-from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from benchmarks import peers
+from benchmarks.harness import HAS_CUDA, Case, compiled
 from lightllm.reference import attention as reference
+
+OPS = ("attention",)  # the op names of its cases
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # pragma: no cover - torch < 2.3
     SDPBackend = sdpa_kernel = None
-
-try:
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
 
 TOKENS, WIDTH = 16384, 2048  # batch x sequence, heads x head dim
 QUADRATIC_MAX_SEQ = 4096  # longest sequence given to providers that build the N x N matrix
@@ -58,16 +57,6 @@ def _torch_backend(name: str, causal: bool, gqa: bool):
     return call
 
 
-def _flash_attn(causal: bool):
-    # flash-attn takes (B, N, H, D) and does GQA natively.
-    def call(q, k, v):
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              causal=causal)
-        return out.transpose(1, 2)
-
-    return call
-
-
 def providers(causal: bool, gqa: bool, seq: int) -> dict:
     def eager(q, k, v):
         return reference.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
@@ -85,8 +74,7 @@ def providers(causal: bool, gqa: bool, seq: int) -> dict:
         out["compile"] = compiled(eager)
     out["lightllm"] = lambda q, k, v: LF.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                                       enable_gqa=gqa)
-    if flash_attn_func is not None and HAS_CUDA:
-        out["flash-attn"] = _flash_attn(causal)
+    out.update(peers.attention_providers(causal))
     return out
 
 
@@ -110,7 +98,8 @@ def _case(seq: int, d: int, causal: bool, kv_group: int, dtype: torch.dtype, bat
         params={"B": b, "H": h, "H_kv": h_kv, "N": seq, "D": d, "causal": causal},
         make_inputs=make, providers=providers(causal, gqa, seq),
         modes=("fwd", "bwd", "fwd+bwd"), grad_inputs=(0, 1, 2),
-        flops=attention_flops(b, h, seq, seq, d, causal),
+        flops=attention_flops(b, h, seq, seq, d, causal), dtype=dtype, x="N",
+        series=f"D{d} H{h}/{h_kv} {'causal' if causal else 'full'}",
     )
 
 
@@ -125,15 +114,3 @@ def build_cases(quick: bool) -> list[Case]:
              for n in (512, 1024, 2048, 4096, 8192, 16384)]
     cases += [_case(n, 128, c, 4, dtype) for c in (False, True) for n in (1024, 4096, 16384)]
     return cases
-
-
-def test_attention_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd+bwd")
-
-
-def test_attention_gqa_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[1], "lightllm", "fwd")
-
-
-if __name__ == "__main__":
-    main("attention", build_cases)

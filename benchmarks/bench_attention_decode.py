@@ -9,7 +9,7 @@ head dim 128, bf16.
 Providers as in bench_attention: "eager", "torch-flash" / "torch-efficient" / "torch-cudnn" /
 "torch-math", "compile", "lightllm", "flash-attn" when importable.
 
-    python -m benchmarks.bench_attention_decode [--quick] [--out DIR]
+    python -m benchmarks --ops attention_decode [--quick]
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 from benchmarks.bench_attention import providers
-from benchmarks.harness import HAS_CUDA, Case, main, pytest_benchmark
+from benchmarks.harness import HAS_CUDA, Case
+
+OPS = ("attention_decode",)  # the op names of its cases
 
 
 def _case(batch: int, n_k: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype) -> Case:
@@ -34,7 +36,8 @@ def _case(batch: int, n_k: int, heads: int, kv_heads: int, d: int, dtype: torch.
         params={"B": batch, "H": heads, "H_kv": kv_heads, "Nq": 1, "Nk": n_k, "D": d},
         make_inputs=make, providers=providers(False, kv_heads != heads, 1),
         modes=("fwd",), bytes={"fwd": elems * dtype.itemsize},
-        flops={"fwd": 4.0 * batch * heads * n_k * d},
+        flops={"fwd": 4.0 * batch * heads * n_k * d}, dtype=dtype, x="Nk",
+        series=f"B{batch} H{heads}/{kv_heads} D{d}",
     )
 
 
@@ -45,11 +48,3 @@ def build_cases(quick: bool) -> list[Case]:
     lengths = (1024, 8192, 32768) if quick else (1024, 2048, 4096, 8192, 16384, 32768)
     batches = (1,) if quick else (1, 8)
     return [_case(b, n, 32, kv, 128, dtype) for b in batches for kv in (32, 8) for n in lengths]
-
-
-def test_attention_decode_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd")
-
-
-if __name__ == "__main__":
-    main("attention_decode", build_cases)

@@ -12,23 +12,21 @@ A decode step's time is the difference between generating ``n + k`` and ``n`` to
 forward over the prompt. GPU: context 2048, batch 1 and 16, bfloat16. CPU: context 128, batch 1
 and 4, float32 (the native CPU path).
 
-    python -m benchmarks.bench_generate [--quick] [--out DIR]
+    python -m benchmarks --ops generate [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 
 import torch
 
-from benchmarks.harness import HAS_CUDA, add_speedups, markdown, write_results
+from benchmarks.harness import DEVICE, HAS_CUDA
 from lightllm.models import GPT
 from lightllm.testing import gpt_eager_reference
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+OPS = ("generate",)  # the op names of its cases
 
 
 def _sync():
@@ -36,8 +34,8 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _seconds(gen, ids, tokens: int, repeats: int) -> float:
-    """Median wall time of ``gen(ids, tokens)``."""
+def _seconds(gen, ids, tokens: int, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls of ``gen(ids, tokens)`` after a warm-up call."""
     gen(ids, tokens)  # warm-up: graphs, autotuning, compilation
     times = []
     for _ in range(repeats):
@@ -46,7 +44,13 @@ def _seconds(gen, ids, tokens: int, repeats: int) -> float:
         gen(ids, tokens)
         _sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _quantiles_ms(seconds: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(seconds, n=10, method="inclusive")
+    return {"median_ms": statistics.median(seconds) * 1e3, "p20_ms": q[1] * 1e3,
+            "p80_ms": q[7] * 1e3}
 
 
 def _models(quick: bool, dtype):
@@ -97,7 +101,8 @@ def _providers(hf, ours):
     return providers
 
 
-def run(quick: bool, out: str, only: set[str]) -> list[dict]:
+def measure(quick: bool, only=()) -> list[dict]:
+    """Decode and prefill rows of every model and provider (``only``: a provider subset)."""
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     context = 2048 if HAS_CUDA else 128
     batches = (1, 16) if HAS_CUDA else (1, 4)
@@ -114,45 +119,24 @@ def run(quick: bool, out: str, only: set[str]) -> list[dict]:
                     ids = torch.randint(0, hf.config.vocab_size, (batch, context - n - k),
                                         device=DEVICE)
                     case = f"{label} B{batch} ctx{context} {str(dtype)[6:]}"
-                    base = dict(op="generate", case=case, provider=provider, device=DEVICE,
-                                B=batch, context=context)
+                    base = dict(op="generate", case=case, dtype=str(dtype)[6:], provider=provider,
+                                device=DEVICE, model=label, B=batch, context=context,
+                                series=label, x="B")
                     try:
                         short = _seconds(gen, ids, n, repeats)
                         long = _seconds(gen, ids, n + k, repeats)
-                        step = (long - short) / k
-                        rows.append({**base, "mode": "decode", "ms": step * 1e3,
-                                     "tokens/s": batch / step})
-                        prefill = _seconds(gen, ids, 1, repeats)
-                        rows.append({**base, "mode": "prefill", "ms": prefill * 1e3,
-                                     "tokens/s": batch * ids.shape[1] / prefill})
+                        steps = [(b - a) / k for a, b in zip(short, long)]  # per decode step
+                        decode = _quantiles_ms(steps)
+                        rows.append({**base, "mode": "decode", "status": "ok", **decode,
+                                     "tokens/s": batch / (decode["median_ms"] * 1e-3)})
+                        prefill = _quantiles_ms(_seconds(gen, ids, 1, repeats))
+                        rows.append({**base, "mode": "prefill", "status": "ok", **prefill,
+                                     "tokens/s": batch * ids.shape[1] / (prefill["median_ms"] * 1e-3)})
                     except Exception as e:  # reported, not fatal: one provider may not run here
-                        rows.append({**base, "mode": "decode", "ms": None,
+                        rows.append({**base, "mode": "decode", "status": "error", "median_ms": None,
+                                     "p20_ms": None, "p80_ms": None,
                                      "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-                    print(f"[generate] {case} {provider}: done", flush=True)
             del ours, hf
             if HAS_CUDA:
                 torch.cuda.empty_cache()
-    add_speedups(rows)
-    write_results("generate", rows, out, None)
-    print(markdown(rows, "generate"))
     return rows
-
-
-def main(op: str = "generate", build_cases=None, argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/local")
-    parser.add_argument("--providers", default="")
-    args = parser.parse_args(argv)
-    if not HAS_CUDA:
-        print("[generate] no CUDA device: timing the CPU paths. GPU timings need an NVIDIA GPU.")
-    rows = run(args.quick, args.out, {p for p in args.providers.split(",") if p})
-    if any("error" in r and r["provider"] == "lightllm" for r in rows):
-        sys.exit(1)
-    return rows
-
-
-build_cases = None  # benchmarks.run calls main(op, build_cases, argv): this file times by itself
-
-if __name__ == "__main__":
-    main()

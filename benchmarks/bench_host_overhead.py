@@ -12,12 +12,14 @@ before lightllm is imported, so the measurement runs in a child process with ``T
 On a GPU it runs in-process on CUDA tensors and also times the real wall-clock per call (kernels
 running, calls issued back to back, one synchronisation at the end) beside PyTorch's.
 
-    python -m benchmarks.bench_host_overhead [--out DIR]
+Rows: ``lightllm`` (host only), ``lightllm-wall`` (GPU: kernels running) and ``torch``, in ms per
+call (median and p20/p80 of 7 repeats of 300 calls), with ``target_us``.
+
+    python -m benchmarks --ops host_overhead
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,12 +29,15 @@ import time
 
 import torch
 
+OPS = ("host_overhead",)  # the op names of its cases
+
 HAS_CUDA = torch.cuda.is_available()
 TARGET_US = {"no grad": 20.0, "autograd": 40.0}
 
 
-def per_call_us(fn, calls: int = 300, repeats: int = 7, sync=None) -> float:
-    """Median over ``repeats`` of the mean time of ``calls`` back-to-back calls, in µs."""
+def per_call_ms(fn, calls: int = 300, repeats: int = 7, sync=None) -> dict[str, float]:
+    """Median and p20/p80 over ``repeats`` of the mean time of ``calls`` back-to-back calls, in
+    ms (the schema's unit; these are µs-sized)."""
     for _ in range(max(20, calls // 10)):
         fn()
     if sync:
@@ -44,8 +49,9 @@ def per_call_us(fn, calls: int = 300, repeats: int = 7, sync=None) -> float:
             fn()
         if sync:
             sync()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+        times.append((time.perf_counter() - start) / calls * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
 def cases(device: str):
@@ -126,8 +132,9 @@ def cases(device: str):
     ]
 
 
-def measure(device: str, stubbed: bool) -> list[dict]:
-    """One row per (case, autograd or not): lightllm's µs per call beside PyTorch's."""
+def _rows(device: str, stubbed: bool) -> list[dict]:
+    """Per (case, autograd or not): lightllm's time per call (``lightllm``: host only, launches
+    stubbed; ``lightllm-wall``: kernels running) and PyTorch's whole eager call (``torch``)."""
     from lightllm.testing import stub_launches
 
     sync = torch.cuda.synchronize if device == "cuda" else None
@@ -137,17 +144,16 @@ def measure(device: str, stubbed: bool) -> list[dict]:
             for t in grad_inputs:
                 t.requires_grad_(mode == "autograd")
             context = torch.no_grad() if mode == "no grad" else torch.enable_grad()
+            base = {"op": "host_overhead", "case": name, "dtype": "float32", "mode": mode,
+                    "device": device, "status": "ok", "target_us": TARGET_US[mode]}
             with context:
-                row = {"case": name, "mode": mode, "device": device}
                 if stubbed:
                     with stub_launches(record=False):
-                        row["lightllm_host_us"] = per_call_us(ours)
+                        rows.append({**base, "provider": "lightllm", **per_call_ms(ours)})
                 else:
-                    row["lightllm_wall_us"] = per_call_us(ours, sync=sync)
-                if theirs is not None and mode == "no grad":
-                    row["torch_eager_us"] = per_call_us(theirs, sync=sync)
-                row["target_us"] = TARGET_US[mode]
-            rows.append(row)
+                    rows.append({**base, "provider": "lightllm-wall", **per_call_ms(ours, sync=sync)})
+                if theirs is not None and mode == "no grad" and stubbed:
+                    rows.append({**base, "provider": "torch", **per_call_ms(theirs, sync=sync)})
         for t in grad_inputs:
             t.requires_grad_(False)
     return rows
@@ -161,50 +167,23 @@ def _child_rows() -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = ["case", "mode", "device", "lightllm_host_us", "lightllm_wall_us", "torch_eager_us",
-            "target_us"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(
-            f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
-            + " |")
-    return "\n".join(lines) + "\n"
-
-
-def main(op: str = "host_overhead", build_cases=None, argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="lightllm's host cost per call")
-    parser.add_argument("--out", default="benchmarks/results/local")
-    parser.add_argument("--quick", action="store_true", help="accepted; the run is always short")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+def measure(quick: bool = False, only=()) -> list[dict]:
+    """Every row (the run is short either way; ``only`` filters providers)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny inputs: threads only add noise
-    if args.child:
-        print(json.dumps(measure("cpu", stubbed=True)))
-        return []
-    if HAS_CUDA:
-        rows = measure("cuda", stubbed=True) + measure("cuda", stubbed=False)
-    else:
-        rows = _child_rows()
-    note = ("Host µs per call: Triton launches stubbed (lightllm's own Python; softmax rows are "
-            "whole C++ calls). torch_eager_us: PyTorch's whole eager call on the same input.")
-    if not HAS_CUDA:
-        note += (" CPU machine: the Triton path is measured under the interpreter with launches "
-                 "stubbed; real GPU wall-clock needs an NVIDIA GPU.")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{op}.json"), "w") as f:
-        json.dump({"note": note, "results": rows}, f, indent=1)
-    with open(os.path.join(args.out, f"{op}.md"), "w") as f:
-        f.write(f"### {op}\n\n{note}\n\n{markdown(rows)}")
-    print(note)
-    print(markdown(rows))
-    return rows
-
-
-def build_cases(quick: bool):  # benchmarks.run calls main(op, build_cases, argv)
-    return []
+    try:
+        if HAS_CUDA:
+            rows = _rows("cuda", stubbed=True) + _rows("cuda", stubbed=False)
+        else:
+            rows = _child_rows()
+    finally:
+        torch.set_num_threads(threads)
+    return [r for r in rows if not only or r["provider"] in only]
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--child"]:
+        torch.set_num_threads(1)
+        print(json.dumps(_rows("cpu", stubbed=True)))
+    else:
+        sys.exit("run it through the suite: python -m benchmarks --ops host_overhead")

@@ -5,7 +5,7 @@ Ideal traffic (e = element size, M rows of N features; parameters and statistics
   add_layer_norm  fwd 4·M·N·e (x, r in, y, s out)  bwd 4·M·N·e (s, dy, ds in, dx out)
 Memory-bound, so figures are GB/s and % of the measured copy bandwidth.
 
-    python -m benchmarks.bench_layer_norm [--quick] [--out DIR]
+    python -m benchmarks --ops layer_norm [--quick]
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import lightllm.functional as LF
-from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from benchmarks import peers
+from benchmarks.harness import HAS_CUDA, Case, compiled
 from lightllm.reference import layer_norm as reference
+
+OPS = ("layer_norm", "add_layer_norm")  # the op names of its cases
 
 TRAFFIC = {"layer_norm": (2, 3), "add_layer_norm": (4, 4)}
 
@@ -33,6 +36,7 @@ def _providers(op: str):
             "torch": lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b),
             "compile": compiled(eager),
             "lightllm": lambda x, w, b: LF.layer_norm(x, x.shape[-1:], w, b),
+            **peers.layer_norm_providers(residual=False),
         }
     eager = lambda x, r, w, b: reference.add_layer_norm(x, r, x.shape[-1:], w, b)  # noqa: E731
     return {
@@ -40,6 +44,7 @@ def _providers(op: str):
         "torch": _torch_add_layer_norm,
         "compile": compiled(eager),
         "lightllm": lambda x, r, w, b: LF.add_layer_norm(x, r, x.shape[-1:], w, b),
+        **peers.layer_norm_providers(residual=True),
     }
 
 
@@ -47,8 +52,9 @@ def build_cases(quick: bool) -> list[Case]:
     if HAS_CUDA:
         hiddens = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         dtypes = [torch.bfloat16]
-    else:  # the C++ CPU kernels at the DESIGN.md §5 CPU target shape (4096 x 1024)
-        hiddens, dtypes = [1024], [torch.float32, torch.bfloat16]
+    else:  # the C++ CPU kernels, 4096 rows (the DESIGN.md §5 CPU target shape is 4096 x 1024)
+        hiddens = [1024, 4096] if quick else [512, 1024, 2048, 4096]
+        dtypes = [torch.float32, torch.bfloat16]
     cases = []
     for op, n, dtype in [(op, n, dt) for op in ("layer_norm", "add_layer_norm")
                          for n in hiddens for dt in dtypes]:
@@ -67,20 +73,8 @@ def build_cases(quick: bool) -> list[Case]:
         cases.append(Case(
             op=op, label=f"{m}x{n} {str(dtype)[6:]}", params={"M": m, "N": n},
             make_inputs=make, providers=_providers(op), modes=("fwd", "bwd", "fwd+bwd"),
+            dtype=dtype, x="N",
             grad_inputs=(0, 1, 2) if op == "layer_norm" else (0, 1, 2, 3),
             bytes={"fwd": fwd * size, "bwd": bwd * size, "fwd+bwd": (fwd + bwd) * size},
         ))
     return cases
-
-
-def test_layer_norm_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd+bwd")
-
-
-def test_add_layer_norm_benchmark(benchmark):
-    case = next(c for c in build_cases(quick=True) if c.op == "add_layer_norm")
-    pytest_benchmark(benchmark, case, "lightllm", "fwd+bwd")
-
-
-if __name__ == "__main__":
-    main("layer_norm", build_cases)

@@ -16,7 +16,7 @@ Providers:
   lightllm  lightllm.functional.linear_gelu / feed_forward
   matmul    torch.matmul(x, W^T) of the same shape, no bias, no activation: the ceiling.
 
-    python -m benchmarks.bench_linear_gelu [--quick] [--out DIR]
+    python -m benchmarks --ops linear_gelu [--quick]
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from __future__ import annotations
 import torch
 
 import lightllm.functional as LF
-from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from benchmarks.harness import HAS_CUDA, Case, compiled
 from lightllm.reference import linear_gelu as reference
+
+OPS = ("linear_gelu", "feed_forward")  # the op names of its cases
 
 GPT2 = [768, 1024, 1600]  # small, medium, XL
 LLAMA = [4096, 8192]  # 7B-like, 70B-like widths (d_ff = 4·d_model here, not SwiGLU's 8/3)
@@ -91,10 +93,11 @@ def _linear_gelu_cases(tokens: int, d_model: int, approximate: str, dtype) -> li
     return [
         Case(op="linear_gelu", label=label, params=params, make_inputs=make,
              providers=_linear_gelu_providers(approximate, "fwd"),
-             modes=("fwd",), flops={"fwd": flops}),
+             modes=("fwd",), flops={"fwd": flops}, dtype=dtype, x="K", series=f"M={m} {approximate}"),
         Case(op="linear_gelu", label=label, params=params, make_inputs=make,
              providers=_linear_gelu_providers(approximate, "bwd"),
-             modes=("bwd",), grad_inputs=(0, 1, 2), flops={"bwd": 2 * flops}),
+             modes=("bwd",), grad_inputs=(0, 1, 2), flops={"bwd": 2 * flops}, dtype=dtype, x="K",
+             series=f"M={m} {approximate}"),
     ]
 
 
@@ -114,7 +117,8 @@ def _feed_forward_case(tokens: int, d_model: int, approximate: str, dtype) -> Ca
                                              "approximate": approximate},
                 make_inputs=make, providers=_feed_forward_providers(approximate),
                 modes=("fwd", "bwd"), grad_inputs=(0, 1, 2, 3, 4),
-                flops={"fwd": flops, "bwd": 2 * flops})
+                flops={"fwd": flops, "bwd": 2 * flops}, dtype=dtype, x="d_model",
+                series=f"M={m} {approximate}")
 
 
 def build_cases(quick: bool) -> list[Case]:
@@ -137,16 +141,3 @@ def build_cases(quick: bool) -> list[Case]:
     cases.append(_feed_forward_case(16384, 1024, "tanh", dtype))
     cases += _linear_gelu_cases(4096, 4096, "tanh", torch.float16)
     return cases
-
-
-def test_linear_gelu_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd")
-
-
-def test_feed_forward_benchmark(benchmark):
-    case = next(c for c in build_cases(quick=True) if c.op == "feed_forward")
-    pytest_benchmark(benchmark, case, "lightllm", "bwd")
-
-
-if __name__ == "__main__":
-    main("linear_gelu", build_cases)

@@ -7,7 +7,7 @@ depend on them), and the pretrained SmolLM2-135M-Instruct when its package is in
 GPU: 12 layers, bfloat16, batch 8 x 512 (BERT) / 8 x 1024 (GPT-2). CPU: 2 layers, float32,
 batch 4 x 128, the native CPU path; SmolLM2 whole (30 layers) at batch 1 x 64.
 
-    python -m benchmarks.bench_patch [--quick] [--out DIR]
+    python -m benchmarks --ops patch [--quick]
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import importlib.util
 import torch
 
 import lightllm
-from benchmarks.harness import HAS_CUDA, Case, main, pytest_benchmark
+from benchmarks.harness import HAS_CUDA, Case
+
+OPS = ("patch",)  # the op names of its cases
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -65,11 +67,13 @@ def _cases(name: str, model, vocab: int, batch: int, seq: int, out=_forward,
     label = f"{name} B{batch} N{seq} {str(next(model.parameters()).dtype)[6:]}"
     params = {"model": name, "B": batch, "N": seq, **(params or {})}
     make = _inputs(vocab, batch, seq)
+    dtype = next(model.parameters()).dtype
     fwd = Case(op="patch", label=label, params=params, make_inputs=make, grad_inputs=(),
-               providers={"torch": out(model), "lightllm": out(ours)}, modes=("fwd",))
+               providers={"torch": out(model), "lightllm": out(ours)}, modes=("fwd",), dtype=dtype,
+               series=name)
     step = Case(op="patch", label=label, params=params, make_inputs=make, grad_inputs=(),
                 providers={"torch": _step(model, out), "lightllm": _step(ours, out)},
-                modes=("step",))
+                modes=("step",), dtype=dtype, series=name)
     return [fwd, step]
 
 
@@ -122,11 +126,3 @@ def build_cases(quick: bool) -> list[Case]:
     else:
         cases += _cases("SmolLM2-135M", smol[0], smol[1], *shapes["smollm2"], out=_logits)
     return cases
-
-
-def test_patch_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd")
-
-
-if __name__ == "__main__":
-    main("patch", build_cases)

@@ -6,7 +6,7 @@ Ideal traffic (e = element size, M rows of N features; the weight and rstd are n
 Memory-bound, so figures are GB/s and % of the measured copy bandwidth. Providers: lightllm, PyTorch's
 own F.rms_norm, the eager reference and torch.compile of it.
 
-    python -m benchmarks.bench_rms_norm [--quick] [--out DIR]
+    python -m benchmarks --ops rms_norm [--quick]
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import lightllm.functional as LF
-from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from benchmarks import peers
+from benchmarks.harness import HAS_CUDA, Case, compiled
 from lightllm.reference import rms_norm as reference
+
+OPS = ("rms_norm", "add_rms_norm")  # the op names of its cases
 
 TRAFFIC = {"rms_norm": (2, 3), "add_rms_norm": (4, 4)}
 EPS = 1e-6
@@ -35,6 +38,7 @@ def _providers(op: str):
             "torch": lambda x, w: F.rms_norm(x, x.shape[-1:], w, EPS),
             "compile": compiled(eager),
             "lightllm": lambda x, w: LF.rms_norm(x, x.shape[-1:], w, EPS),
+            **peers.rms_norm_providers(residual=False, eps=EPS),
         }
     eager = lambda x, r, w: reference.add_rms_norm(x, r, x.shape[-1:], w, EPS)  # noqa: E731
     return {
@@ -42,6 +46,7 @@ def _providers(op: str):
         "torch": _torch_add_rms_norm,
         "compile": compiled(eager),
         "lightllm": lambda x, r, w: LF.add_rms_norm(x, r, x.shape[-1:], w, EPS),
+        **peers.rms_norm_providers(residual=True, eps=EPS),
     }
 
 
@@ -49,8 +54,9 @@ def build_cases(quick: bool) -> list[Case]:
     if HAS_CUDA:
         hiddens = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         dtypes = [torch.bfloat16]
-    else:  # the C++ CPU kernels at the DESIGN.md §5 CPU target shape (4096 x 1024)
-        hiddens, dtypes = [1024], [torch.float32, torch.bfloat16]
+    else:  # the C++ CPU kernels, 4096 rows (the DESIGN.md §5 CPU target shape is 4096 x 1024)
+        hiddens = [1024, 4096] if quick else [512, 1024, 2048, 4096]
+        dtypes = [torch.float32, torch.bfloat16]
     cases = []
     for op, n, dtype in [(op, n, dt) for op in ("rms_norm", "add_rms_norm")
                          for n in hiddens for dt in dtypes]:
@@ -66,20 +72,7 @@ def build_cases(quick: bool) -> list[Case]:
         cases.append(Case(
             op=op, label=f"{m}x{n} {str(dtype)[6:]}", params={"M": m, "N": n},
             make_inputs=make, providers=_providers(op), modes=("fwd", "bwd", "fwd+bwd"),
-            grad_inputs=(0, 1) if op == "rms_norm" else (0, 1, 2),
+            grad_inputs=(0, 1) if op == "rms_norm" else (0, 1, 2), dtype=dtype, x="N",
             bytes={"fwd": fwd * size, "bwd": bwd * size, "fwd+bwd": (fwd + bwd) * size},
         ))
     return cases
-
-
-def test_rms_norm_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd+bwd")
-
-
-def test_add_rms_norm_benchmark(benchmark):
-    case = next(c for c in build_cases(quick=True) if c.op == "add_rms_norm")
-    pytest_benchmark(benchmark, case, "lightllm", "fwd+bwd")
-
-
-if __name__ == "__main__":
-    main("rms_norm", build_cases)

@@ -7,7 +7,7 @@ position, 2·B·S·R·e; the backward moves the same. q and k are views of a fus
 transformers' apply_rotary_pos_emb (``torch_transformers``), the eager reference and torch.compile
 of it.
 
-    python -m benchmarks.bench_rotary [--quick] [--out DIR]
+    python -m benchmarks --ops rotary [--quick]
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import lightllm.functional as LF
-from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from benchmarks import peers
+from benchmarks.harness import HAS_CUDA, Case, compiled
 from lightllm.reference import rotary as reference
+
+OPS = ("rotary_embedding",)  # the op names of its cases
 
 
 def _providers():
@@ -26,6 +29,7 @@ def _providers():
         "torch_transformers": apply_rotary_pos_emb,
         "compile": compiled(reference.rotary_embedding),
         "lightllm": LF.rotary_embedding,
+        **peers.rotary_providers(),
     }
 
 
@@ -57,16 +61,7 @@ def build_cases(quick: bool) -> list[Case]:
             op="rotary_embedding", label=f"{name} {b}x{s} {h}:{hkv}x{d} {str(dtype)[6:]}",
             params={"B": b, "S": s, "H": h, "Hkv": hkv, "D": d}, make_inputs=make,
             providers=_providers(), modes=("fwd", "bwd"), grad_inputs=(0, 1),
-            bytes={"fwd": traffic, "bwd": traffic},
+            bytes={"fwd": traffic, "bwd": traffic}, dtype=dtype, x="S",
+            series=f"{name.split()[0]} {h}:{hkv}x{d}",
         ))
     return cases
-
-
-def test_rotary_benchmark(benchmark):
-    # Under the CPU interpreter a prefill case runs for minutes: the decode step there.
-    case = build_cases(quick=True)[0 if HAS_CUDA else -1]
-    pytest_benchmark(benchmark, case, "lightllm", "bwd")
-
-
-if __name__ == "__main__":
-    main("rotary", build_cases)

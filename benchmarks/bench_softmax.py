@@ -9,7 +9,7 @@ length, >= 1.2x torch.softmax). For plain softmax "eager" (the reference) is tor
 for the masked form "torch" is the usual unfused PyTorch code and "eager" the reference, which
 also zeroes fully masked rows.
 
-    python -m benchmarks.bench_softmax [--quick] [--out DIR]
+    python -m benchmarks --ops softmax [--quick]
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from __future__ import annotations
 import torch
 
 import lightllm.functional as LF
-from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from benchmarks import peers
+from benchmarks.harness import HAS_CUDA, Case, compiled
 from lightllm.reference import softmax as reference
+
+OPS = ("softmax", "scaled_masked_softmax")  # the op names of its cases
 
 LENGTHS = [128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -33,6 +36,7 @@ def _softmax_providers():
         "torch": lambda x: torch.softmax(x, -1),
         "compile": compiled(eager),
         "lightllm": lambda x: LF.softmax(x, -1),
+        **peers.softmax_providers(),
     }
 
 
@@ -61,15 +65,16 @@ def _case(op, shape, dtype, providers):
 
     return Case(
         op=op, label=f"{'x'.join(map(str, shape))} {str(dtype)[6:]}",
-        params={"M": m, "N": n, "dtype": str(dtype)[6:]}, make_inputs=make, providers=providers,
-        modes=("fwd", "bwd"), grad_inputs=(0,), bytes={"fwd": 2 * size, "bwd": 3 * size},
+        params={"M": m, "N": n}, make_inputs=make, providers=providers, modes=("fwd", "bwd"),
+        grad_inputs=(0,), bytes={"fwd": 2 * size, "bwd": 3 * size}, dtype=dtype, x="N",
     )
 
 
 def build_cases(quick: bool) -> list[Case]:
-    if not HAS_CUDA:  # the C++ CPU kernels at the DESIGN.md §5 CPU target shapes
-        return [_case("softmax", (4096, 1024), dtype, _softmax_providers())
-                for dtype in (torch.float32, torch.bfloat16)] + [
+    if not HAS_CUDA:  # the C++ CPU kernels, 4M elements (the DESIGN.md §5 target: 4096 x 1024)
+        lengths = [1024, 8192] if quick else [256, 1024, 4096, 8192]
+        return [_case("softmax", ((1 << 22) // n, n), dtype, _softmax_providers())
+                for dtype in (torch.float32, torch.bfloat16) for n in lengths] + [
             _case("scaled_masked_softmax", (32, 512, 512), torch.float32, _masked_providers())]
     lengths = [1024, 32768, 262144] if quick else LENGTHS
     dtypes = [torch.float32, torch.bfloat16] if quick else DTYPES
@@ -80,16 +85,3 @@ def build_cases(quick: bool) -> list[Case]:
         cases += [_case("scaled_masked_softmax", (ELEMENTS // (n * n), n, n), dtype,
                         _masked_providers()) for dtype in dtypes]
     return cases
-
-
-def test_softmax_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "bwd")
-
-
-def test_scaled_masked_softmax_benchmark(benchmark):
-    case = next(c for c in build_cases(quick=True) if c.op == "scaled_masked_softmax")
-    pytest_benchmark(benchmark, case, "lightllm", "fwd")
-
-
-if __name__ == "__main__":
-    main("softmax", build_cases)

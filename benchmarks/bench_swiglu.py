@@ -14,7 +14,7 @@ Providers:
   matmul    the two (three) torch.matmul's of the same shapes, no activation: the ceiling.
 On a CPU "torch" is the eager form (PyTorch's own best there) beside lightllm's native CPU path.
 
-    python -m benchmarks.bench_swiglu [--quick] [--out DIR]
+    python -m benchmarks --ops swiglu [--quick]
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from __future__ import annotations
 import torch
 
 import lightllm.functional as LF
-from benchmarks.harness import HAS_CUDA, Case, compiled, main, pytest_benchmark
+from benchmarks import peers
+from benchmarks.harness import HAS_CUDA, Case, compiled
 from lightllm.reference import swiglu as reference
+
+OPS = ("linear_swiglu", "swiglu_feed_forward")  # the op names of its cases
 
 # (d_model, d_ff): Llama-3.2-1B, Llama-2-7B, Llama-3-8B, Llama-2-70B
 LLAMA = [(2048, 8192), (4096, 11008), (4096, 14336), (8192, 28672)]
@@ -35,6 +38,7 @@ def _swiglu_providers():
 
     providers = {"torch": eager} if not HAS_CUDA else {"eager": eager, "compile": compiled(eager)}
     providers["lightllm"] = LF.linear_swiglu
+    providers.update(peers.swiglu_providers(feed_forward=False))
     if HAS_CUDA:
         providers["matmul"] = lambda x, wg, wu: (torch.matmul(x, wg.t()), torch.matmul(x, wu.t()))
     return providers
@@ -48,8 +52,9 @@ def _feed_forward_providers():
         return LF.swiglu_feed_forward(x, wg, wu, wd, residual=x)
 
     if not HAS_CUDA:
-        return {"torch": eager, "lightllm": ours}
+        return {"torch": eager, "lightllm": ours, **peers.swiglu_providers(feed_forward=True)}
     return {
+        **peers.swiglu_providers(feed_forward=True),
         "eager": eager,
         "compile": compiled(eager),
         "lightllm": ours,
@@ -72,7 +77,7 @@ def _swiglu_case(tokens: int, d_model: int, d_ff: int, dtype) -> Case:
     return Case(op="linear_swiglu", label=f"{m}x{k}->2x{n} {str(dtype)[6:]}",
                 params={"M": m, "K": k, "N": n}, make_inputs=make, providers=_swiglu_providers(),
                 modes=("fwd", "bwd"), grad_inputs=(0, 1, 2),
-                flops={"fwd": flops, "bwd": 2 * flops})
+                flops={"fwd": flops, "bwd": 2 * flops}, dtype=dtype, x="K", series=f"M={m}")
 
 
 def _feed_forward_case(tokens: int, d_model: int, d_ff: int, dtype) -> Case:
@@ -88,7 +93,8 @@ def _feed_forward_case(tokens: int, d_model: int, d_ff: int, dtype) -> Case:
     return Case(op="swiglu_feed_forward", label=f"ffn {m}x{d}->2x{f}->{d} +res {str(dtype)[6:]}",
                 params={"M": m, "d_model": d, "d_ff": f}, make_inputs=make,
                 providers=_feed_forward_providers(), modes=("fwd", "bwd"),
-                grad_inputs=(0, 1, 2, 3), flops={"fwd": flops, "bwd": 2 * flops})
+                grad_inputs=(0, 1, 2, 3), flops={"fwd": flops, "bwd": 2 * flops}, dtype=dtype,
+                x="d_model", series=f"M={m}")
 
 
 def build_cases(quick: bool) -> list[Case]:
@@ -106,16 +112,3 @@ def build_cases(quick: bool) -> list[Case]:
         cases.append(_feed_forward_case(4096, d, f, dtype))
     cases.append(_swiglu_case(4096, 4096, 11008, torch.float16))
     return cases
-
-
-def test_linear_swiglu_benchmark(benchmark):
-    pytest_benchmark(benchmark, build_cases(quick=True)[0], "lightllm", "fwd")
-
-
-def test_swiglu_feed_forward_benchmark(benchmark):
-    case = next(c for c in build_cases(quick=True) if c.op == "swiglu_feed_forward")
-    pytest_benchmark(benchmark, case, "lightllm", "bwd")
-
-
-if __name__ == "__main__":
-    main("swiglu", build_cases)

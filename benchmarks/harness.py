@@ -1,29 +1,31 @@
 """The benchmark harness every op's benchmark uses (DESIGN.md §5).
 
 A benchmark file describes *cases* (shapes, a way to make fresh inputs, the ideal memory traffic or
-FLOPs) and *providers* (eager reference, PyTorch's fused op, torch.compile of the reference,
-lightllm, FlashAttention when installed). The harness times each pair with
-``triton.testing.do_bench`` (median with p20/p80), rotating through input copies larger than the L2
-cache, measures the card's copy bandwidth and bf16 matmul rate in the same run, converts times to
-GB/s or TFLOP/s and % of that roofline, records peak memory, and writes JSON and Markdown.
+FLOPs) and *providers* (eager reference, PyTorch's fused op or each SDPA backend, torch.compile of
+the reference, lightllm, and the peer libraries — Liger-Kernel, flash-attn, xformers — when
+installed; ``benchmarks/peers.py``). The harness times each pair with ``triton.testing.do_bench``
+(median with p20/p80), rotating through input copies larger than the L2 cache, converts times to
+GB/s or TFLOP/s and % of the roofline measured in the same run (copy bandwidth, matmul rate), and
+records peak memory. ``python -m benchmarks`` runs every file and writes the reports
+(``benchmarks/report.py``).
 
 Without a CUDA device it times the CPU paths for real: lightllm's native CPU path (its C++ kernels
 or PyTorch's native ops behind its validation) beside PyTorch on the same inputs, each call timed
-on its own with ``time.perf_counter`` (median and p20/p80 of at least five runs). ``torch.compile``
-providers are skipped there unless ``--compile`` (minutes of C++ compilation per case on 2 cores).
-Kernel timings need an NVIDIA GPU.
+on its own with ``time.perf_counter`` (median and p20/p80 of at least five runs), against the CPU's
+own measured copy bandwidth and fp32 matmul rate. ``torch.compile`` providers are skipped there
+unless ``--compile`` (minutes of C++ compilation per case on 2 cores). Kernel timings need an
+NVIDIA GPU.
+
+Every result row carries ``op``, ``case``, ``dtype``, ``mode``, ``provider``, ``device``,
+``status`` ("ok", "error", or why it did not run: "not installed", "needs CUDA", "skipped: ..."),
+``median_ms``, ``p20_ms``, ``p80_ms`` (None unless it ran), the case's parameters, and where they
+apply ``GB/s``, ``TFLOP/s``, ``pct_roofline``, ``peak_mib``, ``tokens/s``.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 MODES = ("fwd", "bwd", "fwd+bwd", "step")  # step: the provider runs a whole training step
 
 
@@ -42,6 +45,8 @@ class Case:
     ``make_inputs(device)`` returns fresh positional inputs (floating tensors that need gradients
     are marked by ``grad_inputs``, their positions). ``bytes`` / ``flops`` map a mode to the ideal
     traffic or work of that mode, used for GB/s (memory-bound ops) or TFLOP/s (matmul-bound ops).
+    ``x`` names the parameter that grows along a plot's axis, ``series`` the line family the case
+    belongs to (cases of one op, dtype and series form one plot panel).
     """
 
     op: str
@@ -53,32 +58,60 @@ class Case:
     grad_inputs: Sequence[int] = (0,)
     bytes: dict[str, float] = field(default_factory=dict)
     flops: dict[str, float] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
+    x: str = ""
+    series: str = ""
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else ""
+
+
+class Unavailable:
+    """A provider that cannot run here (a peer library that is not installed, or needs CUDA): it
+    stays in the results as a row with this status instead of being dropped."""
+
+    def __init__(self, status: str):
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"Unavailable({self.status!r})"
 
 
 # --------------------------------------------------------------------------------------------
-# Ceilings of the card, measured in the same run as the ops.
+# Ceilings of the machine, measured in the same run as the ops.
 # --------------------------------------------------------------------------------------------
 
 
-def measure_ceilings() -> dict[str, float]:
-    """Copy bandwidth (bytes read + written per second) and dense bf16 matmul rate (FLOP/s)."""
+def measure_ceilings() -> dict[str, Any]:
+    """Copy bandwidth (bytes read + written per second) and the dense matmul rate (FLOP/s): bf16
+    on a GPU, fp32 on a CPU, on random data."""
+    return _gpu_ceilings() if HAS_CUDA else _cpu_ceilings()
+
+
+def _cpu_ceilings() -> dict[str, Any]:
+    src = torch.empty(1 << 25, dtype=torch.float32).uniform_()  # 128 MiB: past the caches
+    dst = torch.empty_like(src)
+    copy_ms = cpu_bench(lambda: dst.copy_(src), min_seconds=0.3)[0]
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    mm_ms = cpu_bench(lambda: a @ b, min_seconds=0.3)[0]
+    return {"device": "cpu", "copy_bytes_per_s": 2 * src.numel() * 4 / (copy_ms * 1e-3),
+            "matmul_flop_per_s": 2 * 2048**3 / (mm_ms * 1e-3), "matmul_dtype": "float32"}
+
+
+def _gpu_ceilings() -> dict[str, Any]:
     from triton.testing import do_bench
 
-    def copy_rate(n=1 << 28):  # 1 GiB of float32 per buffer: far beyond any L2
-        src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
-        dst = torch.empty_like(src)
-        ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
-        return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-    def matmul_rate(m=8192):
-        a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
-        b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
-        ms = do_bench(lambda: a @ b, warmup=50, rep=300)
-        return 2 * m**3 / (ms * 1e-3)
-
-    ceilings = {"copy_bytes_per_s": copy_rate(), "bf16_matmul_flop_per_s": matmul_rate()}
-    torch.cuda.empty_cache()
-    return ceilings
+    n = 1 << 28  # 1 GiB of float32 per buffer: far beyond any L2
+    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
+    m = 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    mm_ms = do_bench(lambda: a @ b, warmup=50, rep=300)
+    return {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": 2 * n * 4 / (copy_ms * 1e-3),
+            "matmul_flop_per_s": 2 * m**3 / (mm_ms * 1e-3), "matmul_dtype": "bfloat16"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,144 +210,122 @@ def cpu_bench(call: Callable[[], Any], min_seconds: float = 0.5, max_runs: int =
     return statistics.median(times) * 1e3, q[1] * 1e3, q[7] * 1e3
 
 
-def run_case(case: Case, ceilings: dict[str, float] | None, only: Sequence[str] = (),
-             compile_on_cpu: bool = False) -> list[dict]:
-    """Time every provider on every mode of ``case``; one result row each."""
-    device = torch.device("cuda" if HAS_CUDA else "cpu")
-    sets = _rotation(case, device)
+def row_base(case: Case, mode: str, provider: str) -> dict[str, Any]:
+    row = {"op": case.op, "case": case.label, "dtype": case.dtype_name, "mode": mode,
+           "provider": provider, "device": DEVICE, **case.params}
+    if case.x:
+        row["x"] = case.x
+    if case.series:
+        row["series"] = case.series
+    return row
+
+
+def not_run(row: dict[str, Any], status: str, error: str | None = None) -> dict[str, Any]:
+    row.update(status=status, median_ms=None, p20_ms=None, p80_ms=None)
+    if error:
+        row["error"] = error
+    return row
+
+
+def jobs(case: Case, only: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The (mode, provider) pairs of ``case`` that a run with provider filter ``only`` covers."""
+    return [(mode, p) for mode in case.modes for p in case.providers if not only or p in only]
+
+
+def run_case(case: Case, ceilings: dict[str, Any] | None, only: Sequence[str] = (),
+             compile_on_cpu: bool = False, progress: Callable[[], None] | None = None) -> list[dict]:
+    """Time every provider on every mode of ``case``; one result row each (``progress`` is
+    called after each)."""
+    device = torch.device(DEVICE)
+    sets = None
     rows = []
-    for mode in case.modes:
-        for provider, fn in case.providers.items():
-            if only and provider not in only:
-                continue
-            if not HAS_CUDA and provider.startswith("compile") and not compile_on_cpu:
-                continue  # minutes of C++ compilation per case on a 2-core machine
-            row = {"op": case.op, "case": case.label, "mode": mode, "provider": provider,
-                   "device": device.type, **case.params}
+    for mode, provider in jobs(case, only):
+        fn = case.providers[provider]
+        row = row_base(case, mode, provider)
+        if isinstance(fn, Unavailable):
+            rows.append(not_run(row, fn.status))
+        elif not HAS_CUDA and provider.startswith("compile") and not compile_on_cpu:
+            rows.append(not_run(row, "skipped (CPU: needs --compile)"))
+        else:
             try:
+                sets = sets or _rotation(case, device)
                 call = make_timed_call(case, fn, mode, sets)
                 if HAS_CUDA:
                     from triton.testing import do_bench
 
                     call()  # compile / autotune outside the timed region
                     p50, p20, p80 = do_bench(call, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
-                    row.update(ms=p50, ms_p20=p20, ms_p80=p80, peak_mib=_peak_mib(call))
-                    _add_rates(row, case, mode, ceilings)
+                    row.update(status="ok", median_ms=p50, p20_ms=p20, p80_ms=p80,
+                               peak_mib=_peak_mib(call))
                 else:
                     p50, p20, p80 = cpu_bench(call)
-                    row.update(ms=p50, ms_p20=p20, ms_p80=p80)
-                    _add_rates(row, case, mode, None)
+                    row.update(status="ok", median_ms=p50, p20_ms=p20, p80_ms=p80)
+                add_rates(row, case.bytes.get(mode), case.flops.get(mode), ceilings)
             except Exception as e:  # a provider that cannot run this case is reported, not fatal
-                row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                not_run(row, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             rows.append(row)
+        if progress:
+            progress()
     del sets
     if HAS_CUDA:
         torch.cuda.empty_cache()
     return rows
 
 
-def _add_rates(row: dict, case: Case, mode: str, ceilings: dict[str, float] | None) -> None:
-    seconds = row["ms"] * 1e-3
-    if mode in case.bytes:
-        row["GB/s"] = case.bytes[mode] / seconds / 1e9
+def add_rates(row: dict, nbytes: float | None, flops: float | None,
+              ceilings: dict[str, Any] | None) -> None:
+    """GB/s (memory-bound) or TFLOP/s (matmul-bound) of a timed row, and the % of the machine's
+    ceiling for it."""
+    seconds = row["median_ms"] * 1e-3
+    fractions = []
+    if nbytes:
+        row["GB/s"] = nbytes / seconds / 1e9
         if ceilings:
-            row["%roof"] = 100 * case.bytes[mode] / seconds / ceilings["copy_bytes_per_s"]
-    if mode in case.flops:
-        row["TFLOP/s"] = case.flops[mode] / seconds / 1e12
+            fractions.append(nbytes / seconds / ceilings["copy_bytes_per_s"])
+    if flops:
+        row["TFLOP/s"] = flops / seconds / 1e12
         if ceilings:
-            row["%roof"] = 100 * case.flops[mode] / seconds / ceilings["bf16_matmul_flop_per_s"]
+            fractions.append(flops / seconds / ceilings["matmul_flop_per_s"])
+    if fractions:  # the roofline: whichever ceiling the op is nearer to binds it
+        row["pct_roofline"] = 100 * max(fractions)
 
 
-def add_speedups(rows: list[dict], against: Sequence[str] = ("eager", "torch", "compile")) -> None:
-    """Give each lightllm row its speed-up over the other providers of the same case and mode."""
+def add_speedups(rows: list[dict]) -> None:
+    """Give each lightllm row its speed-up over eager (``x_vs_eager``) and over the fastest other
+    provider of the same case and mode (``x_vs_best``, which one in ``best_alternative``)."""
     key = lambda r: (r["op"], r["case"], r["mode"])  # noqa: E731
-    by_key: dict[tuple, dict[str, float]] = {}
+    timed: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        if r.get("ms"):
-            by_key.setdefault(key(r), {})[r["provider"]] = r["ms"]
+        if r.get("median_ms"):
+            timed.setdefault(key(r), {})[r["provider"]] = r["median_ms"]
     for r in rows:
-        if r["provider"] == "lightllm" and r.get("ms"):
-            for other, ms in by_key.get(key(r), {}).items():
-                if other != "lightllm" and any(other.startswith(a) for a in against):
-                    r[f"x_vs_{other}"] = ms / r["ms"]
+        if not r["provider"].startswith("lightllm") or not r.get("median_ms"):
+            continue
+        others = {p: ms for p, ms in timed.get(key(r), {}).items() if not p.startswith("lightllm")}
+        if "eager" in others:
+            r["x_vs_eager"] = others["eager"] / r["median_ms"]
+        if others:
+            best = min(others, key=others.get)
+            r["x_vs_best"] = others[best] / r["median_ms"]
+            r["best_alternative"] = best
 
 
-# --------------------------------------------------------------------------------------------
-# Output.
-# --------------------------------------------------------------------------------------------
+def autotune_choices() -> dict[str, list[dict[str, str]]]:
+    """The config each autotuned lightllm kernel chose, per tuning key, in this process."""
+    import importlib
+    import pkgutil
 
-
-def environment() -> dict[str, Any]:
+    import lightllm.kernels as kernels
     import triton
 
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if HAS_CUDA else None,
-    }
-    return env
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return "" if v is None else str(v)
-
-
-def markdown(rows: list[dict], title: str) -> str:
-    cols = ["op", "case", "mode", "provider", "device", "ms", "ms_p20", "ms_p80", "tokens/s",
-            "GB/s", "TFLOP/s", "%roof", "peak_mib"]
-    extra = sorted({k for r in rows for k in r if k.startswith("x_vs_")})
-    cols += extra + ["error", "note"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(op: str, rows: list[dict], out_dir: str, ceilings: dict | None) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    payload = {"environment": environment(), "ceilings": ceilings, "results": rows}
-    with open(os.path.join(out_dir, f"{op}.json"), "w") as f:
-        json.dump(payload, f, indent=1)
-    header = ""
-    if ceilings:
-        header = (f"Card ceilings in this run: copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s, "
-                  f"bf16 matmul {ceilings['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s.\n\n")
-    with open(os.path.join(out_dir, f"{op}.md"), "w") as f:
-        f.write(header + markdown(rows, op))
-
-
-def main(op: str, build_cases: Callable[[bool], list[Case]], argv: Sequence[str] | None = None):
-    """Command line of every bench file: ``python -m benchmarks.bench_<op> [--quick] [--out DIR]``."""
-    parser = argparse.ArgumentParser(description=f"Benchmark lightllm's {op}")
-    parser.add_argument("--quick", action="store_true", help="a few representative shapes")
-    parser.add_argument("--out", default="benchmarks/results/local", help="results folder")
-    parser.add_argument("--providers", default="", help="comma-separated subset of providers")
-    parser.add_argument("--compile", action="store_true",
-                        help="on a CPU, also time the torch.compile providers (slow to build)")
-    args = parser.parse_args(argv)
-    only = [p for p in args.providers.split(",") if p]
-    if not HAS_CUDA:
-        print(f"[{op}] no CUDA device: timing the CPU paths (lightllm's native CPU path beside "
-              "PyTorch). GPU kernel timings need an NVIDIA GPU.", flush=True)
-    ceilings = measure_ceilings() if HAS_CUDA else None
-    rows: list[dict] = []
-    for case in build_cases(args.quick):
-        rows += run_case(case, ceilings, only, compile_on_cpu=args.compile)
-        print(f"[{op}] {case.label}: done", flush=True)
-    add_speedups(rows)
-    write_results(op, rows, args.out, ceilings)
-    print(markdown(rows, op))
-    failed = [r for r in rows if "error" in r and r["provider"] == "lightllm"]
-    if failed:
-        print(f"[{op}] lightllm failed on {len(failed)} case(s)", file=sys.stderr)
-        sys.exit(1)
-    return rows
+    choices: dict[str, list[dict[str, str]]] = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"lightllm.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, triton.runtime.Autotuner) and obj.cache:
+                choices[f"{info.name}.{name}"] = [{"key": str(k), "config": str(c)}
+                                                  for k, c in obj.cache.items()]
+    return choices
 
 
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -327,20 +338,3 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
         return holder[0](*args)
 
     return call
-
-
-def pytest_benchmark(benchmark, case: Case, provider: str, mode: str = "fwd") -> None:
-    """The pytest-benchmark entry: time one provider on one case (synchronising on CUDA)."""
-    device = torch.device("cuda" if HAS_CUDA else "cpu")
-    call = make_timed_call(case, case.providers[provider], mode, [case.make_inputs(device)])
-
-    def synced():
-        out = call()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    synced()
-    benchmark.extra_info.update({"op": case.op, "case": case.label, "mode": mode,
-                                 "provider": provider, "device": str(device)})
-    benchmark.pedantic(synced, rounds=3 if not HAS_CUDA else 20, warmup_rounds=1)
