@@ -3,6 +3,7 @@
 import pytest
 import torch
 import triton
+import triton.language as tl
 from lightllm.kernels import _utils
 
 
@@ -21,6 +22,39 @@ def test_autotune_switch(monkeypatch, value, enabled):
     else:
         monkeypatch.setenv("LIGHTLLM_AUTOTUNE", value)
     assert _utils.autotune_enabled() is enabled
+
+
+def _double_kernel():
+    @triton.jit
+    def _double(X, Y, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < N) * 2, mask=offs < N)
+
+    return _double
+
+
+def test_autotune_off_runs_the_first_config_untimed(monkeypatch):
+    """LIGHTLLM_AUTOTUNE=0: the first pruned config, and no timing even of a lone config (triton
+    3.6's Autotuner.run times what pruning leaves; the wrapper answers that without running)."""
+    timed = []
+    monkeypatch.setattr(triton.runtime.Autotuner, "_bench",
+                        lambda self, *args, config, **meta: timed.append(config) or [1.0] * 3)
+    configs = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+    tuner = _utils.autotune(configs, key=["N"])(_double_kernel())
+
+    monkeypatch.setenv("LIGHTLLM_AUTOTUNE", "0")
+    assert tuner.prune_configs({}) == configs[:1]
+    assert tuner._bench(config=configs[0]) == [0.0, 0.0, 0.0] and timed == []
+    x = torch.randn(37)
+    y = torch.empty_like(x)
+    tuner[lambda meta: (triton.cdiv(37, meta["BLOCK"]),)](x, y, 37)
+    assert torch.equal(y, 2 * x) and timed == []
+    assert tuner.best_config is configs[0]
+
+    monkeypatch.setenv("LIGHTLLM_AUTOTUNE", "1")
+    assert tuner.prune_configs({}) == configs
+    tuner._bench(config=configs[1])
+    assert timed == [configs[1]]
 
 
 @pytest.mark.parametrize("n, cap, block", [(0, 1024, 1), (1, 1024, 1), (3, 1024, 4),
