@@ -233,9 +233,11 @@ def jobs(case: Case, only: Sequence[str] = ()) -> list[tuple[str, str]]:
 
 
 def run_case(case: Case, ceilings: dict[str, Any] | None, only: Sequence[str] = (),
-             compile_on_cpu: bool = False, progress: Callable[[], None] | None = None) -> list[dict]:
+             compile_on_cpu: bool = False, progress: Callable[[], None] | None = None,
+             deadline: float = math.inf) -> list[dict]:
     """Time every provider on every mode of ``case``; one result row each (``progress`` is
-    called after each)."""
+    called after each; a job that would start after ``deadline``, a ``time.monotonic()`` value,
+    is recorded as skipped)."""
     device = torch.device(DEVICE)
     sets = None
     rows = []
@@ -244,6 +246,8 @@ def run_case(case: Case, ceilings: dict[str, Any] | None, only: Sequence[str] = 
         row = row_base(case, mode, provider)
         if isinstance(fn, Unavailable):
             rows.append(not_run(row, fn.status))
+        elif time.monotonic() > deadline:
+            rows.append(not_run(row, "skipped: time limit"))
         elif not HAS_CUDA and provider.startswith("compile") and not compile_on_cpu:
             rows.append(not_run(row, "skipped (CPU: needs --compile)"))
         else:
