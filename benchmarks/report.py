@@ -329,7 +329,8 @@ def write_plots(folder: str | os.PathLike, payload: dict[str, Any]) -> list[str]
         panels: dict[tuple, list[dict]] = defaultdict(list)
         for r in rows:
             panels[(r["mode"], r.get("series", ""))].append(r)
-        keys = sorted(panels)
+        order = ("fwd", "bwd", "fwd+bwd", "step", "prefill", "decode")
+        keys = sorted(panels, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k))
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
         for ax, (mode, series) in zip(axes[0], keys):
             panel = panels[(mode, series)]
