@@ -73,7 +73,6 @@ import lightllm.functional as LF  # noqa: E402
 from benchmarks.counting import Counter, Launch, Tally  # noqa: E402
 from lightllm import _dispatch  # noqa: E402
 from lightllm.kernels import _utils as kernel_utils  # noqa: E402
-from lightllm.kernels import attention as attention_kernels  # noqa: E402
 from lightllm.kernels import attention_decode as decode_kernels  # noqa: E402
 from lightllm.kernels import layer_norm as norm_kernels  # noqa: E402
 from lightllm.kernels import linear_gelu as linear_kernels  # noqa: E402
@@ -651,7 +650,8 @@ def _table(traffic: dict, table: str) -> list[str]:
         flag = "" if r.get("counted", r.get("exact", True)) else " *"
         cells = [r["op"], r["case"], r["mode"], r["provider"] + flag, _size(r["bytes_read"]),
                  _size(r["bytes_written"]), str(r["launches"]),
-                 f"{ratio['bytes_ratio']:.2f}" if ratio else "", f"{ratio['launch_ratio']:.2f}" if ratio else ""]
+                 f"{ratio['bytes_ratio']:.2f}" if ratio else "",
+                 f"{ratio['launch_ratio']:.2f}" if ratio else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
