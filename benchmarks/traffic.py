@@ -1,0 +1,696 @@
+"""Memory traffic and kernel launches of every op and of a transformer block, counted (GitHub issue 11).
+
+For each op (and a GPT-2 style pre-norm block: LayerNorm -> attention -> Add & Norm -> GeLU
+feed-forward -> add), forward and backward, the bytes read and written and the kernel launches
+of lightllm, of eager PyTorch (the references the benchmarks call "eager") and of PyTorch's own
+fused op ("torch", where there is one), with lightllm / eager ratios.
+
+How (``benchmarks.counting`` has the two instruments and their rules):
+  counted  tiny shapes on the CPU, float16 (bfloat16's code path in every provider, 2-byte
+           elements; the interpreter cannot multiply bfloat16). lightllm's Triton kernels run in
+           Triton's interpreter, their loads and stores counted lane by lane; every aten op
+           lightllm's Python performs (copies, zero-fills, sums of partials) counts too. Eager and
+           torch: every aten op they dispatch, its inputs read and outputs written, one launch each.
+  scaled   real sizes, bfloat16, on meta tensors (nothing is computed): the aten ops of every
+           provider are counted there exactly as above, and each Triton launch lightllm makes is
+           priced by its kernel's formula (``KERNEL_FORMULAS``, a function of the launch's own
+           arguments, grid and block sizes) — the formulas the counted launches confirm launch by
+           launch (tests/test_traffic.py). The launch plans are lightllm's own; SM-dependent plans
+           take an H200's 132 SMs, and attention kernels the block sizes of their GPU default
+           configs (``GPU_BLOCKS``) in place of the interpreter's single config.
+Modes: ``fwd`` is the training forward (inputs require grad, so what a backward saves is
+written); ``bwd`` the backward alone (``torch.autograd.grad`` with a random output gradient).
+Softmax's lightllm kernel is CUDA C++ the interpreter cannot run: its records give the traffic of
+the kernel's design (csrc/softmax_kernels.cuh) with ``counted: false``.
+Bytes are what each kernel's loads and stores request: a K/V tile re-read by every query block,
+a weight re-read by every row's program, counts each time (on a GPU L2 serves some of it); an
+aten op counts each input and output once, its ideal.
+
+    python -m benchmarks.traffic --out DIR [--quick]
+
+writes ``DIR/traffic.json`` and ``DIR/traffic.md``. JSON schema::
+
+    {"environment": {"torch", "triton", "python", "date", "counted_dtype", "scaled_dtype",
+                     "sms", "gpu_blocks"},
+     "counted": [{"op", "case", "shape": {...}, "dtype", "mode", "provider", "bytes_read",
+                  "bytes_written", "launches", "per_kernel": {name: {"bytes_read",
+                  "bytes_written", "launches"}}, "counted": bool, "note"?}],
+     "scaled":  [{"op", "case", "shape", "dtype", "mode", "provider", "bytes_read",
+                  "bytes_written", "launches", "exact": bool, "formula": str}],
+     "ratios":  [{"table": "counted" | "scaled", "op", "case", "mode", "provider",
+                  "bytes_ratio", "launch_ratio"}]}
+
+``ratios`` give lightllm / eager of (bytes read + written) and of launches; "provider" names
+the provider compared with eager. ``run(out_dir, quick)`` returns the dict; ``markdown(traffic)``
+renders the tables.
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # before lightllm's kernels are defined: Triton decides at decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import datetime as _dt  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import lightllm  # noqa: E402
+import lightllm.functional as LF  # noqa: E402
+from benchmarks.counting import Counter, Launch, Tally  # noqa: E402
+from lightllm import _dispatch  # noqa: E402
+from lightllm.kernels import _utils as kernel_utils  # noqa: E402
+from lightllm.kernels import attention_decode as decode_kernels  # noqa: E402
+from lightllm.kernels import layer_norm as norm_kernels  # noqa: E402
+from lightllm.kernels import linear_gelu as linear_kernels  # noqa: E402
+from lightllm.reference import linear_gelu as linear_reference  # noqa: E402
+from lightllm.reference import softmax as softmax_reference  # noqa: E402
+
+cdiv = kernel_utils.cdiv
+
+if not _dispatch.TRITON_INTERPRET:
+    raise RuntimeError("benchmarks.traffic counts lightllm's kernels in Triton's interpreter: set "
+                       "TRITON_INTERPRET=1 before lightllm is imported (running the module as "
+                       "`python -m benchmarks.traffic` does)")
+
+COUNTED_DTYPE = torch.float16
+SCALED_DTYPE = torch.bfloat16
+H200_SMS = 132
+# Block sizes of each attention kernel's GPU default config for 16-bit head dims <= 128: the first
+# entry of its GPU list in kernels/attention.py (_FWD, _DKDV, _DQ) and attention_decode.py (_SPLIT).
+# The interpreter runs one config per kernel; the scaled figures take these instead.
+GPU_BLOCKS = {
+    "_attention_fwd": {"BLOCK_M": 128, "BLOCK_N": 64},
+    "_attention_bwd_dkdv": {"BLOCK_M": 32, "BLOCK_N": 128},
+    "_attention_bwd_dq": {"BLOCK_M": 128, "BLOCK_N": 32},
+    "_attention_decode_split": {"BLOCK_N": 128},
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel formulas: (bytes read, bytes written) of one launch from its arguments, grid and blocks
+# ------------------------------------------------------------------------------------------------
+
+
+def _e(t) -> int:
+    """Element size of a kernel argument (a tensor, or a tensor descriptor's base)."""
+    return (t.base if hasattr(t, "block_shape") else t).element_size()
+
+
+def _layer_norm_fwd(a: dict, grid) -> tuple[int, int]:
+    # Per row (one program each): x (+ residual) in, y (+ the sum s) out; w and b per program;
+    # mean and rstd (fp32) out. Rows past MAX_FUSED_FWD re-read their source in a second pass.
+    # (RMSNorm's overflow rescue, a third pass taken only when a row's squares overflow, is not
+    # modelled: random data never takes it.)
+    rows, n = grid[0], a["N"]
+    read, written = n * _e(a["X"]), n * _e(a["Y"])
+    if a["HAS_RESIDUAL"]:
+        read += n * _e(a["R"])
+        written += n * _e(a["S"])
+    read += n * (_e(a["W"]) * a["HAS_WEIGHT"] + _e(a["B"]) * a["HAS_BIAS"])
+    if not a["SINGLE_TILE"]:
+        read += n * _e(a["S"] if a["HAS_RESIDUAL"] else a["X"])
+    written += 4 if a["IS_RMS"] else 8
+    return rows * read, rows * written
+
+
+def _layer_norm_bwd(a: dict, grid) -> tuple[int, int]:
+    # G programs over contiguous runs of rows. Per row: x, dy (and ds) in, dx out, its mean and
+    # rstd in. Short rows: w once per program, dw/db partials (fp32) stored once per program.
+    # Long rows: two passes each reading x, dy, w; pass 1 read-modify-writes the partial rows.
+    programs, m, n = grid[0], a["M"], a["N"]
+    xdy = n * (_e(a["X"]) + _e(a["DY"]))
+    w = n * _e(a["W"]) * a["HAS_WEIGHT"]
+    stats = 4 if a["IS_RMS"] else 8
+    partials = a["NEED_DW"] + a["NEED_DB"]
+    ds = n * _e(a["DS"]) * a["HAS_DS"]
+    if a["SINGLE_TILE"]:
+        read = programs * w + m * (xdy + ds + stats)
+        written = m * n * _e(a["DX"]) + programs * partials * n * 4
+    else:
+        read = m * (2 * (xdy + w) + ds + stats + partials * n * 4)
+        written = m * (n * _e(a["DX"]) + partials * n * 4)
+    return read, written
+
+
+def _epilogue_bytes(a: dict, m: int, n: int, row_tiles: int) -> tuple[int, int]:
+    # Bias (per output tile, so once per row tile), pre-activations saved or re-read, residual,
+    # the output(s).
+    read = row_tiles * n * (_e(a["Bias"]) * a["HAS_BIAS"] + _e(a["Bias2"]) * a["HAS_BIAS2"])
+    written = m * n * _e(a["Out"])
+    if a["AUX"] == linear_kernels.AUX_STORE_PRE:
+        written += m * n * (_e(a["Aux"]) + _e(a["Aux2"]) * a["GATED"])
+    elif a["AUX"] == linear_kernels.AUX_ACT_GRAD:
+        read += m * n * _e(a["Aux"])
+    elif a["AUX"] == linear_kernels.AUX_GATE_GRAD:
+        read += m * n * (_e(a["Aux"]) + _e(a["Aux2"]))
+        written += m * n * _e(a["Out2"])
+    read += m * n * _e(a["Res"]) * a["HAS_RESIDUAL"]
+    return read, written
+
+
+def _linear_gelu_mm_tma(a: dict, grid) -> tuple[int, int]:
+    # TMA boxes past the edges are zero-filled, not read: A once per column tile, B (and B2) once
+    # per row tile, K whole.
+    m, n, k = a["M"], a["N"], a["K"]
+    row_tiles, col_tiles = cdiv(m, a["BLOCK_M"]), cdiv(n, a["BLOCK_N"])
+    b = _e(a["BDesc"]) + _e(a["B2Desc"]) * a["GATED"]
+    read, written = _epilogue_bytes(a, m, n, row_tiles)
+    return read + m * k * col_tiles * _e(a["ADesc"]) + n * k * row_tiles * b, written
+
+
+def _linear_gelu_mm(a: dict, grid) -> tuple[int, int]:
+    # Pointer loads: rows and columns past the edge wrap (they read real data), so every tile
+    # reads BLOCK_M rows of A and BLOCK_N columns of B (and B2) over the whole K.
+    m, n, k = a["M"], a["N"], a["K"]
+    row_tiles, col_tiles = cdiv(m, a["BLOCK_M"]), cdiv(n, a["BLOCK_N"])
+    b = _e(a["B"]) + _e(a["B2"]) * a["GATED"]
+    tiles = row_tiles * col_tiles
+    read, written = _epilogue_bytes(a, m, n, row_tiles)
+    return read + tiles * k * (a["BLOCK_M"] * _e(a["A"]) + a["BLOCK_N"] * b), written
+
+
+def _linear_gelu_bwd(a: dict, grid) -> tuple[int, int]:
+    # Elementwise: dy and pre (and u) in, dpre (and du) out; db partials (fp32) per row group.
+    m, n, groups, gated = a["M"], a["N"], grid[1], a["GATED"]
+    read = m * n * (_e(a["DY"]) + _e(a["Pre"]) + _e(a["Up"]) * gated)
+    written = m * n * (_e(a["DPre"]) + _e(a["DUp"]) * gated)
+    written += a["NEED_DB"] * groups * n * 4 * (1 + gated)
+    return read, written
+
+
+def _rotary_fwd(a: dict, grid) -> tuple[int, int]:
+    # Per (position, head block) tile: the position's cos and sin rows; each head of q and k:
+    # its rotary dims (and the pass-through dims unless in place) in and out.
+    tiles, half = a["n_tiles"], a["HALF"]
+    positions = tiles // a["n_head_blocks"]
+    per_head = 2 * half + a["PASS"] * a["HAS_PASS"]
+    read = tiles * 2 * half * (_e(a["Cos"]) + _e(a["Sin"]))
+    read += positions * per_head * (a["HQ"] * _e(a["Q"]) + a["HK"] * _e(a["K"]))
+    written = positions * per_head * (a["HQ"] * _e(a["QO"]) + a["HK"] * _e(a["KO"]))
+    return read, written
+
+
+def keys_per_query_block(block: int, block_m: int, block_n: int, n_k: int, causal: bool) -> int:
+    """Keys whose K and V rows one query block loads (forward and dQ): the full tiles below the
+    block's diagonal, then the last segment's tiles, each up to the key bound."""
+    if causal:
+        hi = min((block + 1) * block_m, n_k)
+        full = min(block * block_m, n_k) // block_n * block_n
+    else:
+        hi, full = n_k, n_k // block_n * block_n
+    return min(full + cdiv(hi - full, block_n) * block_n, n_k) if hi > full else full
+
+
+def _attention_common(a: dict) -> None:
+    if a["HAS_MASK"] or a["HAS_DROPOUT"]:
+        raise NotImplementedError("traffic formulas cover attention without a mask or dropout")
+
+
+def _query_blocks(a: dict, block_m: int):
+    """(rows, keys loaded) of each query block of one head."""
+    n_q, n_k = a["n_q"], a["n_k"]
+    for block in range(cdiv(n_q, block_m)):
+        rows = min(block_m, n_q - block * block_m)
+        yield rows, keys_per_query_block(block, block_m, a["BLOCK_N"], n_k, a["IS_CAUSAL"])
+
+
+def _attention_fwd(a: dict, grid) -> tuple[int, int]:
+    # Per (query block, head): Q rows once, K and V rows of every visited key tile, out and lse.
+    _attention_common(a)
+    d, dv, bm = a["HEAD_DIM"], a["HEAD_DIM_V"], a["BLOCK_M"]
+    heads = grid[0] // cdiv(a["n_q"], bm)
+    kv = d * _e(a["K"]) + dv * _e(a["V"])
+    read = sum(rows * d * _e(a["Q"]) + keys * kv for rows, keys in _query_blocks(a, bm))
+    return heads * read, heads * a["n_q"] * (dv * _e(a["Out"]) + 4)
+
+
+def _attention_bwd_preprocess(a: dict, grid) -> tuple[int, int]:
+    # delta = rowsum(dO * O): O and dO in, delta (fp32) out, per query row.
+    rows = grid[0] // cdiv(a["n_q"], a["BLOCK_M"]) * a["n_q"]
+    return rows * a["HEAD_DIM_V"] * (_e(a["Out"]) + _e(a["DO"])), rows * 4
+
+
+def _attention_bwd_dkdv(a: dict, grid) -> tuple[int, int]:
+    # Per (key block, kv head): its K and V rows once; for each query head of the group, the
+    # query rows that can see the block (causal: from the block's first row tile on): Q, dO, lse
+    # and delta. dK and dV out.
+    _attention_common(a)
+    d, dv, bm, bn = a["HEAD_DIM"], a["HEAD_DIM_V"], a["BLOCK_M"], a["BLOCK_N"]
+    n_q, n_k = a["n_q"], a["n_k"]
+    kv_heads = grid[0] // cdiv(n_k, bn)
+    per_row = d * _e(a["Q"]) + dv * _e(a["DO"]) + 8
+    read = written = 0
+    for block in range(cdiv(n_k, bn)):
+        cols = min(bn, n_k - block * bn)
+        rows = max(0, n_q - block * bn // bm * bm) if a["IS_CAUSAL"] else n_q
+        read += cols * (d * _e(a["K"]) + dv * _e(a["V"])) + a["group"] * rows * per_row
+        written += cols * (d * _e(a["DK"]) + dv * _e(a["DV"]))
+    return kv_heads * read, kv_heads * written
+
+
+def _attention_bwd_dq(a: dict, grid) -> tuple[int, int]:
+    # Per (query block, head): Q, dO, lse, delta of its rows; K and V of the forward's key tiles.
+    _attention_common(a)
+    d, dv, bm = a["HEAD_DIM"], a["HEAD_DIM_V"], a["BLOCK_M"]
+    heads = grid[0] // cdiv(a["n_q"], bm)
+    per_row = d * _e(a["Q"]) + dv * _e(a["DO"]) + 8
+    kv = d * _e(a["K"]) + dv * _e(a["V"])
+    read = sum(rows * per_row + keys * kv for rows, keys in _query_blocks(a, bm))
+    return heads * read, heads * a["n_q"] * d * _e(a["DQ"])
+
+
+def _attention_decode_split(a: dict, grid) -> tuple[int, int]:
+    # Per (key chunk, row block of (group head, token) rows, kv head): the block's query rows,
+    # the chunk's K and V rows; the partial output and log-sum-exp (fp32) of its rows out.
+    if a["HAS_MASK"]:
+        raise NotImplementedError("traffic formulas cover decoding without a mask")
+    d, dv, bm = a["HEAD_DIM"], a["HEAD_DIM_V"], a["BLOCK_M"]
+    splits, chunk, n_k = a["num_splits"], a["chunk"], a["n_k"]
+    rows = a["group"] * a["n_q"]
+    kv_heads = grid[0] // (splits * cdiv(rows, bm))
+    keys = sum(max(0, min(chunk, n_k - s * chunk)) for s in range(splits))
+    read = splits * rows * d * _e(a["Q"]) + cdiv(rows, bm) * keys * (d * _e(a["K"]) + dv * _e(a["V"]))
+    written = splits * rows * (_e(a["LsePart"]) + dv * _e(a["OPart"]))
+    return kv_heads * read, kv_heads * written
+
+
+def _attention_decode_combine(a: dict, grid) -> tuple[int, int]:
+    # Per query row: its chunks' partial outputs and lse in; out and lse out.
+    rows, splits, dv = grid[0], a["num_splits"], a["HEAD_DIM_V"]
+    read = rows * splits * (_e(a["LsePart"]) + dv * _e(a["OPart"]))
+    return read, rows * (_e(a["Lse"]) + dv * _e(a["Out"]))
+
+
+KERNEL_FORMULAS: dict[str, Callable[[dict, tuple], tuple[int, int]]] = {
+    f.__name__: f for f in (
+        _layer_norm_fwd, _layer_norm_bwd, _linear_gelu_mm_tma, _linear_gelu_mm, _linear_gelu_bwd,
+        _rotary_fwd, _attention_fwd, _attention_bwd_preprocess, _attention_bwd_dkdv,
+        _attention_bwd_dq, _attention_decode_split, _attention_decode_combine)
+}
+
+
+def kernel_traffic(launch: Launch) -> tuple[int, int]:
+    """(bytes read, bytes written) of one Triton launch by its kernel's formula."""
+    if launch.kernel not in KERNEL_FORMULAS:
+        raise KeyError(f"no traffic formula for the Triton kernel {launch.kernel}")
+    return KERNEL_FORMULAS[launch.kernel](launch.args, launch.grid)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases: an op, its shape, a maker of inputs on a device and dtype, and its providers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    op: str
+    case: str
+    shape: dict
+    make: Callable[[str, torch.dtype], tuple]  # (device, dtype) -> inputs
+    providers: dict[str, Callable]
+    modes: tuple[str, ...] = ("fwd", "bwd")
+    grad_inputs: tuple[int, ...] | None = None  # positions that require grad (None: all)
+
+
+def _randn(device, dtype, *shape):
+    return torch.randn(*shape, device=device, dtype=dtype)
+
+
+def _norm_case(op: str, m: int, n: int) -> Case:
+    if op in ("layer_norm", "add_layer_norm"):
+        from benchmarks.bench_layer_norm import _providers
+    else:
+        from benchmarks.bench_rms_norm import _providers
+
+    def make(device, dtype):
+        x = _randn(device, dtype, m, n)
+        params = (_randn(device, dtype, n),) if "rms" in op else (_randn(device, dtype, n),) * 2
+        if "add" in op:
+            return (x, _randn(device, dtype, m, n), *map(torch.clone, params))
+        return (x, *map(torch.clone, params))
+
+    providers = _providers(op)
+    return Case(op, f"{m}x{n}", {"M": m, "N": n}, make,
+                {k: providers[k] for k in ("lightllm", "eager", "torch")})
+
+
+def _linear_case(op: str, m: int, k: int, n: int) -> Case:
+    def make(device, dtype):
+        return _randn(device, dtype, m, k), _randn(device, dtype, n, k), _randn(device, dtype, n)
+
+    if op == "linear_gelu":
+        from benchmarks.bench_linear_gelu import _linear_gelu_providers
+        providers = _linear_gelu_providers("none", "fwd")
+        # On a CPU the bench's "torch" is the eager reference (addmm, then GeLU).
+        providers = {"lightllm": providers["lightllm"], "eager": providers.get("eager", providers["torch"])}
+    else:
+        providers = {"lightllm": LF.linear_relu, "eager": linear_reference.linear_relu}
+    return Case(op, f"{m}x{k}->{n}", {"M": m, "K": k, "N": n}, make, providers)
+
+
+def _swiglu_case(m: int, k: int, n: int) -> Case:
+    from benchmarks.bench_swiglu import _swiglu_providers
+
+    def make(device, dtype):
+        return _randn(device, dtype, m, k), _randn(device, dtype, n, k), _randn(device, dtype, n, k)
+
+    providers = _swiglu_providers()
+    return Case("linear_swiglu", f"{m}x{k}->{n}", {"M": m, "K": k, "N": n}, make,
+                {"lightllm": providers["lightllm"], "eager": providers.get("eager", providers["torch"])})
+
+
+def _rotary_case(b: int, s: int, h: int, hkv: int, d: int) -> Case:
+    from benchmarks.bench_rotary import _providers
+
+    def make(device, dtype):
+        cos, sin = LF.rotary_cos_sin(torch.arange(s).expand(b, s), d, dtype=dtype)
+        return (_randn(device, dtype, b, h, s, d), _randn(device, dtype, b, hkv, s, d),
+                cos.to(device), sin.to(device))
+
+    providers = _providers()
+    return Case("rotary", f"B{b} S{s} H{h}/{hkv} D{d}", {"B": b, "S": s, "H": h, "H_kv": hkv, "D": d},
+                make, {"lightllm": providers["lightllm"], "eager": providers["eager"],
+                       "torch": providers["torch_transformers"]}, grad_inputs=(0, 1))
+
+
+def _attention_case(b: int, h: int, hkv: int, n_q: int, n_k: int, d: int, causal: bool) -> Case:
+    from benchmarks.bench_attention import providers
+
+    def make(device, dtype):
+        return (_randn(device, dtype, b, h, n_q, d), _randn(device, dtype, b, hkv, n_k, d),
+                _randn(device, dtype, b, hkv, n_k, d))
+
+    decode = n_q == 1
+    found = providers(causal, hkv != h, n_k)
+    label = f"B{b} H{h}/{hkv} N{n_q}x{n_k} D{d}{' causal' if causal else ''}"
+    return Case("attention_decode" if decode else "attention", label,
+                {"B": b, "H": h, "H_kv": hkv, "N_q": n_q, "N_k": n_k, "D": d, "causal": causal},
+                make, {k: found[k] for k in ("lightllm", "eager", "torch")},
+                ("fwd",) if decode else ("fwd", "bwd"))
+
+
+def _softmax_case(m: int, n: int) -> Case:
+    def make(device, dtype):
+        return (_randn(device, dtype, m, n),)
+
+    return Case("softmax", f"{m}x{n}", {"M": m, "N": n}, make,
+                {"eager": lambda x: softmax_reference.softmax(x, -1),
+                 "torch": lambda x: torch.softmax(x, -1)})
+
+
+def _block_case(batch: int, seq: int, d: int, heads: int) -> Case:
+    """GPT-2's pre-norm block as torch.nn.TransformerEncoderLayer (causal, GeLU, no dropout):
+    eager is PyTorch's layer in training mode, lightllm the same layer after lightllm.patch."""
+    layer = torch.nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
+                                             norm_first=True, activation="gelu")
+    ours = copy.deepcopy(layer)
+    lightllm.patch(ours)
+
+    def make(device, dtype):
+        layer.to(device, dtype)
+        ours.to(device, dtype)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(seq, device=device, dtype=dtype)
+        return _randn(device, dtype, batch, seq, d), mask
+
+    def call(module):
+        return lambda x, mask: module(x, src_mask=mask, is_causal=True)
+
+    return Case("transformer_block", f"B{batch} N{seq} d{d} h{heads}",
+                {"B": batch, "N": seq, "d_model": d, "heads": heads, "d_ff": 4 * d}, make,
+                {"lightllm": call(ours), "eager": call(layer)}, grad_inputs=(0,))
+
+
+def counted_cases(quick: bool) -> list[Case]:
+    """Tiny odd shapes: every kernel path runs in the interpreter in seconds."""
+    cases = [_norm_case(op, 7, 33) for op in ("layer_norm", "add_layer_norm", "rms_norm",
+                                               "add_rms_norm")]
+    cases += [_linear_case("linear_gelu", 5, 24, 40), _linear_case("linear_relu", 5, 24, 40),
+              _swiglu_case(5, 24, 40), _rotary_case(1, 5, 4, 2, 16),
+              _attention_case(1, 2, 2, 37, 37, 16, False), _attention_case(1, 2, 2, 37, 37, 16, True),
+              _attention_case(1, 4, 2, 37, 37, 16, True), _attention_case(1, 4, 2, 1, 300, 16, False),
+              _softmax_case(7, 33), _block_case(1, 9, 32, 2)]
+    if not quick:
+        cases.append(_attention_case(1, 1, 1, 150, 150, 16, True))
+    return cases
+
+
+def scaled_cases() -> list[Case]:
+    """Real sizes: the benchmarks' GPU shapes (H200, bf16)."""
+    return [*(_norm_case(op, 4096, 4096) for op in ("layer_norm", "add_layer_norm", "rms_norm",
+                                                    "add_rms_norm")),
+            _linear_case("linear_gelu", 8192, 1024, 4096), _linear_case("linear_relu", 8192, 1024, 4096),
+            _swiglu_case(8192, 2048, 8192), _rotary_case(4, 2048, 32, 8, 128),
+            _attention_case(4, 16, 16, 2048, 2048, 64, False),
+            _attention_case(4, 16, 16, 2048, 2048, 64, True),
+            _attention_case(4, 16, 4, 2048, 2048, 64, True),
+            _attention_case(1, 32, 8, 1, 4096, 128, False),
+            _softmax_case(4096, 4096), _block_case(1, 2048, 1024, 16)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Counting one (case, mode, provider)
+# ------------------------------------------------------------------------------------------------
+
+
+def _floating(outputs) -> list[torch.Tensor]:
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return [t for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point()
+            and t.requires_grad]
+
+
+@contextlib.contextmanager
+def _real_outputs():
+    """Kernel outputs as plain ``torch.empty`` even under the tests' NaN poisoning (a test aid,
+    not traffic)."""
+    saved, kernel_utils.POISON_OUTPUTS = kernel_utils.POISON_OUTPUTS, False
+    try:
+        yield
+    finally:
+        kernel_utils.POISON_OUTPUTS = saved
+
+
+@contextlib.contextmanager
+def _gpu_plans():
+    """Launch plans of a GPU (an H200's SMs) for the kernels whose plans depend on it."""
+    modules = (norm_kernels, linear_kernels, decode_kernels)
+    saved = [m.sm_count for m in modules]
+    for m in modules:
+        m.sm_count = lambda t: H200_SMS
+    try:
+        yield
+    finally:
+        for m, fn in zip(modules, saved):
+            m.sm_count = fn
+
+
+def count(fn: Callable, inputs: tuple, mode: str, *, dry: bool = False,
+          grad_inputs: tuple[int, ...] | None = None) -> Tally:
+    """The tally of ``fn(*inputs)``'s forward (``mode="fwd"``) or of its backward alone (``"bwd"``)
+    with respect to the inputs at ``grad_inputs`` (None: all). ``dry``: Triton launches are priced
+    by their formulas, not run (meta tensors)."""
+    wanted = range(len(inputs)) if grad_inputs is None else grad_inputs
+    inputs = tuple(t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs))
+    differentiable = [t for t in inputs if t.requires_grad]
+    counter = (Counter(execute=False, formula=kernel_traffic, overrides=GPU_BLOCKS) if dry
+               else Counter())
+    with _real_outputs(), (_gpu_plans() if dry else contextlib.nullcontext()):
+        if mode == "fwd":
+            with counter:
+                fn(*inputs)
+            return counter.tally
+        outputs = _floating(fn(*inputs))
+        grads = [torch.randn_like(t) for t in outputs]
+        with counter:
+            torch.autograd.grad(outputs, differentiable, grads, allow_unused=True)
+        return counter.tally
+
+
+def _record(case: Case, mode: str, provider: str, dtype: torch.dtype, tally: Tally) -> dict:
+    return {"op": case.op, "case": case.case, "shape": case.shape, "dtype": str(dtype)[6:],
+            "mode": mode, "provider": provider, "bytes_read": tally.read,
+            "bytes_written": tally.written, "launches": tally.launches}
+
+
+def softmax_design(m: int, n: int, itemsize: int, mode: str) -> tuple[int, int, int]:
+    """(read, written, launches) of lightllm's CUDA softmax by its design (csrc/softmax_kernels.cuh):
+    rows that fit shared memory (n <= 48 KiB / 4 B) are read once and written once (backward: y
+    and dy read, dx written), one launch; longer rows take the split path, which reads its inputs
+    twice over two launches."""
+    split = n * 4 > 48 * 1024
+    reads = (1 if mode == "fwd" else 2) * (2 if split else 1)
+    return reads * m * n * itemsize, m * n * itemsize, 2 if split else 1
+
+
+def _softmax_records(case: Case, dtype: torch.dtype, scaled: bool) -> list[dict]:
+    out = []
+    for mode in case.modes:
+        read, written, launches = softmax_design(case.shape["M"], case.shape["N"], dtype.itemsize,
+                                                 mode)
+        rec = {"op": case.op, "case": case.case, "shape": case.shape, "dtype": str(dtype)[6:],
+               "mode": mode, "provider": "lightllm", "bytes_read": read, "bytes_written": written,
+               "launches": launches}
+        reason = ("lightllm's softmax is a CUDA C++ kernel (lightllm._C) that Triton's "
+                  "interpreter cannot run: traffic of its design, csrc/softmax_kernels.cuh")
+        if scaled:
+            rec.update(exact=False, formula=softmax_design.__doc__.split(":")[0] + ": " + reason)
+        else:
+            rec.update(per_kernel={}, counted=False, note=reason)
+        out.append(rec)
+    return out
+
+
+_FORMULA_TEXT = {
+    "lightllm": ("aten ops counted on meta tensors; each Triton launch priced by its kernel's "
+                 "formula (KERNEL_FORMULAS: {kernels}), the formulas the counted launches "
+                 "confirm launch by launch"),
+    "eager": "every aten op counted on meta tensors at this shape (inputs read, outputs written)",
+    "torch": "every aten op counted on meta tensors at this shape (inputs read, outputs written)",
+}
+
+
+# PyTorch's SDPA on meta tensors takes its math backend (matmuls and a softmax over the N x N
+# scores); on a GPU it would take a fused one (flash: q, k, v in, out and lse out, one kernel),
+# on the CPU (the counted table) its fused CPU kernel.
+_META_SDPA = ("; F.scaled_dot_product_attention takes its math backend on meta tensors, not the "
+              "fused kernel PyTorch would choose on a GPU: an upper bound for PyTorch's attention")
+
+
+def run(out_dir: str | os.PathLike | None = None, quick: bool = False) -> dict:
+    """Count everything, scale to real sizes, and write ``traffic.json`` and ``traffic.md`` to
+    ``out_dir`` (when given). Returns the JSON dict."""
+    torch.manual_seed(0)
+    counted, scaled = [], []
+    for case in counted_cases(quick):
+        if case.op == "softmax":
+            counted += _softmax_records(case, COUNTED_DTYPE, scaled=False)
+        for mode in case.modes:
+            for provider, fn in case.providers.items():
+                tally = count(fn, case.make("cpu", COUNTED_DTYPE), mode, grad_inputs=case.grad_inputs)
+                rec = _record(case, mode, provider, COUNTED_DTYPE, tally)
+                rec.update(per_kernel=tally.per_kernel, counted=True)
+                counted.append(rec)
+    for case in scaled_cases():
+        if case.op == "softmax":
+            scaled += _softmax_records(case, SCALED_DTYPE, scaled=True)
+        for mode in case.modes:
+            for provider, fn in case.providers.items():
+                tally = count(fn, case.make("meta", SCALED_DTYPE), mode, dry=True,
+                              grad_inputs=case.grad_inputs)
+                rec = _record(case, mode, provider, SCALED_DTYPE, tally)
+                kernels = ", ".join(sorted({launch.kernel for launch in tally.triton_launches}))
+                formula = _FORMULA_TEXT[provider].format(kernels=kernels)
+                sdpa = provider == "torch" and "attention" in case.op or (
+                    provider == "eager" and case.op == "transformer_block")
+                if sdpa:
+                    formula += _META_SDPA
+                rec.update(exact=not sdpa, formula=formula)
+                scaled.append(rec)
+    traffic = {
+        "environment": {
+            "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "counted_dtype": str(COUNTED_DTYPE)[6:], "scaled_dtype": str(SCALED_DTYPE)[6:],
+            "sms": H200_SMS, "gpu_blocks": GPU_BLOCKS,
+        },
+        "counted": counted, "scaled": scaled,
+        "ratios": _ratios("counted", counted) + _ratios("scaled", scaled),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "traffic.json").write_text(json.dumps(traffic, indent=1) + "\n")
+        (out / "traffic.md").write_text(markdown(traffic))
+    return traffic
+
+
+def _ratios(table: str, records: list[dict]) -> list[dict]:
+    eager = {(r["op"], r["case"], r["mode"]): r for r in records if r["provider"] == "eager"}
+    out = []
+    for r in records:
+        base = eager.get((r["op"], r["case"], r["mode"]))
+        if r["provider"] == "eager" or base is None:
+            continue
+        moved, base_moved = r["bytes_read"] + r["bytes_written"], base["bytes_read"] + base["bytes_written"]
+        out.append({"table": table, "op": r["op"], "case": r["case"], "mode": r["mode"],
+                    "provider": r["provider"],
+                    "bytes_ratio": moved / base_moved if base_moved else math.nan,
+                    "launch_ratio": r["launches"] / base["launches"] if base["launches"] else math.nan})
+    return out
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _table(traffic: dict, table: str) -> list[str]:
+    ratios = {(r["op"], r["case"], r["mode"], r["provider"]): r for r in traffic["ratios"]
+              if r["table"] == table}
+    lines = ["| op | case | mode | provider | read | written | launches | bytes / eager | "
+             "launches / eager |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in traffic[table]:
+        ratio = ratios.get((r["op"], r["case"], r["mode"], r["provider"]))
+        flag = "" if r.get("counted", r.get("exact", True)) else " *"
+        cells = [r["op"], r["case"], r["mode"], r["provider"] + flag, _size(r["bytes_read"]),
+                 _size(r["bytes_written"]), str(r["launches"]),
+                 f"{ratio['bytes_ratio']:.2f}" if ratio else "",
+                 f"{ratio['launch_ratio']:.2f}" if ratio else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(traffic: dict) -> str:
+    """The counted table (tiny shapes) and the scaled table (real sizes), with lightllm / eager
+    ratios of bytes (read + written) and launches; ``*`` marks figures not counted (softmax's
+    CUDA kernel, from its design)."""
+    env = traffic["environment"]
+    return "\n".join([
+        "## Memory traffic and kernel launches",
+        "",
+        f"Counted on tiny shapes in {env['counted_dtype']} (lightllm's Triton kernels in the "
+        "interpreter, every provider's aten ops by a dispatch mode); scaled to real sizes in "
+        f"{env['scaled_dtype']} on meta tensors with the kernels' formulas ({env['sms']} SMs, "
+        "attention blocks of the GPU default configs). `*`: not counted (softmax's CUDA kernel: "
+        "its design). torch "
+        f"{env['torch']}, triton {env['triton']}, {env['date']}.",
+        "",
+        "### Counted (tiny shapes)",
+        "",
+        *_table(traffic, "counted"),
+        "",
+        "### Scaled (real sizes)",
+        "",
+        *_table(traffic, "scaled"),
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="directory for traffic.json and traffic.md")
+    parser.add_argument("--quick", action="store_true", help="skip the larger counted cases")
+    args = parser.parse_args(argv)
+    traffic = run(args.out, args.quick)
+    print(markdown(traffic))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
