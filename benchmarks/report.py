@@ -241,7 +241,7 @@ def summary_markdown(payload: dict[str, Any], traffic_md: str | None = None,
         if p["version"] else f"{name} not installed" for name, p in peers.items()) + ".", ""]
     lines.append(ops_markdown(payload["results"]))
     if traffic_md:
-        lines += ["## Memory traffic and launches (counted on CPU)", "", traffic_md]
+        lines += [traffic_md]  # its own heading (benchmarks/traffic.py)
     if comparison_md:
         lines.append(comparison_md)
     return "\n".join(lines)
