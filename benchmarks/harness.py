@@ -319,8 +319,9 @@ def autotune_choices() -> dict[str, list[dict[str, str]]]:
     import importlib
     import pkgutil
 
-    import lightllm.kernels as kernels
     import triton
+
+    import lightllm.kernels as kernels
 
     choices: dict[str, list[dict[str, str]]] = {}
     for info in pkgutil.iter_modules(kernels.__path__):

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune_configs, autotune_enabled, cdiv, empty, next_pow2
+from ._utils import autotune, autotune_configs, cdiv, empty, next_pow2
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -81,13 +81,14 @@ def tuned(interpreter: triton.Config, gpu: list[triton.Config],
           suits: Callable[[triton.Config, dict], bool]) -> dict:
     """``triton.autotune`` arguments: ``interpreter`` alone under the interpreter; on a GPU the
     configs of ``gpu`` for which ``suits(config, meta)`` holds (meta: the constexprs plus ITEM, the
-    element size of Q), all timed, or only the first of them with LIGHTLLM_AUTOTUNE=0."""
+    element size of Q), all timed, or only the first of them with LIGHTLLM_AUTOTUNE=0
+    (``_utils.autotune``)."""
 
     def prune(configs, named_args, **kwargs):
         meta = {**kwargs, "ITEM": named_args["Q"].element_size()}
         candidates = [c for c in configs if c is not interpreter]
         fit = [c for c in candidates if suits(c, meta)] or candidates[-1:]
-        return fit if autotune_enabled() else fit[:1]
+        return fit
 
     return {"configs": autotune_configs([interpreter, *gpu]),
             "prune_configs_by": {"early_config_prune": prune}}
@@ -318,7 +319,7 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
-@triton.autotune(key=_KEY, **_FWD)
+@autotune(key=_KEY, **_FWD)
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attention_fwd(
     Q, K, V, Mask, Out, Lse,
@@ -483,7 +484,7 @@ def _dkdv_tiles(
     return dk, dv
 
 
-@triton.autotune(key=_KEY, **_DKDV)
+@autotune(key=_KEY, **_DKDV)
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attention_bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta, DK, DV,
@@ -615,7 +616,7 @@ def _dq_tiles(
     return dq
 
 
-@triton.autotune(key=_KEY, **_DQ)
+@autotune(key=_KEY, **_DQ)
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attention_bwd_dq(
     Q, K, V, Mask, DO, Lse, Delta, DQ,

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, empty, next_pow2, sm_count
+from ._utils import autotune, cdiv, empty, next_pow2, sm_count
 from .attention import (
     LOG2E,
     _load_tile,
@@ -78,7 +78,7 @@ _SPLIT = tuned(_cfg(64, 4, 2), [
 ], _fits)
 
 
-@triton.autotune(key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CHUNK_KEY", "HAS_MASK"], **_SPLIT)
+@autotune(key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CHUNK_KEY", "HAS_MASK"], **_SPLIT)
 @triton.jit(do_not_specialize=["n_q", "n_k", "chunk", "num_splits", "CHUNK_KEY"])
 def _attention_decode_split(
     Q, K, V, Mask, OPart, LsePart,

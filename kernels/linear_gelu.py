@@ -63,8 +63,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._utils import (
     INTERPRET,
+    autotune,
     autotune_configs,
-    autotune_enabled,
     cdiv,
     empty,
     next_pow2,
@@ -237,8 +237,7 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     # In the order of the epilogue's own list: its first fitting tile is the default.
-    kept = sorted(kept, key=lambda c: tiles.index(_tile_of(c))) or configs[:1]
-    return kept if autotune_enabled() else kept[:1]
+    return sorted(kept, key=lambda c: tiles.index(_tile_of(c))) or configs[:1]
 
 
 # M by power-of-two bucket: a new token count does not trigger a new tuning run. The autotuner
@@ -319,7 +318,7 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=autotune_configs([_config(t) for t in _POINTER_TILES]),
+@autotune(configs=autotune_configs([_config(t) for t in _POINTER_TILES]),
                  key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _linear_gelu_mm(
@@ -377,7 +376,7 @@ def _linear_gelu_mm(
               ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
-@triton.autotune(configs=autotune_configs([_config(t, _set_tma_blocks) for t in _TMA_TILES]),
+@autotune(configs=autotune_configs([_config(t, _set_tma_blocks) for t in _TMA_TILES]),
                  key=_KEY + ["B_NK"], prune_configs_by=_PRUNE)
 @triton.jit
 def _linear_gelu_mm_tma(

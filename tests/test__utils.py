@@ -4,6 +4,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from lightllm.kernels import _utils
 
 

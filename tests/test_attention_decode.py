@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, dtype_params
-from lightllm.kernels import attention as kernel
-from lightllm.kernels import attention_decode as decode
-from lightllm.kernels._utils import sm_count
 from test_attention import _qkv, check_sdpa
 
 import lightllm.functional as LF
+from lightllm.kernels import attention as kernel
+from lightllm.kernels import attention_decode as decode
+from lightllm.kernels._utils import sm_count
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, dtype_params
-from lightllm.kernels.attention_decode import use_split_kv
 
 import lightllm
 import lightllm._dispatch as dispatch
+from lightllm.kernels.attention_decode import use_split_kv
 from lightllm.nn import CausalSelfAttention, KVCache, MultiheadAttention
 from lightllm.nn import attention as attention_module
 from lightllm.testing import assert_parity

@@ -12,10 +12,10 @@ Each call names the kernels it must launch, so an empty recording cannot pass.
 import pytest
 import torch
 from conftest import DEVICE
-from lightllm.kernels import attention as attention_kernel
-from lightllm.kernels import attention_decode as decode_kernel
 
 import lightllm.functional as LF
+from lightllm.kernels import attention as attention_kernel
+from lightllm.kernels import attention_decode as decode_kernel
 from lightllm.testing import stub_launches
 
 MAX_X = 2**31 - 1

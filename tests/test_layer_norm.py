@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA, dtype_params
-from lightllm.kernels import layer_norm as kernel
 
 import lightllm
 import lightllm.functional as LF
+from lightllm.kernels import layer_norm as kernel
 from lightllm.reference import layer_norm as reference
 from lightllm.testing import assert_parity, grads, leaves
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA, dtype_params
-from lightllm.kernels import linear_gelu as kernel
 
 import lightllm.functional as LF
+from lightllm.kernels import linear_gelu as kernel
 from lightllm.reference import linear_gelu as reference
 from lightllm.testing import assert_parity, grads, leaves
 

@@ -4,9 +4,9 @@
 import pytest
 import torch
 from conftest import DEVICE
-from lightllm.kernels import layer_norm as layer_norm_kernel
 
 import lightllm
+from lightllm.kernels import layer_norm as layer_norm_kernel
 
 
 class MyNorm(torch.nn.LayerNorm):

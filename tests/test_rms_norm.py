@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BF16_ON_CPU, DEVICE, HAS_CUDA
-from lightllm.kernels import layer_norm as kernel
 
 import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
+from lightllm.kernels import layer_norm as kernel
 from lightllm.ops import rms_norm as rms_op
 from lightllm.reference import rms_norm as reference
 from lightllm.testing import DispatchedOps, assert_parity, grads, leaves

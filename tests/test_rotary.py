@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 from conftest import BF16_ON_CPU, DEVICE, HAS_CUDA
-from lightllm.kernels import rotary as kernel
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb as neox_rope
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
@@ -16,6 +15,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as lla
 import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
+from lightllm.kernels import rotary as kernel
 from lightllm.reference import rotary as reference
 from lightllm.testing import DispatchedOps, assert_parity, grads, leaves, stub_launches
 
