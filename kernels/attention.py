@@ -13,8 +13,10 @@ Forward, one program per (query block of BLOCK_M rows, batch * query head):
   such a row, so that the backward's 2^(s - lse) is exactly 0 there).
   Key tiles are split into a main segment needing no key-bounds or causal checks and a short last
   segment (the diagonal under ``is_causal``, the ragged end otherwise) that applies them; tiles above
-  the causal diagonal are never visited. Causal masking is PyTorch's top-left alignment: key j is
-  visible to query i iff j <= i, whatever Nq and Nk are.
+  the causal diagonal are never visited. Causal masking is PyTorch's top-left alignment (key j is
+  visible to query i iff j <= i, whatever Nq and Nk are) or, with ``lower_right``, aligned to the
+  last key (j <= i + Nk - Nq: PyTorch's ``causal_lower_right``, a chunk of queries at the end of a
+  KV cache), as the runtime shift ``causal_shift``: one compiled kernel serves both.
   Traffic: Q and O once; K and V once per query block (from L2 for neighbouring programs); the mask
   tile by tile through its strides; O(N) extra memory (the fp32 lse).
 
@@ -33,8 +35,23 @@ quarter of the registers of a draw per score, and no 64-bit counter even past 2^
 backward regenerates exactly the forward's draws; kept probabilities are scaled by 1 / (1 - p).
 ``dropout_keep_mask`` materialises the same mask for tests.
 
+Load paths (one kernel source, chosen by the config's ``USE_TMA`` constexpr):
+  * pointers (every config list's default): 64-bit pointer tiles, masked loads, cp.async when
+    pipelined;
+  * tensor descriptors (TMA configs, Hopper+, fp16/bf16, when the launcher could build them: a
+    unit-stride head dim, 16-byte aligned base and strides): Q, K, V, dO are read and O, dQ, dK,
+    dV written by the copy engine through 4-D (B, H, N, D) descriptors with (1, 1, rows, head
+    dim) boxes. Rows past N and head-dim columns past D arrive as zeros and stores are clipped,
+    so no address arithmetic or bounds masks live in registers: compiled for sm_90a the forward
+    at head dim 128 takes 142 registers against the pointer default's 211
+    (``tests/sm90_compile.py``). They are added beside the pointer configs and timed with them;
+    the pointer configs stay the defaults until GPU timings say otherwise.
+  Warp specialization (``tl.range(..., warp_specialize=True)``) was tried on the TMA forward and
+  left out: for sm_90a, triton 3.6 and 3.8 fail to compile it at 4 warps and leave the loop
+  unspecialized at 8.
+
 All offsets that can pass 2^31 (batch/head bases, row offsets) are 64-bit; loops advance 64-bit
-pointers by one tile stride at a time.
+pointers by one tile stride at a time; descriptor coordinates are 32-bit (batch, head, row < 2^31).
 
 Grids are one-dimensional, (blocks of a head) x (batch * heads) programs on axis 0 with the blocks
 of a head adjacent (``_program_block``): batch * heads alone passes the 65535 of grid axes 1 and 2
@@ -51,8 +68,9 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._utils import autotune, autotune_configs, cdiv, empty, next_pow2
+from ._utils import INTERPRET, autotune, cdiv, empty, next_pow2
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -63,35 +81,84 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # ------------------------------------------------------------------------------------------------
 # Tuning
 #
-# Under the interpreter each kernel runs one config (its first, big tiles: the fewest numpy steps).
-# On a GPU the autotuner times every config that suits the head dim, keyed on the head dims, the
-# feature flags, the dtypes and the power-of-two bucket of each length. LIGHTLLM_AUTOTUNE=0 skips
-# the timing and takes the first suitable config of each list (its default): a test suite that
-# meets a new key at every case would otherwise pay a dozen compilations per key.
+# Under the interpreter each kernel runs one config (its first, big tiles: the fewest numpy steps),
+# or its TMA twin when the launcher passed descriptors (tests). On a GPU the autotuner times every
+# config that suits the head dim, keyed on the head dims, the feature flags, the dtypes and the
+# power-of-two bucket of each length (a launch with descriptors has its own key: descriptors carry
+# no dtype). LIGHTLLM_AUTOTUNE=0 skips the timing and takes the first suitable config of each list
+# (its pointer default): a test suite that meets a new key at every case would otherwise pay a
+# dozen compilations per key.
 # ------------------------------------------------------------------------------------------------
 
 
 
-def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
-                         num_stages=stages)
+# The descriptor arguments of the kernels and the (rows, columns) constexprs of their boxes: a
+# query-side tile has BLOCK_M rows, a key-side tile BLOCK_N; Q, K and their gradients are
+# BLOCK_D wide, V, O, dO and dV BLOCK_DV. Descriptors are 4-D (B, H, N, D) with a (1, 1, rows,
+# columns) box, so the copy engine zero-fills rows past N and head-dim columns past D.
+_BOXES = {
+    "QDesc": ("BLOCK_M", "BLOCK_D"), "KDesc": ("BLOCK_N", "BLOCK_D"),
+    "VDesc": ("BLOCK_N", "BLOCK_DV"), "ODesc": ("BLOCK_M", "BLOCK_DV"),
+    "DODesc": ("BLOCK_M", "BLOCK_DV"), "DQDesc": ("BLOCK_M", "BLOCK_D"),
+    "DKDesc": ("BLOCK_N", "BLOCK_D"), "DVDesc": ("BLOCK_N", "BLOCK_DV"),
+}
+
+
+def _set_boxes(nargs) -> None:
+    """Autotune pre-hook of a TMA config: the descriptors' boxes follow the config's tiles."""
+    for name, (rows, cols) in _BOXES.items():
+        desc = nargs.get(name)
+        if isinstance(desc, TensorDescriptor):
+            desc.block_shape = [1, 1, nargs[rows], nargs[cols]]
+
+
+def _cfg(block_m: int, block_n: int, warps: int, stages: int, tma: bool = False) -> triton.Config:
+    """A tile config; ``tma`` loads (and stores) tiles through tensor descriptors (the copy engine)
+    instead of pointer arithmetic (cp.async)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "USE_TMA": tma},
+                         num_warps=warps, num_stages=stages, pre_hook=_set_boxes if tma else None)
+
+
+def _uses_tma(c: triton.Config) -> bool:
+    return c.kwargs.get("USE_TMA", False)
 
 
 def tuned(interpreter: triton.Config, gpu: list[triton.Config],
-          suits: Callable[[triton.Config, dict], bool]) -> dict:
-    """``triton.autotune`` arguments: ``interpreter`` alone under the interpreter; on a GPU the
-    configs of ``gpu`` for which ``suits(config, meta)`` holds (meta: the constexprs plus ITEM, the
-    element size of Q), all timed, or only the first of them with LIGHTLLM_AUTOTUNE=0
-    (``_utils.autotune``)."""
+          suits: Callable[[triton.Config, dict], bool], tma: list[triton.Config] = ()) -> dict:
+    """``triton.autotune`` arguments for the configs ``gpu`` (pointer loads) and ``tma`` (the
+    same kernel loading through tensor descriptors, only when the launcher passed them).
+
+    On a GPU the configs for which ``suits(config, meta)`` holds (meta: the constexprs plus ITEM,
+    the element size of Q) are all timed, or only the first with LIGHTLLM_AUTOTUNE=0
+    (``_utils.autotune``): the first pointer config stays the default. Under the interpreter,
+    ``interpreter`` runs, or its TMA twin when descriptors were passed (and ``tma`` is not empty).
+    """
+    if INTERPRET:
+        configs = [interpreter]
+        if tma:
+            k = interpreter.kwargs
+            configs.append(_cfg(k["BLOCK_M"], k["BLOCK_N"], interpreter.num_warps,
+                                interpreter.num_stages, tma=True))
+    else:
+        configs = [*gpu, *tma]
 
     def prune(configs, named_args, **kwargs):
+        use_tma = isinstance(named_args.get("QDesc"), TensorDescriptor)
+        if INTERPRET:
+            return [c for c in configs if _uses_tma(c) == use_tma]
         meta = {**kwargs, "ITEM": named_args["Q"].element_size()}
-        candidates = [c for c in configs if c is not interpreter]
-        fit = [c for c in candidates if suits(c, meta)] or candidates[-1:]
-        return fit
+        return gpu_candidates(configs, use_tma, meta, suits)
 
-    return {"configs": autotune_configs([interpreter, *gpu]),
-            "prune_configs_by": {"early_config_prune": prune}}
+    return {"configs": configs, "prune_configs_by": {"early_config_prune": prune}}
+
+
+def gpu_candidates(configs: list[triton.Config], use_tma: bool, meta: dict,
+                   suits: Callable[[triton.Config, dict], bool]) -> list[triton.Config]:
+    """The GPU configs a launch times: those that suit ``meta``, TMA configs only with
+    descriptors; the last pointer config (which fits anything) when none suits."""
+    candidates = [c for c in configs if use_tma or not _uses_tma(c)]
+    fit = [c for c in candidates if suits(c, meta)]
+    return fit or [c for c in candidates if not _uses_tma(c)][-1:]
 
 
 _SMEM_LIMIT = 224 * 1024  # of the 227 KiB an H100 SM gives one program
@@ -142,20 +209,28 @@ _FWD = tuned(_cfg(128, 64, 4, 2), [
     _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3),
     _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2),
     _cfg(32, 32, 4, 1),
-], _fwd_suits)
+], _fwd_suits, tma=[
+    _cfg(128, 64, 8, 3, True), _cfg(128, 64, 8, 2, True), _cfg(128, 128, 8, 2, True),
+    _cfg(64, 64, 4, 3, True), _cfg(64, 32, 8, 2, True),
+])
 _DKDV = tuned(_cfg(64, 128, 4, 2), [
     _cfg(32, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3),
     _cfg(32, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 2), _cfg(32, 32, 4, 1),
-], _key_tiles_suit)
+], _key_tiles_suit, tma=[
+    _cfg(32, 128, 8, 3, True), _cfg(32, 128, 8, 2, True), _cfg(64, 128, 8, 2, True),
+    _cfg(32, 64, 8, 2, True),
+])
 _DQ = tuned(_cfg(128, 64, 4, 2), [
     _cfg(128, 32, 8, 3), _cfg(64, 32, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3),
     _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 1),
-], _dq_suits)
+], _dq_suits, tma=[
+    _cfg(128, 32, 8, 3, True), _cfg(64, 32, 8, 2, True), _cfg(128, 64, 8, 2, True),
+])
 _KEY = ["HEAD_DIM", "HEAD_DIM_V", "SEQ_Q_KEY", "SEQ_K_KEY", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
 # Lengths and length buckets enter kernels as runtime values, never specialised (to a
 # constant 1, or on divisibility): every derived loop bound is a tensor that can be widened to
 # 64 bits, and a new length never means a new compilation.
-_LENGTHS = ["n_q", "n_k", "SEQ_Q_KEY", "SEQ_K_KEY"]
+_LENGTHS = ["n_q", "n_k", "causal_shift", "SEQ_Q_KEY", "SEQ_K_KEY"]
 
 
 def seq_bucket(n: int) -> int:
@@ -214,12 +289,11 @@ def _key_tile_pointers(K_base, V_base, Mask_base, stride_kn, stride_kd, stride_v
 
 
 @triton.jit
-def _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scale,
-                CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                MASK_IS_BOOL: tl.constexpr, PAD_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Scores q·kᵀ of one key tile in log2 units with the user's mask, the causal mask and the key
-    bound applied (-inf where hidden); returns them with the loaded key tile."""
-    k = _load_tile(k_ptrs, col_ok, d_ok, CHECK_KEYS, PAD_D)
+def _scores(q, k, mask_ptrs, cols, last_key, row_ok, col_ok, qk_scale, CHECK_KEYS: tl.constexpr,
+            APPLY_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+            INPUT_PRECISION: tl.constexpr):
+    """Scores q·kᵀ of one key tile in log2 units with the user's mask, the causal mask (row r sees
+    keys up to ``last_key[r]``) and the key bound applied (-inf where hidden)."""
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if HAS_MASK:
         if CHECK_KEYS:
@@ -227,10 +301,46 @@ def _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_sca
         else:
             s = _apply_mask(s, mask_ptrs, row_ok[:, None], MASK_IS_BOOL)
     if APPLY_CAUSAL:
-        s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+        s = tl.where(cols[None, :] <= last_key[:, None], s, float("-inf"))
     if CHECK_KEYS:
         s = tl.where(col_ok[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scale,
+                CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                MASK_IS_BOOL: tl.constexpr, PAD_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``_scores`` of the key tile at ``k_ptrs`` (loaded through pointers); returns them with the
+    loaded key tile."""
+    k = _load_tile(k_ptrs, col_ok, d_ok, CHECK_KEYS, PAD_D)
+    s = _scores(q, k, mask_ptrs, cols, offs_m, row_ok, col_ok, qk_scale, CHECK_KEYS,
+                APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
     return s, k
+
+
+@triton.jit
+def _tile(Desc, b, h, row, ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr,
+          CHECK_COLS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+          USE_TMA: tl.constexpr):
+    """The (ROWS, COLS) tile of head (b, h) from row ``row``: through the tensor descriptor (the
+    copy engine zero-fills past the tensor's rows and head dim) or the pointers ``ptrs``."""
+    if USE_TMA:
+        x = Desc.load([b, h, row, 0]).reshape(ROWS, COLS)
+    else:
+        x = _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS, CHECK_COLS)
+    return x
+
+
+@triton.jit
+def _store_tile(Desc, b, h, row, ptrs, x, row_ok, col_ok, ROWS: tl.constexpr,
+                COLS: tl.constexpr, USE_TMA: tl.constexpr):
+    """Store the (ROWS, COLS) tile ``x`` (already in the output dtype) of head (b, h) at row
+    ``row``: through the descriptor (clipped to the tensor) or the pointers ``ptrs``."""
+    if USE_TMA:
+        Desc.store([b, h, row, 0], x.reshape(1, 1, ROWS, COLS))
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -279,14 +389,15 @@ def _program_block(n_blocks, LAST_FIRST: tl.constexpr):
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q,
-    K_base, V_base, Mask_base,
+    K_base, V_base, Mask_base, KDesc, VDesc, off_b, off_hkv,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    offs_m, row_ok, lo, hi, n_k,
+    offs_m, row_ok, lo, hi, n_k, causal_shift,
     qk_scale, seed, off_bh, drop_p, drop_scale,
     CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Online softmax over the key tiles [lo, hi) of one query block (see the module docstring)."""
     offs_n, d_ok, dv_ok, k_ptrs, v_ptrs, mask_ptrs = _key_tile_pointers(
@@ -296,9 +407,10 @@ def _fwd_tiles(
         cols = start_n + offs_n
         col_ok = cols < n_k
         # -- scores of this tile, in log2 units --
-        s, k = _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scale,
-                           CHECK_KEYS, APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL,
-                           BLOCK_D != HEAD_DIM, INPUT_PRECISION)
+        k = _tile(KDesc, off_b, off_hkv, start_n, k_ptrs, col_ok, d_ok, CHECK_KEYS,
+                  BLOCK_D != HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+        s = _scores(q, k, mask_ptrs, cols, offs_m + causal_shift, row_ok, col_ok, qk_scale,
+                    CHECK_KEYS, APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
         # -- online softmax update (a row with nothing visible yet keeps m = -inf, p = 0) --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -309,7 +421,8 @@ def _fwd_tiles(
         if HAS_DROPOUT:
             p = tl.where(_keep(seed, off_bh, offs_m, start_n, drop_p, BLOCK_N), p * drop_scale, 0.0)
         # -- accumulate P V --
-        v = _load_tile(v_ptrs, col_ok, dv_ok, CHECK_KEYS, BLOCK_DV != HEAD_DIM_V)
+        v = _tile(VDesc, off_b, off_hkv, start_n, v_ptrs, col_ok, dv_ok, CHECK_KEYS,
+                  BLOCK_DV != HEAD_DIM_V, BLOCK_N, BLOCK_DV, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
@@ -322,26 +435,28 @@ def _fwd_tiles(
 @autotune(key=_KEY, **_FWD)
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attention_fwd(
-    Q, K, V, Mask, Out, Lse,
+    Q, K, V, Mask, Out, Lse, QDesc, KDesc, VDesc, ODesc,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    n_heads, group, n_q, n_k,
+    n_heads, group, n_q, n_k, causal_shift,
     qk_scale, Seed, drop_p, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # -- which query block and head; the last (most loaded, under causal) blocks start first --
     start_m, off_bh = _program_block(tl.cdiv(n_q, BLOCK_M), True)
     seed = _dropout_seed(Seed, HAS_DROPOUT)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    b32 = off_bh // n_heads  # the descriptors' (32-bit) coordinates
+    h32 = off_bh % n_heads
+    off_b = b32.to(tl.int64)
+    off_h = h32.to(tl.int64)
     off_hkv = off_h // group
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_hkv * stride_kh
@@ -356,32 +471,37 @@ def _attention_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows64 = offs_m.to(tl.int64)
-    q = _load_tile(Q + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    q = _tile(QDesc, b32, h32, start_m * BLOCK_M,
+              Q + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+              row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # -- key range: [0, full_hi) needs no checks; [full_hi, hi) is the diagonal or the ragged end --
-    if IS_CAUSAL:
-        hi = tl.minimum((start_m + 1) * BLOCK_M, n_k)
-        full_hi = tl.minimum(start_m * BLOCK_M, n_k) // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:  # row r sees keys up to r + causal_shift
+        hi = tl.maximum(tl.minimum((start_m + 1) * BLOCK_M + causal_shift, n_k), 0)
+        full_hi = tl.maximum(tl.minimum(start_m * BLOCK_M + causal_shift, n_k), 0)
+        full_hi = full_hi // BLOCK_N * BLOCK_N
     else:
         hi = n_k
         full_hi = n_k // BLOCK_N * BLOCK_N
+    hkv32 = h32 // group
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, offs_m, row_ok, 0, full_hi, n_k,
+        acc, l_i, m_i, q, K, V, Mask, KDesc, VDesc, b32, hkv32,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, offs_m, row_ok, 0, full_hi, n_k, causal_shift,
         qk_scale, seed, off_bh, drop_p, drop_scale,
         False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION)
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k,
+        acc, l_i, m_i, q, K, V, Mask, KDesc, VDesc, b32, hkv32,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k, causal_shift,
         qk_scale, seed, off_bh, drop_p, drop_scale,
         True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION)
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
 
     # -- normalise; a row with no visible key gets 0 and lse = +inf --
     empty_row = l_i == 0.0
@@ -390,8 +510,8 @@ def _attention_fwd(
                    (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * _LN2)
     tl.store(Lse + offs_m, lse, mask=row_ok)
     o_ptrs = Out + rows64[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    _store_tile(ODesc, b32, h32, start_m * BLOCK_M, o_ptrs, out.to(Out.dtype.element_ty), row_ok,
+                offs_dv < HEAD_DIM_V, BLOCK_M, BLOCK_DV, USE_TMA)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,15 +545,15 @@ def _attention_bwd_preprocess(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v,
-    Q_base, DO_base, Lse_base, Delta_base, Mask_base,
+    Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc, off_b, off_h,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-    start_n, cols, col_ok, lo, hi, n_q,
+    start_n, cols, col_ok, lo, hi, n_q, causal_shift,
     qk_scale, seed, off_bh, drop_p, drop_scale,
     CHECK_ROWS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dK, dV of one key block from the query blocks [lo, hi) of one head, in the transposed
     (keys x queries) orientation so that nothing needs a transpose of the accumulators."""
@@ -451,7 +571,8 @@ def _dkdv_tiles(
         rows = start_m + offs_m
         row_ok = rows < n_q
         # -- recompute Pᵀ of this tile from the saved lse (padded rows: lse = +inf -> P = 0) --
-        q = _load_tile(q_ptrs, row_ok, d_ok, CHECK_ROWS, BLOCK_D != HEAD_DIM)
+        q = _tile(QDesc, off_b, off_h, start_m, q_ptrs, row_ok, d_ok, CHECK_ROWS,
+                  BLOCK_D != HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
         if CHECK_ROWS:
             lse2 = tl.load(Lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
             delta = tl.load(Delta_base + rows, mask=row_ok, other=0.0)
@@ -462,10 +583,11 @@ def _dkdv_tiles(
         if HAS_MASK:
             s_t = _apply_mask(s_t, mask_ptrs, col_ok[:, None] & row_ok[None, :], MASK_IS_BOOL)
         if APPLY_CAUSAL:
-            s_t = tl.where(cols[:, None] <= rows[None, :], s_t, float("-inf"))
+            s_t = tl.where(cols[:, None] <= (rows + causal_shift)[None, :], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
         # -- dV += dropout(P)ᵀ dO --
-        do = _load_tile(do_ptrs, row_ok, dv_ok, CHECK_ROWS, BLOCK_DV != HEAD_DIM_V)
+        do = _tile(DODesc, off_b, off_h, start_m, do_ptrs, row_ok, dv_ok, CHECK_ROWS,
+                   BLOCK_DV != HEAD_DIM_V, BLOCK_M, BLOCK_DV, USE_TMA)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = tl.trans(_keep(seed, off_bh, rows, start_n, drop_p, BLOCK_N))
@@ -487,7 +609,7 @@ def _dkdv_tiles(
 @autotune(key=_KEY, **_DKDV)
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attention_bwd_dkdv(
-    Q, K, V, Mask, DO, Lse, Delta, DK, DV,
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV, QDesc, KDesc, VDesc, DODesc, DKDesc, DVDesc,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -495,21 +617,23 @@ def _attention_bwd_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    n_heads, n_kv_heads, group, n_q, n_k,
+    n_heads, n_kv_heads, group, n_q, n_k, causal_shift,
     qk_scale, sm_scale, Seed, drop_p, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # -- this program's key block, of one kv head --
     block_n, off_bkv = _program_block(tl.cdiv(n_k, BLOCK_N), False)
     seed = _dropout_seed(Seed, HAS_DROPOUT)
     start_n = block_n * BLOCK_N
-    off_b = (off_bkv // n_kv_heads).to(tl.int64)
-    off_hkv = (off_bkv % n_kv_heads).to(tl.int64)
+    b32 = off_bkv // n_kv_heads  # the descriptors' (32-bit) coordinates
+    hkv32 = off_bkv % n_kv_heads
+    off_b = b32.to(tl.int64)
+    off_hkv = hkv32.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < n_k
     cols64 = cols.to(tl.int64)
@@ -517,26 +641,33 @@ def _attention_bwd_dkdv(
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
-    k = _load_tile(K + off_b * stride_kb + off_hkv * stride_kh + cols64[:, None] * stride_kn
-                   + offs_d[None, :] * stride_kd, col_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-    v = _load_tile(V + off_b * stride_vb + off_hkv * stride_vh + cols64[:, None] * stride_vn
-                   + offs_dv[None, :] * stride_vd, col_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V)
+    k = _tile(KDesc, b32, hkv32, start_n,
+              K + off_b * stride_kb + off_hkv * stride_kh + cols64[:, None] * stride_kn
+              + offs_d[None, :] * stride_kd, col_ok, d_ok, True, BLOCK_D != HEAD_DIM,
+              BLOCK_N, BLOCK_D, USE_TMA)
+    v = _tile(VDesc, b32, hkv32, start_n,
+              V + off_b * stride_vb + off_hkv * stride_vh + cols64[:, None] * stride_vn
+              + offs_dv[None, :] * stride_vd, col_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V,
+              BLOCK_N, BLOCK_DV, USE_TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # -- query rows: [diag_lo, diag_hi) crosses the causal diagonal; [diag_hi, full_hi) needs no
-    #    checks; [tail_lo, n_q) is the ragged end. Rows above lo see none of these keys. --
+    #    checks; [tail_lo, n_q) is the ragged end. Rows above lo see none of these keys (row r
+    #    sees keys up to r + causal_shift). --
     full_hi = n_q // BLOCK_M * BLOCK_M
     if IS_CAUSAL:
-        lo = start_n // BLOCK_M * BLOCK_M
+        lo = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
         diag_lo = tl.minimum(lo, full_hi)
-        diag_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, full_hi)
+        diag_hi = tl.cdiv(tl.maximum(start_n + BLOCK_N - causal_shift, 0), BLOCK_M) * BLOCK_M
+        diag_hi = tl.minimum(diag_hi, full_hi)
         tail_lo = tl.maximum(lo, full_hi)
     else:
         diag_hi = 0
         tail_lo = full_hi
     # -- sum over the query heads of this kv head's group, in order (deterministic) --
     for g in range(0, group):
+        h32 = hkv32 * group + g
         off_h = off_hkv * group + g
         off_bh = off_b * n_heads + off_h
         Q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -546,48 +677,56 @@ def _attention_bwd_dkdv(
         Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
         if IS_CAUSAL:
             dk, dv = _dkdv_tiles(
-                dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base,
+                dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
+                b32, h32,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                start_n, cols, col_ok, diag_lo, diag_hi, n_q,
+                start_n, cols, col_ok, diag_lo, diag_hi, n_q, causal_shift,
                 qk_scale, seed, off_bh, drop_p, drop_scale,
                 False, True, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                USE_TMA)
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base,
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
+            b32, h32,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-            start_n, cols, col_ok, diag_hi, full_hi, n_q,
+            start_n, cols, col_ok, diag_hi, full_hi, n_q, causal_shift,
             qk_scale, seed, off_bh, drop_p, drop_scale,
             False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+            USE_TMA)
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base,
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
+            b32, h32,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-            start_n, cols, col_ok, tail_lo, n_q, n_q,
+            start_n, cols, col_ok, tail_lo, n_q, n_q, causal_shift,
             qk_scale, seed, off_bh, drop_p, drop_scale,
             True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+            USE_TMA)
 
     # -- write this key block's dK (with the softmax scale) and dV --
     dk_ptrs = (DK + off_b * stride_dkb + off_hkv * stride_dkh + cols64[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd)
     dv_ptrs = (DV + off_b * stride_dvb + off_hkv * stride_dvh + cols64[:, None] * stride_dvn
                + offs_dv[None, :] * stride_dvd)
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
+    _store_tile(DKDesc, b32, hkv32, start_n, dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty),
+                col_ok, d_ok, BLOCK_N, BLOCK_D, USE_TMA)
+    _store_tile(DVDesc, b32, hkv32, start_n, dv_ptrs, dv.to(DV.dtype.element_ty), col_ok, dv_ok,
+                BLOCK_N, BLOCK_DV, USE_TMA)
 
 
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta,
-    K_base, V_base, Mask_base,
+    K_base, V_base, Mask_base, KDesc, VDesc, off_b, off_hkv,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    offs_m, row_ok, lo, hi, n_k,
+    offs_m, row_ok, lo, hi, n_k, causal_shift,
     qk_scale, seed, off_bh, drop_p, drop_scale,
     CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """dQ of one query block from the key tiles [lo, hi)."""
     offs_n, d_ok, dv_ok, k_ptrs, v_ptrs, mask_ptrs = _key_tile_pointers(
@@ -597,12 +736,14 @@ def _dq_tiles(
         cols = start_n + offs_n
         col_ok = cols < n_k
         # -- recompute P of this tile from the saved lse --
-        s, k = _score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scale,
-                           CHECK_KEYS, APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL,
-                           BLOCK_D != HEAD_DIM, INPUT_PRECISION)
+        k = _tile(KDesc, off_b, off_hkv, start_n, k_ptrs, col_ok, d_ok, CHECK_KEYS,
+                  BLOCK_D != HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+        s = _scores(q, k, mask_ptrs, cols, offs_m + causal_shift, row_ok, col_ok, qk_scale,
+                    CHECK_KEYS, APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         # -- dS = P ∘ (dropout(dO Vᵀ) − delta);  dQ += dS K --
-        v = _load_tile(v_ptrs, col_ok, dv_ok, CHECK_KEYS, BLOCK_DV != HEAD_DIM_V)
+        v = _tile(VDesc, off_b, off_hkv, start_n, v_ptrs, col_ok, dv_ok, CHECK_KEYS,
+                  BLOCK_DV != HEAD_DIM_V, BLOCK_N, BLOCK_DV, USE_TMA)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
             dp = tl.where(_keep(seed, off_bh, offs_m, start_n, drop_p, BLOCK_N), dp * drop_scale,
@@ -619,27 +760,29 @@ def _dq_tiles(
 @autotune(key=_KEY, **_DQ)
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attention_bwd_dq(
-    Q, K, V, Mask, DO, Lse, Delta, DQ,
+    Q, K, V, Mask, DO, Lse, Delta, DQ, QDesc, KDesc, VDesc, DODesc, DQDesc,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    n_heads, group, n_q, n_k,
+    n_heads, group, n_q, n_k, causal_shift,
     qk_scale, sm_scale, Seed, drop_p, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # -- this program's query block (heaviest causal blocks first) --
     start_m, off_bh = _program_block(tl.cdiv(n_q, BLOCK_M), True)
     seed = _dropout_seed(Seed, HAS_DROPOUT)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    b32 = off_bh // n_heads  # the descriptors' (32-bit) coordinates
+    h32 = off_bh % n_heads
+    off_b = b32.to(tl.int64)
+    off_h = h32.to(tl.int64)
     off_hkv = off_h // group
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < n_q
@@ -647,11 +790,14 @@ def _attention_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qm
-                   + offs_d[None, :] * stride_qd, row_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_dom
-                    + offs_dv[None, :] * stride_dod, row_ok, offs_dv < HEAD_DIM_V, True,
-                    BLOCK_DV != HEAD_DIM_V)
+    q = _tile(QDesc, b32, h32, start_m * BLOCK_M,
+              Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qm
+              + offs_d[None, :] * stride_qd, row_ok, d_ok, True, BLOCK_D != HEAD_DIM,
+              BLOCK_M, BLOCK_D, USE_TMA)
+    do = _tile(DODesc, b32, h32, start_m * BLOCK_M,
+               DO + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_dom
+               + offs_dv[None, :] * stride_dod, row_ok, offs_dv < HEAD_DIM_V, True,
+               BLOCK_DV != HEAD_DIM_V, BLOCK_M, BLOCK_DV, USE_TMA)
     lse2 = tl.load(Lse + off_bh.to(tl.int64) * n_q + offs_m, mask=row_ok,
                    other=float("inf")) * _LOG2E
     delta = tl.load(Delta + off_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
@@ -661,28 +807,32 @@ def _attention_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # -- the same key segments as the forward --
-    if IS_CAUSAL:
-        hi = tl.minimum((start_m + 1) * BLOCK_M, n_k)
-        full_hi = tl.minimum(start_m * BLOCK_M, n_k) // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:  # row r sees keys up to r + causal_shift
+        hi = tl.maximum(tl.minimum((start_m + 1) * BLOCK_M + causal_shift, n_k), 0)
+        full_hi = tl.maximum(tl.minimum(start_m * BLOCK_M + causal_shift, n_k), 0)
+        full_hi = full_hi // BLOCK_N * BLOCK_N
     else:
         hi = n_k
         full_hi = n_k // BLOCK_N * BLOCK_N
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, K, V, Mask, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, offs_m, row_ok, 0, full_hi, n_k,
+        dq, q, do, lse2, delta, K, V, Mask, KDesc, VDesc, b32, h32 // group,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, offs_m, row_ok, 0, full_hi, n_k, causal_shift,
         qk_scale, seed, off_bh, drop_p, drop_scale,
         False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION)
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, K, V, Mask, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k,
+        dq, q, do, lse2, delta, K, V, Mask, KDesc, VDesc, b32, h32 // group,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k, causal_shift,
         qk_scale, seed, off_bh, drop_p, drop_scale,
         True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION)
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
 
     dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + rows64[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd)
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_tile(DQDesc, b32, h32, start_m * BLOCK_M, dq_ptrs,
+                (dq * sm_scale).to(DQ.dtype.element_ty), row_ok, d_ok, BLOCK_M, BLOCK_D, USE_TMA)
 
 
 @triton.jit(do_not_specialize=_LENGTHS)
@@ -726,6 +876,53 @@ def mask_args(mask: torch.Tensor | None, fallback: torch.Tensor):
     return (mask.view(torch.uint8) if is_bool else mask), strides, is_bool
 
 
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Tensor descriptors (the copy engine) on Hopper and later. The interpreter emulates them,
+    but there the default stays the pointer path (what LIGHTLLM_AUTOTUNE=0 runs on a GPU): tests
+    ask for descriptors explicitly."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor) -> TensorDescriptor | None:
+    """A 4-D descriptor of ``t`` (B, H, N, D) whose box the chosen config sets (``_set_boxes``),
+    or None when the copy engine cannot address it: the head dim must be unit-strided, the base
+    and the other strides 16-byte aligned. A dimension of size 1 may carry any stride (PyTorch
+    keeps whatever a view left there); it gets a packed one, as its coordinate is always 0."""
+    strides = list(t.stride())
+    align = 16 // t.element_size()
+    if strides[3] != 1 or t.data_ptr() % 16:
+        return None
+    shape = list(t.shape)
+    for i in (2, 1, 0):
+        if shape[i] == 1:
+            strides[i] = cdiv(strides[i + 1] * shape[i + 1], align) * align
+        elif strides[i] <= 0 or strides[i] % align:
+            return None
+    return TensorDescriptor(t, shape, strides, [1, 1, 16, 16])
+
+
+# Building a descriptor costs ~2 µs of host time (4 in the forward, 7 in the backward), which only
+# pays where the kernel runs far longer than its launch: from 2^30 multiply-adds in Q Kᵀ
+# (B·Hq·Nq·Nk·D; ~5 µs of an H100's tensor cores), below which the pointer configs serve alone.
+TMA_MIN_WORK = 1 << 30
+
+
+def descriptors(tma: bool | None, *tensors: torch.Tensor, work: int = 0) -> tuple:
+    """Tensor descriptors of ``tensors`` for the TMA configs, or the tensors themselves (the TMA
+    configs are then pruned). ``tma`` None takes descriptors for fp16/bf16 on Hopper+ when the
+    launch does at least TMA_MIN_WORK multiply-adds (``work``) and every tensor allows them;
+    True also under the interpreter, for fp32 and small launches (tests); False never."""
+    t0 = tensors[0]
+    if tma is None:
+        tma = (work >= TMA_MIN_WORK and t0.dtype in (torch.float16, torch.bfloat16)
+               and _has_tma(t0.device))
+    if not tma:
+        return tensors
+    descs = tuple(_descriptor(t) for t in tensors)
+    return tensors if None in descs else descs
+
+
 def _dropout(dropout_p: float) -> tuple[bool, float, float]:
     if dropout_p <= 0.0:
         return False, 0.0, 1.0
@@ -745,9 +942,11 @@ def _meta(d: int, dv: int, dtype: torch.dtype, is_causal: bool, has_mask: bool,
 
 
 def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float,
-                  seed: torch.Tensor | None):
+                  seed: torch.Tensor | None, lower_right: bool = False, tma: bool | None = None):
     """Forward on 4-D q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) and a 4-D mask or None;
-    ``seed`` is the one-element int64 device tensor of the dropout draw (None without dropout).
+    ``seed`` is the one-element int64 device tensor of the dropout draw (None without dropout);
+    ``lower_right`` aligns ``is_causal``'s diagonal to the last key (query i sees keys up to
+    i + Nk - Nq: a chunk of queries at the end of a KV cache); ``tma`` as in ``descriptors``.
 
     Returns ``out`` (B, Hq, Nq, Dv) in q's dtype and ``lse`` (B, Hq, Nq) fp32 (natural log; +inf
     for a row with no visible key).
@@ -766,9 +965,9 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float
     programs = B * Hq
     grid = lambda meta: (cdiv(Nq, meta["BLOCK_M"]) * programs,)  # noqa: E731
     _attention_fwd[grid](
-        q, k, v, mask_t, out, lse,
+        q, k, v, mask_t, out, lse, *descriptors(tma, q, k, v, out, work=B * Hq * Nq * Nk * D),
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        Hq, Hq // Hkv, Nq, Nk,
+        Hq, Hq // Hkv, Nq, Nk, Nk - Nq if lower_right else 0,
         scale * LOG2E, lse if seed is None else seed, drop_p, drop_scale,
         seq_bucket(Nq), seq_bucket(Nk),
         **_meta(D, Dv, q.dtype, is_causal, mask is not None, mask_is_bool, has_dropout),
@@ -777,9 +976,10 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float
 
 
 def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dropout_p: float,
-                  seed: torch.Tensor | None):
+                  seed: torch.Tensor | None, lower_right: bool = False, tma: bool | None = None):
     """Backward: ``(dq, dk, dv)`` shaped like q, k, v (contiguous) in their dtype. ``do`` may have any
-    strides, including the stride-0 gradient of ``out.sum()``; ``seed`` is the forward's."""
+    strides, including the stride-0 gradient of ``out.sum()`` (which keeps it off the TMA configs);
+    ``seed``, ``lower_right`` and ``tma`` as in the forward."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -799,20 +999,22 @@ def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dr
         HEAD_DIM_V=Dv, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"],
         num_warps=4 if meta["BLOCK_DV"] <= 128 else 8,
     )
-    common = (Hq // Hkv, Nq, Nk, scale * LOG2E, scale, lse if seed is None else seed, drop_p,
-              drop_scale, seq_bucket(Nq), seq_bucket(Nk))
+    common = (Hq // Hkv, Nq, Nk, Nk - Nq if lower_right else 0, scale * LOG2E, scale,
+              lse if seed is None else seed, drop_p, drop_scale, seq_bucket(Nq), seq_bucket(Nk))
 
     # -- 2. dK, dV: one program per key block of a kv head, summing over its query heads --
     grid_kv = lambda meta: (cdiv(Nk, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
+    qd, kd, vd, dod, dqd, dkd, dvd = descriptors(tma, q, k, v, do, dq, dk, dv,
+                                                 work=B * Hq * Nq * Nk * D)
     _attention_bwd_dkdv[grid_kv](
-        q, k, v, mask_t, do, lse, delta, dk, dv,
+        q, k, v, mask_t, do, lse, delta, dk, dv, qd, kd, vd, dod, dkd, dvd,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, *common, **meta,
     )
     # -- 3. dQ: one program per query block --
     grid_q = lambda meta: (cdiv(Nq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
     _attention_bwd_dq[grid_q](
-        q, k, v, mask_t, do, lse, delta, dq,
+        q, k, v, mask_t, do, lse, delta, dq, qd, kd, vd, dod, dqd,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dq.stride(),
         Hq, *common, **meta,
     )

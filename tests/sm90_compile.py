@@ -10,6 +10,7 @@ list. Each is compiled with Triton's CUDA backend for ``GPUTarget("cuda", 90, 32
 gives registers and spill stores, the PTX shows wgmma / mma.sync and TMA / cp.async.
 
     .venv/bin/python tests/sm90_compile.py [kernels/layer_norm.py ...] [--jobs 2] [--json out.json]
+                                           [--only REGEX]
 
 prints one line per compiled specialization and exits 1 when a kernel fails to compile, a
 kernel of a file is never launched by the scenarios below, a specialization marked strict spills,
@@ -116,7 +117,8 @@ class Capture:
     def launches(self, note: str, *, configs: str = "all", strict=False):
         """Launches inside the block are described by ``note``.
 
-        ``configs``: "all" the configs the kernel's pruning keeps, "default" the first of them.
+        ``configs``: "all" the configs the kernel's pruning keeps, "default" the first of them,
+        "defaults" the first and the first TMA config (``USE_TMA``) among them.
         ``strict``: True (no config may spill), "default" (the default config, and any kernel
         that is not autotuned, must not spill) or False (spills are only reported)."""
         saved = self.note, self.configs, self.strict
@@ -146,6 +148,8 @@ class Capture:
         tuner.nargs = dict(zip(tuner.arg_names, args))
         kept = tuner.prune_configs(kwargs)  # the kernel's own pruning, as on a GPU
         chosen = kept if self.configs == "all" else kept[:1]
+        if self.configs == "defaults":  # and the first config on the other load path (TMA)
+            chosen += [c for c in kept if c.kwargs.get("USE_TMA")][:1]
         for i, config in enumerate(chosen, 1):
             if config.pre_hook is not None:  # e.g. tensor descriptors take the config's boxes
                 config.pre_hook({**tuner.nargs, **kwargs, **config.all_kwargs()})
@@ -330,14 +334,18 @@ def _qkv(dt, d, *, b=2, hq=4, hkv=4, nq=256, nk=256):
 
 def scenario_attention(mod, cap: Capture):
     """Forward and the three backward kernels: every GPU config the head dim keeps for the main
-    case (bf16, head dim 128, causal); the default config for fp16, fp32 (exact "ieee" dots),
-    head dims 64, 96 and 80 (padded to a 128 block), 256, GQA, boolean and additive masks (size-1
-    dimensions broadcast through stride 0), dropout. The forward's default config must not spill
-    in fp16/bf16 at head dims up to 128 (the config list is ordered for that); the backward's
-    spills, and those of other configs, are reported."""
+    case (bf16, head dim 128, causal), pointer and TMA; the default config and the first TMA
+    config for fp16, head dims 64, 96 and 80 (padded to a 128 block: the descriptors' zero fill),
+    256, GQA, boolean and additive masks (size-1 dimensions broadcast through stride 0), dropout;
+    the default for fp32 (exact "ieee" dots; no TMA configs). The forward's default config must
+    not spill in fp16/bf16 at head dims up to 128 (the config list is ordered for that); the
+    backward's spills, and those of other configs, are reported."""
     import torch
 
-    def run(note, dt, d, *, causal=False, mask=None, dropout=0.0, configs="default", bwd=True,
+    mod._has_tma = lambda device: True  # an H100: fp16/bf16 launches also offer the TMA configs
+    mod.TMA_MIN_WORK = 0  # at the scenarios' small sizes too
+
+    def run(note, dt, d, *, causal=False, mask=None, dropout=0.0, configs="defaults", bwd=True,
             **shape):
         q, k, v = _qkv(dt, d, **shape)
         seed = torch.tensor([1234]) if dropout else None  # the device tensor the op draws
@@ -450,7 +458,9 @@ def _compile(index: int) -> dict:
         rec.update(smem=kernel.metadata.shared,
                    mma="wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-",
                    loads=("tma" if "cp.async.bulk.tensor" in ptx
-                          else "cp.async" if "cp.async" in ptx else "-"))
+                          else "cp.async" if "cp.async" in ptx else "-")
+                   # warp specialization: producer and consumer warp groups rebalance registers
+                   + ("+ws" if "setmaxnreg" in ptx else ""))
         if regs and frame:
             rec.update(regs=int(regs.group(1)), stack=int(frame.group(1)),
                        spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
@@ -506,6 +516,8 @@ def _describe(job: Job) -> tuple[str, str]:
         elif value is not False and value is not None:
             flags.append(f"{name}={value}")
     tile.append(f"w{job.options.num_warps}s{job.options.num_stages}")
+    if "USE_TMA" in declared and "USE_TMA" not in flags:
+        return " ".join(tile), " ".join(flags)  # descriptors passed to a pointer config: unused
     tile += [f"{n}:{t[len('tensordesc<'):-1].replace(' ', '')}"
              for n, t in job.signature.items() if t.startswith("tensordesc")]
     return " ".join(tile), " ".join(flags)
@@ -600,12 +612,15 @@ def violations(rec: dict) -> list[str]:
     return out
 
 
-def run(files: list[str], jobs: int) -> dict:
+def run(files: list[str], jobs: int, only: str | None = None) -> dict:
     cache = tempfile.mkdtemp(prefix="sm90_compile_")
     # A private cache: every kernel really goes through ptxas, and its time is a compile time.
     os.environ["TRITON_CACHE_DIR"] = cache
     try:
         found, kernels, dots, errors = collect(files)
+        if only:  # a quick look at some specializations (coverage is not checked then)
+            found = [j for j in found if re.search(only, " ".join((j.kernel, *_describe(j))))]
+            kernels = {}
         _JOBS[:] = found
         # Matmuls first: the long compiles start early and the pool ends evenly.
         order = sorted(range(len(found)), key=lambda i: (found[i].module, found[i].kernel) not in dots)
@@ -670,6 +685,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="compiling processes (default 2)")
     parser.add_argument("--json", help="also write the records to this file")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="compile only the specializations whose kernel, tile or flags match")
     args = parser.parse_args(argv)
     reason = toolchain_missing()
     if reason:
@@ -678,7 +695,7 @@ def main(argv=None) -> int:
     files = args.files or sorted(str(p) for p in (ROOT / "kernels").glob("*.py")
                                  if not p.name.startswith("_"))
     start = time.perf_counter()
-    result = run(files, args.jobs)
+    result = run(files, args.jobs, args.only)
     print_report(result, time.perf_counter() - start, args.jobs)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -17,6 +17,7 @@ from conftest import DEVICE, dtype_params
 import lightllm.functional as LF
 from lightllm import _dispatch
 from lightllm.kernels import attention as kernel
+from lightllm.kernels import attention_decode as kernel_decode
 from lightllm.ops import attention as op
 from lightllm.reference import attention as reference
 from lightllm.testing import assert_parity
@@ -36,14 +37,18 @@ def _qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float32, scale=1.0):
 
 
 def check_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dout=None,
-               grad=True):
-    """Output and dQ/dK/dV of lightllm vs float64, PyTorch's SDPA in q's dtype as the budget."""
+               grad=True, dense_mask=None):
+    """Output and dQ/dK/dV of lightllm vs float64, PyTorch's SDPA in q's dtype as the budget.
+    ``dense_mask``: the boolean mask the reference applies in place of ``attn_mask`` (for
+    PyTorch's causal bias objects)."""
     kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     ours = _leaves(q, k, v)
     out = LF.scaled_dot_product_attention(*ours, **kw)
     theirs = _leaves(q, k, v)
     out_torch = F.scaled_dot_product_attention(*theirs, **kw)
     ref = _leaves(q, k, v, dtype=torch.float64)
+    if dense_mask is not None:
+        kw["attn_mask"] = dense_mask
     out_ref = reference.scaled_dot_product_attention(*ref, **kw)
     assert out.shape == out_torch.shape and out.dtype == q.dtype
     assert_parity(out, out_ref, out_torch, name="out")
@@ -324,6 +329,158 @@ def test_dropout_statistics_and_reproducibility():
 
 
 # ------------------------------------------------------------------------------------------------
+# PyTorch's causal bias objects: the lower-right diagonal as a kernel flag
+# ------------------------------------------------------------------------------------------------
+
+
+def _spy_masks(monkeypatch) -> list:
+    """The masks the flash kernel's launcher receives."""
+    seen, real = [], kernel.attention_fwd
+    monkeypatch.setattr(kernel, "attention_fwd", lambda q, k, v, mask, *a: seen.append(mask) or
+                        real(q, k, v, mask, *a))
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:Lower right causal bias")  # PyTorch's, for Nq > Nk
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float16))
+@pytest.mark.parametrize("nq, nk", [(37, 203), (64, 64), (97, 130), (130, 97), (5, 300)])
+def test_causal_lower_right(nq, nk, dtype, monkeypatch):
+    """Query i sees keys up to i + Nk - Nq (a chunk over a KV cache); with Nq > Nk the first rows
+    see nothing and give 0, as PyTorch. No mask tensor reaches the kernel."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    seen = _spy_masks(monkeypatch)
+    q, k, v = _qkv(2, 4, 2, nq, nk, 40, dtype=dtype)
+    bias = causal_lower_right(nq, nk)
+    out = check_sdpa(q, k, v, attn_mask=bias, enable_gqa=True, dense_mask=bias._materialize())
+    assert seen == [None]
+    if nq > nk:
+        assert out[:, :, : nq - nk].abs().max() == 0
+
+
+def test_causal_upper_left_bias_is_is_causal(monkeypatch):
+    from torch.nn.attention.bias import causal_upper_left
+
+    seen = _spy_masks(monkeypatch)
+    q, k, v = _qkv(1, 2, 2, 70, 45, 32)
+    bias = causal_upper_left(70, 45)
+    check_sdpa(q, k, v, attn_mask=bias, dense_mask=bias._materialize())
+    assert seen == [None]
+
+
+def test_causal_lower_right_one_query_needs_no_mask(monkeypatch):
+    """The last query sees every key: the split-KV decode kernel serves it, unmasked."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    calls = []
+    real = kernel_decode.attention_decode_fwd
+    monkeypatch.setattr(kernel_decode, "attention_decode_fwd",
+                        lambda q, k, v, mask, *a: calls.append(mask) or real(q, k, v, mask, *a))
+    q, k, v = _qkv(1, 2, 2, 1, 300, 32)
+    bias = causal_lower_right(1, 300)
+    check_sdpa(q, k, v, attn_mask=bias, dense_mask=bias._materialize())
+    assert calls == [None]
+
+
+def test_causal_bias_errors():
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k, v = _qkv(1, 2, 2, 8, 16, 32)
+    with pytest.raises(ValueError, match="causal bias for 8 queries and 12 keys"):
+        LF.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(8, 12))
+    with pytest.raises(ValueError, match="is_causal=True"):
+        LF.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(8, 16),
+                                        is_causal=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The TMA configs (tensor descriptors), forced on: the interpreter emulates the copy engine
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """fp16/bf16 launches take tensor descriptors as on Hopper; yields a check that every kernel
+    of the last call really ran a TMA config."""
+    monkeypatch.setattr(kernel, "_has_tma", lambda device: True)
+    monkeypatch.setattr(kernel, "TMA_MIN_WORK", 0)
+
+    def ran(*kernels):
+        return all(k.best_config.kwargs["USE_TMA"] for k in kernels)
+
+    return ran
+
+
+FWD_BWD = (kernel._attention_fwd, kernel._attention_bwd_dkdv, kernel._attention_bwd_dq)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(2, 3, 97, 97, 64), (1, 2, 113, 203, 40), (1, 2, 203, 113, 80),
+                                   (2, 1, 1, 97, 96), (1, 2, 130, 67, 112)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_tma_sdpa(shape, is_causal, tma):
+    """Rows past N and head-dim columns past D come from the copy engine's zero fill."""
+    b, h, nq, nk, d = shape
+    check_sdpa(*_qkv(b, h, h, nq, nk, d, dtype=torch.float16), is_causal=is_causal)
+    assert tma(*FWD_BWD)
+
+
+def test_tma_causal_lower_right(tma):
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k, v = _qkv(1, 2, 2, 77, 140, 64, dtype=torch.float16)
+    bias = causal_lower_right(77, 140)
+    check_sdpa(q, k, v, attn_mask=bias, dense_mask=bias._materialize())
+    assert tma(*FWD_BWD)
+
+
+@pytest.mark.parametrize("kind", ["bool-full", "float-key-padding"])
+def test_tma_gqa_mask_and_layouts(kind, tma):
+    """GQA (the kv head's coordinate), masks, and q/k/v as (B, N, H, D) transposed views."""
+    b, hq, hkv, nq, nk, d = 2, 6, 2, 70, 101, 48
+    q = torch.randn(b, nq, hq, d, device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    k = torch.randn(b, nk, hkv, d, device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    v = torch.randn(b, nk, hkv, d, device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    mask = _mask(kind, b, hq, nq, nk, torch.float16)
+    check_sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert tma(*FWD_BWD)
+
+
+def test_tma_dropout_equals_the_pointer_path(tma, monkeypatch):
+    """The same Philox draws on both load paths: equal outputs and gradients."""
+    q, k, v = _qkv(2, 2, 2, 70, 90, 32, dtype=torch.float16)
+    dout = torch.randn(2, 2, 70, 32, device=DEVICE, dtype=torch.float16)
+    results = []
+    for use_tma in (False, True):
+        monkeypatch.setattr(kernel, "_has_tma", lambda device, use_tma=use_tma: use_tma)
+        torch.manual_seed(5)
+        leaves = _leaves(q, k, v)
+        out = LF.scaled_dot_product_attention(*leaves, dropout_p=0.3, is_causal=True)
+        results.append((out, *torch.autograd.grad(out, leaves, dout)))
+        assert tma(*FWD_BWD) == use_tma
+    for ptr, desc in zip(*results):
+        torch.testing.assert_close(desc, ptr, rtol=0, atol=0)
+
+
+def test_tma_only_where_the_copy_engine_can_address_the_tensors():
+    """Descriptors need a unit-stride head dim and 16-byte aligned base and strides; a size-1
+    dimension's stride does not matter. Anything else keeps the pointer configs."""
+    x = torch.randn(2, 3, 5, 64, dtype=torch.float16)
+    assert all(isinstance(t, kernel.TensorDescriptor) for t in kernel.descriptors(True, x, x))
+    assert kernel.descriptors(False, x) == (x,)
+    odd = torch.randn(2, 3, 5, 36, dtype=torch.float16)  # rows of 72 bytes
+    shifted = torch.randn(2, 3, 5, 72, dtype=torch.float16)[..., 8:]  # base 16 B in, rows 144 B
+    misaligned = torch.randn(2, 3, 5, 65, dtype=torch.float16)[..., 1:]  # base 2 bytes in
+    stride0 = torch.ones(()).to(torch.float16).expand(2, 3, 5, 64)  # the gradient of out.sum()
+    for bad in (odd, misaligned, stride0, x.transpose(2, 3)):
+        assert kernel.descriptors(True, x, bad) == (x, bad)
+    one = torch.randn(1, 3, 1, 64, dtype=torch.float16).as_strided((1, 3, 1, 64), (7, 64, 3, 1))
+    desc = kernel.descriptors(True, shifted, one)
+    assert [type(d) for d in desc] == [kernel.TensorDescriptor] * 2
+    assert desc[1].strides == [192, 64, 64, 1]
+
+
+# ------------------------------------------------------------------------------------------------
 # Dispatch, fallbacks, registration
 # ------------------------------------------------------------------------------------------------
 
@@ -358,40 +515,48 @@ def test_mask_requiring_grad_falls_back_and_gets_its_gradient():
     torch.testing.assert_close(mask.grad, mask2.grad)
 
 
-def test_tuning_keeps_the_configs_that_suit_the_head_dim(monkeypatch):
-    """On a GPU: every suitable config is timed (LIGHTLLM_AUTOTUNE=0: the first suitable)."""
-    interp = kernel._cfg(128, 64, 4, 2)
+def test_tuning_keeps_the_configs_that_suit_the_head_dim():
+    """On a GPU: every suitable config is timed (LIGHTLLM_AUTOTUNE=0: the first suitable), the TMA
+    configs only when the launcher passed descriptors."""
     gpu = [kernel._cfg(128, 64, 8, 3), kernel._cfg(128, 64, 8, 2), kernel._cfg(64, 32, 4, 2)]
-    prune = kernel.tuned(interp, gpu, kernel._fwd_suits)["prune_configs_by"][
-        "early_config_prune"]
-    half = {"Q": torch.empty(1, dtype=torch.float16)}
+    tma = [kernel._cfg(128, 64, 8, 3, tma=True), kernel._cfg(64, 32, 4, 2, tma=True)]
+
+    def kept(use_tma, item, **heads):
+        return kernel.gpu_candidates([*gpu, *tma], use_tma, {"ITEM": item, **heads},
+                                     kernel._fwd_suits)
+
     small, large = dict(BLOCK_D=128, BLOCK_DV=64), dict(BLOCK_D=256, BLOCK_DV=256)
-    monkeypatch.setenv("LIGHTLLM_AUTOTUNE", "1")
-    assert prune([interp, *gpu], half, **small) == gpu
-    assert prune([interp, *gpu], half, **large) == gpu[1:]  # wide heads: two stages at most
+    assert kept(False, 2, **small) == gpu
+    assert kept(True, 2, **small) == gpu + tma
+    assert kept(True, 2, **large) == gpu[1:] + tma[1:]  # wide heads: two stages at most
     # fp32 dots hold fp32 operands in registers: the smallest tiles only
-    assert prune([interp, *gpu], {"Q": torch.empty(1)}, **small) == gpu[2:]
+    assert kept(False, 4, **small) == gpu[2:]
+    # nothing suits: the last pointer config, never a TMA one
+    assert kernel.gpu_candidates([*gpu, *tma], True, {"ITEM": 4, **small},
+                                 lambda c, meta: False) == gpu[-1:]
     # LIGHTLLM_AUTOTUNE=0 keeps the first of these: kernels._utils.autotune (tests/test__utils.py)
 
 
-def _op_args(causal=False, mask=None, dropout=0.0):
+def _op_args(causal=False, mask=None, dropout=0.0, lower_right=False):
     q, k, v = _leaves(*_qkv(1, 2, 1, 20, 24, 16))
     seed = torch.tensor(3) if dropout else None
-    return q, k, v, mask, dropout, causal, 0.25, seed
+    return q, k, v, mask, dropout, causal, 0.25, seed, lower_right
 
 
 def test_registered_ops_pass_opcheck():
     fwd, bwd = torch.ops.lightllm.sdpa_fwd.default, torch.ops.lightllm.sdpa_bwd.default
     torch.library.opcheck(fwd, _op_args())
     torch.library.opcheck(fwd, _op_args(causal=True, dropout=0.2))
+    torch.library.opcheck(fwd, _op_args(causal=True, lower_right=True))
     mask = torch.rand(1, 1, 20, 24, device=DEVICE) > 0.3
     torch.library.opcheck(fwd, _op_args(mask=mask))
-    q, k, v, _, p, causal, scale, seed = _op_args(causal=True, dropout=0.2)
-    out, lse = torch.ops.lightllm.sdpa_fwd(q.detach(), k.detach(), v.detach(), None, p, causal,
-                                           scale, seed)
-    dout = torch.randn_like(out)
-    torch.library.opcheck(bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, None, p,
-                                causal, scale, seed))
+    for lower_right in (False, True):
+        q, k, v, _, p, causal, scale, seed, _ = _op_args(causal=True, dropout=0.2)
+        out, lse = torch.ops.lightllm.sdpa_fwd(q.detach(), k.detach(), v.detach(), None, p,
+                                               causal, scale, seed, lower_right)
+        dout = torch.randn_like(out)
+        torch.library.opcheck(bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, None, p,
+                                    causal, scale, seed, lower_right))
 
 
 def test_torch_compile_fullgraph():

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .. import functional as LF
 from ..nn import KVCache, LayerNorm, RMSNorm
@@ -378,8 +379,9 @@ def _attention_mask(B: int, S: int, start_pos: int | Tensor, key_mask: Tensor | 
     """The SDPA mask (B, 1, S, keys) and causal flag for S queries at ``start_pos``.
 
     Without padding: a fresh prefix is causal (``is_causal``), one new token over a cache needs no
-    mask, and a chunk over a cache gets its bottom-right causal mask. With ``key_mask`` (B, keys:
-    real positions) the padding is folded into a boolean mask."""
+    mask, and a chunk over a cache is causal aligned to the last key (PyTorch's
+    ``causal_lower_right`` bias, which the kernels serve as a flag, without a mask tensor). With
+    ``key_mask`` (B, keys: real positions) the padding is folded into a boolean mask."""
     if isinstance(start_pos, Tensor):  # graphed decode: key_mask covers the whole static cache
         return key_mask[:, None, None, :], False
     if key_mask is None:
@@ -387,6 +389,7 @@ def _attention_mask(B: int, S: int, start_pos: int | Tensor, key_mask: Tensor | 
             return None, S > 1
         if S == 1:
             return None, False
+        return causal_lower_right(S, start_pos + S), False  # no mask tensor: a kernel flag
     keys = start_pos + S if cached else S
     device = key_mask.device if key_mask is not None else None
     q_pos = torch.arange(start_pos, start_pos + S, device=device)[:, None]

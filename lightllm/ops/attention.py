@@ -1,15 +1,18 @@
 """Scaled dot-product attention: validation, dispatch, autograd and torch.library registration.
 
 Two custom ops carry the work on 4-D (batch, heads, seq, head_dim) tensors of any strides:
-  lightllm::sdpa_fwd(q, k, v, mask?, dropout_p, is_causal, scale, seed?) -> (out, lse)
-  lightllm::sdpa_bwd(dout, q, k, v, out, lse, mask?, dropout_p, is_causal, scale, seed?)
-      -> (dq, dk, dv)
+  lightllm::sdpa_fwd(q, k, v, mask?, dropout_p, is_causal, scale, seed?, lower_right)
+      -> (out, lse)
+  lightllm::sdpa_bwd(dout, q, k, v, out, lse, mask?, dropout_p, is_causal, scale, seed?,
+      lower_right) -> (dq, dk, dv)
 ``lse`` is the fp32 natural-log log-sum-exp of each query row's scores (+inf for a row with no
 visible key), saved for the backward, which recomputes the probabilities from it. ``mask`` is 4-D
 with every dimension full or 1 (the kernels read size-1 dimensions through stride 0); ``seed`` is
 a one-element int64 tensor on the inputs' device, present only with dropout, drawn from torch's
 generator of that device (so a CUDA graph replay draws a fresh one), from which the kernels draw
 (forward) and redraw (backward) the same Philox keep-mask. The kernels load it: no host sync.
+``lower_right`` aligns ``is_causal``'s diagonal to the last key (PyTorch's ``causal_lower_right``
+bias: query i sees keys up to i + Nk - Nq), which a chunk of queries over a KV cache needs.
 
 The forward picks its kernel by shape: 1-16 queries over at least 256 keys without ``is_causal`` or
 dropout run the split-KV decode kernel (``kernels/attention_decode.py``), everything else the
@@ -32,6 +35,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from lightllm import _dispatch
 from lightllm._validation import FLOAT_DTYPES, dtype_error, tensor_error
@@ -47,23 +51,24 @@ MAX_HEAD_DIM = kernel.MAX_HEAD_DIM
 # ------------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
+def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right):
     """(out, lse) from the split-KV decode kernel or the flash kernel, by shape."""
     if decode.use_split_kv(q.shape[2], k.shape[2], is_causal, dropout_p):
         return decode.attention_decode_fwd(q, k, v, attn_mask, scale)
-    return kernel.attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed)
+    return kernel.attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed,
+                                lower_right)
 
 
 @torch.library.custom_op("lightllm::sdpa_fwd", mutates_args=())
 def _sdpa_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
-    is_causal: bool, scale: float, seed: Tensor | None,
+    is_causal: bool, scale: float, seed: Tensor | None, lower_right: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed)
+    return _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right)
 
 
 @_sdpa_fwd.register_fake
-def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right):
     B, H, N = q.shape[:3]
     return q.new_empty((B, H, N, v.shape[-1])), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -72,33 +77,35 @@ def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
 def _sdpa_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float, seed: Tensor | None,
+    lower_right: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return kernel.attention_bwd(dout, q, k, v, out, lse, attn_mask, scale, is_causal, dropout_p,
-                                seed)
+                                seed, lower_right)
 
 
 @_sdpa_bwd.register_fake
-def _(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed):
+def _(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, lower_right):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, dropout_p, is_causal, scale, seed = inputs
+    q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_mask, out, lse, seed)
-    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+    ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.lower_right = (dropout_p, is_causal, scale,
+                                                                lower_right)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
-    args = (dout, q, k, v, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed)
     if _dispatch.direct(dout):
         dq, dk, dv = kernel.attention_bwd(dout, q, k, v, out, lse, attn_mask, ctx.scale,
-                                          ctx.is_causal, ctx.dropout_p, seed)
+                                          ctx.is_causal, ctx.dropout_p, seed, ctx.lower_right)
     else:
-        dq, dk, dv = _sdpa_bwd(*args)
-    return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = _sdpa_bwd(dout, q, k, v, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal,
+                               ctx.scale, seed, ctx.lower_right)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -210,6 +217,25 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     return batch, hq, hkv, rank
 
 
+def _causal_bias(bias: CausalBias, query: Tensor, key: Tensor,
+                 is_causal: bool) -> tuple[None, bool, bool]:
+    """(mask, is_causal, lower_right) for PyTorch's causal bias object as ``attn_mask``."""
+    _check_tensor("query", query)
+    _check_tensor("key", key)
+    if is_causal:
+        raise ValueError(f"{_OP}: attn_mask and is_causal=True cannot be given together (as in "
+                         "PyTorch); the causal bias already is the causal mask")
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    if (bias.seq_len_q, bias.seq_len_kv) != (n_q, n_k):
+        raise ValueError(f"{_OP}: attn_mask is a causal bias for {bias.seq_len_q} queries and "
+                         f"{bias.seq_len_kv} keys, but query has {n_q} and key {n_k}")
+    if bias.variant == CausalVariant.UPPER_LEFT or n_q == n_k:
+        return None, True, False
+    if n_q == 1:
+        return None, False, False  # the last query sees every key: no mask at all (decode)
+    return None, True, True
+
+
 def _to_4d(t: Tensor, batch: tuple, heads: int) -> Tensor:
     """(batch..., heads, N, D) as a 4-D tensor: itself when it already is one, else a view where
     possible (broadcast dims have stride 0; merging them may copy)."""
@@ -268,17 +294,26 @@ def scaled_dot_product_attention(
     Layout ``(..., heads, seq, head_dim)`` (2-D ``(seq, head_dim)`` too); batch dims broadcast
     right-aligned as in PyTorch (inputs may differ in rank), and without ``enable_gqa`` a single
     key/value (or query) head broadcasts. ``attn_mask``: boolean (True = attend) or additive
-    float, broadcastable to ``(..., Hq, Nq, Nk)``. ``is_causal`` uses PyTorch's top-left
-    alignment. A row whose keys are all masked gives 0. ``enable_gqa``: Hkv divides Hq; K/V are
+    float, broadcastable to ``(..., Hq, Nq, Nk)``, or PyTorch's causal bias
+    (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``), served without a
+    mask tensor. ``is_causal`` uses PyTorch's top-left alignment; ``causal_lower_right`` aligns
+    the diagonal to the last key (a chunk of queries over a KV cache). A row whose keys are all
+    masked gives 0. ``enable_gqa``: Hkv divides Hq; K/V are
     never repeated in memory. ``dropout_p > 0`` applies dropout to the attention probabilities
     (always, as PyTorch does: pass 0.0 outside training) with a Philox mask seeded from torch's
     generator of the inputs' device. Head dims up to 256 (query/key and value may differ).
     float16/bfloat16/float32 run the kernels (fp32 accumulation); on the native CPU path, and
     for float64, PyTorch's own op runs behind the same validation.
     """
+    lower_right = False
+    if isinstance(attn_mask, CausalBias):
+        bias = attn_mask
+        attn_mask, is_causal, lower_right = _causal_bias(bias, query, key, is_causal)
     batch, hq, hkv, rank = _check(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                   enable_gqa)
     if not _runs_kernel(query, key, value, attn_mask):
+        if lower_right:  # PyTorch's op takes the bias object only without enable_gqa: a mask
+            attn_mask, is_causal = bias._materialize(query.device), False
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
                                               is_causal, scale=scale, enable_gqa=enable_gqa)
     dropout_p = float(dropout_p)
@@ -293,13 +328,13 @@ def scaled_dot_product_attention(
     v4 = _to_4d(value, batch4, hkv)
     mask4 = None if attn_mask is None else _mask_4d(attn_mask, batch, rank)
     seed = dropout_seed(query.device) if dropout_p > 0.0 else None
-    is_causal = bool(is_causal)
+    args = (q4, k4, v4, mask4, dropout_p, bool(is_causal), scale, seed, lower_right)
     if not _dispatch.direct(query):
-        out = _sdpa_fwd(q4, k4, v4, mask4, dropout_p, is_causal, scale, seed)[0]
+        out = _sdpa_fwd(*args)[0]
     elif _dispatch.needs_grad(query, key, value):
-        out = _Attention.apply(q4, k4, v4, mask4, dropout_p, is_causal, scale, seed)[0]
+        out = _Attention.apply(*args)[0]
     else:
-        out = _forward(q4, k4, v4, mask4, dropout_p, is_causal, scale, seed)[0]
+        out = _forward(*args)[0]
     if rank == 4 and len(batch) == 1:
         return out
     return out.view(*batch, hq, *out.shape[-2:]) if rank > 2 else out.view(out.shape[-2:])
