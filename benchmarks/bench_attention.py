@@ -9,8 +9,10 @@ measured bf16 matmul rate. Batch x sequence is held at 16k tokens and heads x he
 Providers: "eager" (the reference: the N x N score matrix in memory), "torch-flash",
 "torch-efficient", "torch-cudnn", "torch-math" (``F.scaled_dot_product_attention`` pinned to one
 backend with ``torch.nn.attention.sdpa_kernel``; a backend that cannot serve a case is reported as an
-error row), "compile" (torch.compile of the reference), "lightllm", and the peers "flash-attn" and
-"xformers" (``benchmarks/peers.py``; listed as not installed when missing). The O(N²)-memory
+error row), "compile" (torch.compile of the reference), "lightllm" (its autotuner choosing among
+the pointer and, on Hopper, the TMA configs), "lightllm-pointer" (CUDA: the pointer configs alone,
+the load path before the TMA configs existed), and the peers "flash-attn" and "xformers"
+(``benchmarks/peers.py``; listed as not installed when missing). The O(N²)-memory
 providers (eager, compile, torch-math) are left out above 4096.
 
     python -m benchmarks --ops attention [--quick] [--providers lightllm,torch-flash]
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 import lightllm.functional as LF
 from benchmarks import peers
 from benchmarks.harness import HAS_CUDA, Case, compiled
+from lightllm.kernels import attention as kernel
 from lightllm.reference import attention as reference
 
 OPS = ("attention",)  # the op names of its cases
@@ -72,10 +75,27 @@ def providers(causal: bool, gqa: bool, seq: int) -> dict:
                                                                       enable_gqa=gqa)
     if quadratic:
         out["compile"] = compiled(eager)
-    out["lightllm"] = lambda q, k, v: LF.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                                      enable_gqa=gqa)
+    def ours(q, k, v):
+        return LF.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    out["lightllm"] = ours
+    if HAS_CUDA:
+        out["lightllm-pointer"] = _pointer_configs(ours)
     out.update(peers.attention_providers(causal))
     return out
+
+
+def _pointer_configs(fn):
+    """``fn`` with the TMA configs out of reach (no tensor descriptors are built)."""
+
+    def call(*args):
+        saved, kernel.TMA_MIN_WORK = kernel.TMA_MIN_WORK, float("inf")
+        try:
+            return fn(*args)
+        finally:
+            kernel.TMA_MIN_WORK = saved
+
+    return call
 
 
 def _case(seq: int, d: int, causal: bool, kv_group: int, dtype: torch.dtype, batch=None,

@@ -124,3 +124,19 @@ def test_half_precision_matmuls_use_tensor_cores(sm90):
     # sm_90 runs big enough tiles as warpgroup MMAs: at least the default tiles must.
     assert any(r["mma"] == "wgmma" for r in checked), "no kernel used wgmma"
 
+
+
+def test_hopper_load_paths(sm90):
+    """The TMA configs compile to what they are for: in bf16, each attention kernel (forward, dK/dV,
+    dQ) has a specialization whose tiles come by TMA and whose dots are wgmma, with no spill at
+    least once, beside the pointer (cp.async) defaults; the matmul keeps its TMA kernel."""
+    bf16 = [r for r in sm90["records"] if r["dtype"] == "bf16" and not r["error"]]
+    for kernel in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq"):
+        tma = [r for r in bf16 if r["kernel"] == kernel and "USE_TMA" in r["flags"].split()]
+        assert any(r["loads"].startswith("tma") and r["mma"] == "wgmma" and not r["spill_stores"]
+                   for r in tma), f"{kernel}: no spill-free bf16 TMA + wgmma specialization"
+        pointer = [r for r in bf16 if r["kernel"] == kernel and r["config"].startswith("1/")]
+        assert pointer and all(r["loads"] == "cp.async" for r in pointer), (
+            f"{kernel}: the default config should stay on the pointer (cp.async) path")
+    matmul = [r for r in bf16 if r["kernel"] == "_linear_gelu_mm_tma"]
+    assert matmul and all(r["loads"].startswith("tma") and r["mma"] == "wgmma" for r in matmul)
