@@ -374,6 +374,7 @@ def scenario_attention_decode(mod, cap: Capture):
         ("d128 GQA 8:1 Nq=1", "bfloat16", 128, 1, 8, 1, False, "all"),
         ("d64 Nq=4 bool key mask (B,1,1,Nk)", "float16", 64, 4, 4, 4, True, "default"),
         ("d128 Nq=1 ieee", "float32", 128, 1, 4, 4, False, "default"),
+        ("d128 GQA 8:1 Nq=8 (BLOCK_M=64)", "bfloat16", 128, 8, 8, 1, False, "all"),
     ):
         q, k, v = _qkv(dt, d, hq=hq, hkv=hkv, nq=nq, nk=4096)
         mask = torch.rand(2, 1, 1, 4096) > 0.1 if key_mask else None
