@@ -34,8 +34,8 @@ wave, ran batch 3 × 8 kv heads over 4096 keys on 132 SMs as 8 chunks: 192 progr
 2 waves (73 % busy); 16 chunks run 384 of 256 keys in 3 waves (97 %), 3/4 of the time. S sets
 the grid and the scratch, so it is decided on the host before the autotuner picks a config: from
 the resources of the config a launch takes with LIGHTLLM_AUTOTUNE=0 (the first that fits);
-another config chosen by tuning runs the same grid. It depends on the keys only through
-cdiv(Nk, SPLIT_ALIGN) and is cached.
+another config chosen by tuning runs the same grid. The plan depends on the keys only through
+cdiv(Nk, SPLIT_ALIGN) and is cached on it: one new plan every SPLIT_ALIGN decoded tokens.
 
 Grid sizes: the split kernel's S x row blocks x B·Hkv has at most one program per SPLIT_ALIGN
 keys of each (row block, batch, kv head): past 2^31 - 1 it would take 2^39 (key, row block)
@@ -218,10 +218,12 @@ def _attention_decode_combine(
              out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
 
 
-def _chunking(n_k: int, splits: int) -> tuple[int, int]:
-    """(number of chunks, chunk length) for about ``splits`` chunks of a multiple of SPLIT_ALIGN."""
-    chunk = cdiv(cdiv(n_k, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    return cdiv(n_k, chunk), chunk
+def _chunking(blocks: int, splits: int) -> tuple[int, int]:
+    """(number of chunks, chunk length) for about ``splits`` chunks of a multiple of SPLIT_ALIGN
+    over keys of ``blocks`` SPLIT_ALIGN blocks (cdiv(cdiv(Nk, s), A) = cdiv(cdiv(Nk, A), s): the
+    chunking of Nk keys is that of its blocks)."""
+    per_chunk = cdiv(blocks, splits)
+    return cdiv(blocks, per_chunk), per_chunk * SPLIT_ALIGN
 
 
 def ctas_per_sm(config: triton.Config, meta: dict) -> int:
@@ -243,14 +245,12 @@ def wave_efficiency(programs: int, slots: int) -> float:
     return programs / (cdiv(programs, slots) * slots)
 
 
-@functools.lru_cache(maxsize=4096)
 def wave_splits(programs: int, slots: int, blocks: int) -> int:
     """The chunk count of the best wave efficiency for ``programs`` programs per chunk, ``slots``
     resident programs and keys of ``blocks`` SPLIT_ALIGN blocks: among the counts that give at
     least one full wave (all counts up to ``blocks`` when none does), the fewest chunks within
-    WAVE_SLACK of the best. Chunks of j blocks make cdiv(blocks, j) of them, and ``_chunking``
-    realises exactly those counts; this depends on the keys only through ``blocks``, so a decode
-    loop meets a new key once every SPLIT_ALIGN tokens."""
+    WAVE_SLACK of the best. Chunks of j blocks make cdiv(blocks, j) of them, exactly the counts
+    ``_chunking`` realises."""
     counts = sorted({cdiv(blocks, j) for j in range(1, blocks + 1)})
     counts = [s for s in counts if programs * s >= slots] or counts
     efficiency = [wave_efficiency(programs * s, slots) for s in counts]
@@ -259,11 +259,12 @@ def wave_splits(programs: int, slots: int, blocks: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(batch: int, heads: int, kv_heads: int, n_q: int, n_k: int, d: int, dv: int, item: int,
-          sms: int, num_splits: int | None) -> tuple[int, int, int, int, dict, dict]:
+def _plan(batch: int, heads: int, kv_heads: int, n_q: int, blocks: int, d: int, dv: int,
+          item: int, sms: int, num_splits: int | None) -> tuple[int, int, int, int, dict, dict]:
     """(num_splits, chunk, BLOCK_M, row blocks, constexprs of the split kernel, of the combine):
     the split count of ``wave_splits`` for the programs the default config keeps on an SM unless
-    ``num_splits`` forces a count."""
+    ``num_splits`` forces a count. Keys count as their ``blocks`` of SPLIT_ALIGN, so a decode
+    loop meets a new plan once every SPLIT_ALIGN tokens."""
     group = heads // kv_heads
     block_m = min(64, max(16, next_pow2(group * n_q)))
     row_blocks = cdiv(group * n_q, block_m)
@@ -272,8 +273,8 @@ def _plan(batch: int, heads: int, kv_heads: int, n_q: int, n_k: int, d: int, dv:
     if num_splits is None:
         meta = {**split_meta, "ITEM": item}
         slots = sms * ctas_per_sm(default_config(meta), meta)
-        num_splits = wave_splits(batch * kv_heads * row_blocks, slots, cdiv(n_k, SPLIT_ALIGN))
-    num_splits, chunk = _chunking(n_k, num_splits)
+        num_splits = wave_splits(batch * kv_heads * row_blocks, slots, blocks)
+    num_splits, chunk = _chunking(blocks, num_splits)
     combine_meta = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, next_pow2(num_splits)),
                         BLOCK_DV=head_block(dv), num_warps=4)
     return num_splits, chunk, block_m, row_blocks, split_meta, combine_meta
@@ -286,7 +287,7 @@ def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = N
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     num_splits, chunk, _, row_blocks, split_meta, combine_meta = _plan(
-        B, Hq, Hkv, Nq, Nk, D, Dv, q.element_size(), sm_count(q), num_splits)
+        B, Hq, Hkv, Nq, cdiv(Nk, SPLIT_ALIGN), D, Dv, q.element_size(), sm_count(q), num_splits)
     dev = q.device
     out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=dev)
     lse = empty((B, Hq, Nq), dtype=torch.float32, device=dev)

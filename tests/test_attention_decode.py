@@ -115,9 +115,17 @@ def _slots(sms, d, item):
     return sms * decode.ctas_per_sm(decode.default_config(meta), meta)
 
 
+def _blocks(nk):
+    return math.ceil(nk / decode.SPLIT_ALIGN)
+
+
+def _plan(b, hq, hkv, nq, nk, d, item=2, sms=132, num_splits=None):
+    return decode._plan(b, hq, hkv, nq, _blocks(nk), d, d, item, sms, num_splits)
+
+
 def _two_wave_splits(programs, sms, nk):
     """The split count of the rule before wave efficiency: about 2 x SMs programs."""
-    return decode._chunking(nk, max(1, min(math.ceil(2 * sms / programs), math.ceil(nk / 256))))[0]
+    return decode._chunking(_blocks(nk), max(1, min(math.ceil(2 * sms / programs), _blocks(nk))))[0]
 
 
 def test_programs_per_sm_from_the_config():
@@ -137,20 +145,20 @@ def test_wave_splits_on_an_h200():
     assert slots == 132
     # batch 1, 8 kv heads, group 4, one token, 4096 keys: 16 blocks cannot make a wave of 8 x S;
     # every chunk (both rules), 128 of 132 slots busy
-    splits, chunk, _, row_blocks, _, _ = decode._plan(1, 32, 8, 1, 4096, 128, 128, 2, 132, None)
+    splits, chunk, _, row_blocks, _, _ = _plan(1, 32, 8, 1, 4096, 128)
     assert (splits, chunk, row_blocks) == (16, 256, 1) == (_two_wave_splits(8, 132, 4096), 256, 1)
     assert decode.wave_efficiency(8 * splits, slots) == pytest.approx(128 / 132)
     # batch 3: 24 programs. Two waves' worth asks 11 chunks, realised as 8 of 512 keys: 192
     # programs in 2 waves; 16 chunks fill 3 waves to 384 / 396
     assert _two_wave_splits(24, 132, 4096) == 8
-    assert decode._plan(3, 32, 8, 1, 4096, 128, 128, 2, 132, None)[0] == 16
+    assert _plan(3, 32, 8, 1, 4096, 128)[0] == 16
     assert decode.wave_efficiency(24 * 8, slots) == pytest.approx(192 / 264)
     assert decode.wave_efficiency(24 * 16, slots) == pytest.approx(384 / 396)
     # batch 8 over 5000 keys (20 blocks): 5 chunks make 320 programs in 3 waves; 4 make 256 in 2
     assert _two_wave_splits(64, 132, 5000) == 5
-    assert decode._plan(8, 32, 8, 1, 5000, 128, 128, 2, 132, None)[0] == 4
+    assert _plan(8, 32, 8, 1, 5000, 128)[0] == 4
     # a group of 8 x 8 tokens fills a 64-row block: as many programs as with one token
-    assert decode._plan(1, 64, 8, 8, 32768, 128, 128, 2, 132, None)[:4] == (32, 1024, 64, 1)
+    assert _plan(1, 64, 8, 8, 32768, 128)[:4] == (32, 1024, 64, 1)
 
 
 def test_wave_splits_rules():
@@ -171,11 +179,11 @@ def test_wave_splits_rules():
 @pytest.mark.parametrize("nk", [256, 257, 1000, 4096, 5000, 32768, 100_000])
 def test_wave_splits_are_realised_exactly(nk):
     """``wave_splits`` picks among the chunk counts ``_chunking`` makes, so the plan runs it."""
-    blocks = math.ceil(nk / decode.SPLIT_ALIGN)
+    blocks = _blocks(nk)
     for programs in (1, 7, 24, 64, 130, 256, 1000):
         for slots in (4, 132, 264):
             splits = decode.wave_splits(programs, slots, blocks)
-            count, chunk = decode._chunking(nk, splits)
+            count, chunk = decode._chunking(blocks, splits)
             assert count == splits and chunk % decode.SPLIT_ALIGN == 0
             assert splits * chunk >= nk > (splits - 1) * chunk
 
@@ -191,8 +199,8 @@ def test_wave_efficiency_at_least_the_two_wave_rule():
                 for hkv, group in ((1, 1), (2, 4), (8, 4), (8, 8)):
                     for nq in (1, 4, 8, 16):
                         for nk in (256, 1000, 4096, 5000, 32768, 131072):
-                            splits, _, _, row_blocks, _, _ = decode._plan(
-                                b, hkv * group, hkv, nq, nk, d, d, item, sms, None)
+                            splits, _, _, row_blocks, _, _ = _plan(
+                                b, hkv * group, hkv, nq, nk, d, item, sms)
                             programs = b * hkv * row_blocks
                             new = decode.wave_efficiency(programs * splits, slots)
                             old = decode.wave_efficiency(
@@ -204,8 +212,9 @@ def test_wave_efficiency_at_least_the_two_wave_rule():
 
 
 def test_forced_split_counts_bypass_the_wave_rule():
-    assert decode._plan(1, 4, 4, 1, 4096, 64, 64, 2, 132, 5)[:2] == (4, 1024)  # 5 asks 1024 keys
-    assert decode._plan(1, 4, 4, 1, 4096, 64, 64, 2, 132, 10**6)[:2] == (16, 256)
+    assert _plan(1, 4, 4, 1, 4096, 64, num_splits=5)[:2] == (4, 1024)  # 5 ask for 820 keys each
+    assert _plan(1, 4, 4, 1, 4096, 64, num_splits=10**6)[:2] == (16, 256)
+    assert _plan(1, 4, 4, 1, 4097, 64, num_splits=10**6)[:2] == (17, 256)
 
 
 @pytest.mark.parametrize(
