@@ -365,9 +365,10 @@ def scenario_attention(mod, cap: Capture):
 
 def scenario_attention_decode(mod, cap: Capture):
     """Split-KV decode over 4096 cached keys: every config that fits for bf16 head dim 128 with
-    GQA 8:1 and one query token; the default for fp16 head dim 64 with several tokens and a
-    key-padding mask, and for fp32; the combine kernel for each output dtype. fp16/bf16 defaults
-    must not spill."""
+    GQA 8:1 and one query token (a 16-row query block: mma.sync) and with 8 tokens (speculative
+    decoding: the group fills a 64-row block, wgmma); the default for fp16 head dim 64 with several
+    tokens and a key-padding mask, and for fp32; the combine kernel for each output dtype.
+    fp16/bf16 defaults must not spill."""
     import torch
 
     for note, dt, d, nq, hq, hkv, key_mask, configs in (

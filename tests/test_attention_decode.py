@@ -37,6 +37,7 @@ CASES = [
     (2, 4, 1, 16, 300, 40, 40),
     (1, 8, 1, 12, 300, 32, 32),  # 96 (head, token) rows: two row blocks per kv head
     (1, 2, 2, 5, 2053, 96, 96),
+    (1, 12, 3, 9, 777, 112, 112),  # 36 rows in a 64-row block (wgmma on sm_90), 4 chunks here
 ]
 
 
