@@ -73,10 +73,10 @@ from .attention import (
 DECODE_MAX_Q = 16  # longest query the split-KV path serves
 DECODE_MIN_K = 256  # shortest key sequence worth splitting
 SPLIT_ALIGN = 256  # chunk lengths are multiples of this, so every BLOCK_N below divides them
-# What bounds the split programs resident on one Hopper SM (H100/H200): its register file at
-# ptxas' ceiling of 255 registers a thread (allocated as 256; the 8-warp defaults compile to
-# 128-212 on sm_90a, so two of them rarely fit), and its shared memory. Warps (64 an SM) and
-# programs (32 an SM) bind later than the registers at any warp count.
+# What bounds the split programs resident on one Hopper SM (H100/H200): its register file, at
+# ptxas' ceiling of 255 registers a thread (allocated as 256: the 8-warp defaults compile to
+# 128-212 on sm_90a and, with their shared memory, hold an SM alone), and its shared memory.
+# Its 64 warps and 32 programs bind later than those registers at any warp count.
 SM_REGS = 64 * 1024
 REGS_PER_THREAD = 256
 SM_SMEM = 227 * 1024
