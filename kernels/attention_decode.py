@@ -19,9 +19,29 @@ are cut into chunks and every chunk gets its own program:
 Traffic: K and V once per kv head (not once per query head), plus S·(Dv + 1) fp32 per query row of
 scratch written and read back once.
 
-Grid sizes: the split kernel's S x row blocks x B·Hkv stays near max(2 waves, B·Hkv·row blocks),
-the combine's B·Hq·Nq is the number of query rows; either past 2^31 - 1 would take 2^31 query
-rows, whose scratch alone (S·(Dv + 1) fp32 each: 136 GiB at Dv = 16) outgrows a GPU: not guarded.
+The split count S (``wave_splits``): the split kernel's P·S programs (P = B·Hkv·row blocks) run
+in waves of ``slots`` = SMs × the programs one SM holds at once, which ``ctas_per_sm`` derives from
+the config's resources: its threads against the register file at ptxas' ceiling of 255 registers
+a thread (the binding limit of the 8-warp default, which compiles to 128-212 registers), and its
+(stages - 1) × BLOCK_N × (BLOCK_D + BLOCK_DV) staged K/V elements against 227 KiB of shared
+memory. Chunks take about equally long, so a grid runs for ceil(P·S / slots) waves and keeps
+P·S / (ceil(P·S / slots) · slots) of the slots busy (its wave efficiency); S is the count, among
+those ``_chunking`` realises up to one chunk per SPLIT_ALIGN keys, of the best efficiency, the
+fewest chunks within WAVE_SLACK of it (less scratch and combine work), and never below one full
+wave of programs when the keys allow one (the HBM stream needs programs in flight, not only busy
+SMs). The previous rule, about 2 × SMs programs whatever a program holds and whatever the last
+wave, ran batch 3 × 8 kv heads over 4096 keys on 132 SMs as 8 chunks: 192 programs of 512 keys in
+2 waves (73 % busy); 16 chunks run 384 of 256 keys in 3 waves (97 %), 3/4 of the time. S sets
+the grid and the scratch, so it is decided on the host before the autotuner picks a config: from
+the resources of the config a launch takes with LIGHTLLM_AUTOTUNE=0 (the first that fits);
+another config chosen by tuning runs the same grid. The plan depends on the keys only through
+cdiv(Nk, SPLIT_ALIGN) and is cached on it: one new plan every SPLIT_ALIGN decoded tokens.
+
+Grid sizes: the split kernel's S x row blocks x B·Hkv has at most one program per SPLIT_ALIGN
+keys of each (row block, batch, kv head): past 2^31 - 1 it would take 2^39 (key, row block)
+pairs, with the most row blocks (32: 16 tokens of a 128-head group) 2^34 cached keys, 512 GiB of
+K alone at D = 16 in fp16. The combine's B·Hq·Nq is the number of query rows: 2^31 of them need
+136 GiB of scratch at S = 1, Dv = 16. Both outgrow a GPU: not guarded.
 
 Supported here (``use_split_kv``): 1 <= Nq <= DECODE_MAX_Q, Nk >= DECODE_MIN_K, no ``is_causal``
 (PyTorch's top-left causal alignment lets query i see only keys 0..i, which the main kernel's causal
@@ -53,6 +73,14 @@ from .attention import (
 DECODE_MAX_Q = 16  # longest query the split-KV path serves
 DECODE_MIN_K = 256  # shortest key sequence worth splitting
 SPLIT_ALIGN = 256  # chunk lengths are multiples of this, so every BLOCK_N below divides them
+# What bounds the split programs resident on one Hopper SM (H100/H200): its register file, at
+# ptxas' ceiling of 255 registers a thread (allocated as 256: the 8-warp defaults compile to
+# 128-212 on sm_90a and, with their shared memory, hold an SM alone), and its shared memory.
+# Its 64 warps and 32 programs bind later than those registers at any warp count.
+SM_REGS = 64 * 1024
+REGS_PER_THREAD = 256
+SM_SMEM = 227 * 1024
+WAVE_SLACK = 0.01  # efficiencies this close count as equal: the fewer chunks win
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -72,10 +100,11 @@ def _fits(c: triton.Config, meta: dict) -> bool:
 
 
 # Memory-bound: the GPU default keeps 2 x 128 keys in flight per program; see attention.tuned.
-_SPLIT = tuned(_cfg(64, 4, 2), [
+_SPLIT_CONFIGS = [
     _cfg(128, 8, 3), _cfg(64, 4, 3), _cfg(64, 4, 4), _cfg(128, 4, 2), _cfg(128, 4, 3),
     _cfg(256, 8, 2), _cfg(64, 4, 2),
-], _fits)
+]
+_SPLIT = tuned(_cfg(64, 4, 2), _SPLIT_CONFIGS, _fits)
 
 
 @autotune(key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CHUNK_KEY", "HAS_MASK"], **_SPLIT)
@@ -189,26 +218,63 @@ def _attention_decode_combine(
              out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
 
 
-def _chunking(n_k: int, splits: int) -> tuple[int, int]:
-    """(number of chunks, chunk length) for about ``splits`` chunks of a multiple of SPLIT_ALIGN."""
-    chunk = cdiv(cdiv(n_k, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    return cdiv(n_k, chunk), chunk
+def _chunking(blocks: int, splits: int) -> tuple[int, int]:
+    """(number of chunks, chunk length) for about ``splits`` chunks of a multiple of SPLIT_ALIGN
+    over keys of ``blocks`` SPLIT_ALIGN blocks (cdiv(cdiv(Nk, s), A) = cdiv(cdiv(Nk, A), s): the
+    chunking of Nk keys is that of its blocks)."""
+    per_chunk = cdiv(blocks, splits)
+    return cdiv(blocks, per_chunk), per_chunk * SPLIT_ALIGN
+
+
+def ctas_per_sm(config: triton.Config, meta: dict) -> int:
+    """Split programs of ``config`` resident at once on one SM (meta: BLOCK_D, BLOCK_DV, ITEM)."""
+    threads = config.num_warps * 32
+    smem = (config.num_stages - 1) * config.kwargs["BLOCK_N"] * (
+        meta["BLOCK_D"] + meta["BLOCK_DV"]) * meta["ITEM"]
+    return max(1, min(SM_REGS // (threads * REGS_PER_THREAD), SM_SMEM // max(smem, 1)))
+
+
+def default_config(meta: dict) -> triton.Config:
+    """The config a GPU launch takes with LIGHTLLM_AUTOTUNE=0: the first that fits (else the
+    last, as ``attention.tuned`` prunes)."""
+    return next((c for c in _SPLIT_CONFIGS if _fits(c, meta)), _SPLIT_CONFIGS[-1])
+
+
+def wave_efficiency(programs: int, slots: int) -> float:
+    """The fraction of ``slots`` (SMs x programs per SM) busy over the waves ``programs`` take."""
+    return programs / (cdiv(programs, slots) * slots)
+
+
+def wave_splits(programs: int, slots: int, blocks: int) -> int:
+    """The chunk count of the best wave efficiency for ``programs`` programs per chunk, ``slots``
+    resident programs and keys of ``blocks`` SPLIT_ALIGN blocks: among the counts that give at
+    least one full wave (all counts up to ``blocks`` when none does), the fewest chunks within
+    WAVE_SLACK of the best. Chunks of j blocks make cdiv(blocks, j) of them, exactly the counts
+    ``_chunking`` realises."""
+    counts = sorted({cdiv(blocks, j) for j in range(1, blocks + 1)})
+    counts = [s for s in counts if programs * s >= slots] or counts
+    efficiency = [wave_efficiency(programs * s, slots) for s in counts]
+    best = max(efficiency)
+    return next(s for s, e in zip(counts, efficiency) if e >= best - WAVE_SLACK)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(batch: int, heads: int, kv_heads: int, n_q: int, n_k: int, d: int, dv: int, sms: int,
-          num_splits: int | None) -> tuple[int, int, int, int, dict, dict]:
+def _plan(batch: int, heads: int, kv_heads: int, n_q: int, blocks: int, d: int, dv: int,
+          item: int, sms: int, num_splits: int | None) -> tuple[int, int, int, int, dict, dict]:
     """(num_splits, chunk, BLOCK_M, row blocks, constexprs of the split kernel, of the combine):
-    about two waves of programs over the SMs unless ``num_splits`` forces a count."""
+    the split count of ``wave_splits`` for the programs the default config keeps on an SM unless
+    ``num_splits`` forces a count. Keys count as their ``blocks`` of SPLIT_ALIGN, so a decode
+    loop meets a new plan once every SPLIT_ALIGN tokens."""
     group = heads // kv_heads
     block_m = min(64, max(16, next_pow2(group * n_q)))
     row_blocks = cdiv(group * n_q, block_m)
-    if num_splits is None:
-        programs = batch * kv_heads * row_blocks
-        num_splits = max(1, min(cdiv(2 * sms, programs), cdiv(n_k, SPLIT_ALIGN)))
-    num_splits, chunk = _chunking(n_k, num_splits)
     split_meta = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=head_block(d), BLOCK_DV=head_block(dv),
                       BLOCK_M=block_m)
+    if num_splits is None:
+        meta = {**split_meta, "ITEM": item}
+        slots = sms * ctas_per_sm(default_config(meta), meta)
+        num_splits = wave_splits(batch * kv_heads * row_blocks, slots, blocks)
+    num_splits, chunk = _chunking(blocks, num_splits)
     combine_meta = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, next_pow2(num_splits)),
                         BLOCK_DV=head_block(dv), num_warps=4)
     return num_splits, chunk, block_m, row_blocks, split_meta, combine_meta
@@ -221,7 +287,7 @@ def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = N
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     num_splits, chunk, _, row_blocks, split_meta, combine_meta = _plan(
-        B, Hq, Hkv, Nq, Nk, D, Dv, sm_count(q), num_splits)
+        B, Hq, Hkv, Nq, cdiv(Nk, SPLIT_ALIGN), D, Dv, q.element_size(), sm_count(q), num_splits)
     dev = q.device
     out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=dev)
     lse = empty((B, Hq, Nq), dtype=torch.float32, device=dev)

@@ -373,15 +373,17 @@ def scenario_attention(mod, cap: Capture):
 
 def scenario_attention_decode(mod, cap: Capture):
     """Split-KV decode over 4096 cached keys: every config that fits for bf16 head dim 128 with
-    GQA 8:1 and one query token; the default for fp16 head dim 64 with several tokens and a
-    key-padding mask, and for fp32; the combine kernel for each output dtype. fp16/bf16 defaults
-    must not spill."""
+    GQA 8:1 and one query token (a 16-row query block: mma.sync) and with 8 tokens (speculative
+    decoding: the group fills a 64-row block, wgmma); the default for fp16 head dim 64 with several
+    tokens and a key-padding mask, and for fp32; the combine kernel for each output dtype.
+    fp16/bf16 defaults must not spill."""
     import torch
 
     for note, dt, d, nq, hq, hkv, key_mask, configs in (
         ("d128 GQA 8:1 Nq=1", "bfloat16", 128, 1, 8, 1, False, "all"),
         ("d64 Nq=4 bool key mask (B,1,1,Nk)", "float16", 64, 4, 4, 4, True, "default"),
         ("d128 Nq=1 ieee", "float32", 128, 1, 4, 4, False, "default"),
+        ("d128 GQA 8:1 Nq=8 (BLOCK_M=64)", "bfloat16", 128, 8, 8, 1, False, "all"),
     ):
         q, k, v = _qkv(dt, d, hq=hq, hkv=hkv, nq=nq, nk=4096)
         mask = torch.rand(2, 1, 1, 4096) > 0.1 if key_mask else None

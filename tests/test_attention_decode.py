@@ -17,7 +17,6 @@ from test_attention import _qkv, check_sdpa
 import lightllm.functional as LF
 from lightllm.kernels import attention as kernel
 from lightllm.kernels import attention_decode as decode
-from lightllm.kernels._utils import sm_count
 
 
 @pytest.fixture
@@ -38,6 +37,7 @@ CASES = [
     (2, 4, 1, 16, 300, 40, 40),
     (1, 8, 1, 12, 300, 32, 32),  # 96 (head, token) rows: two row blocks per kv head
     (1, 2, 2, 5, 2053, 96, 96),
+    (1, 12, 3, 9, 777, 112, 112),  # 36 rows in a 64-row block (wgmma on sm_90), 4 chunks here
 ]
 
 
@@ -111,14 +111,111 @@ def test_forced_split_counts_match_the_main_kernel(splits):
     assert torch.isinf(lse[1, :, 2]).all() and (lse[1, :, 2] > 0).all()
 
 
-def test_split_count_fills_the_gpu():
-    sms = sm_count(torch.empty(0, device=DEVICE))
-    for programs, nk in [(1, 32768), (8, 4096), (64, 1024), (1000, 100000), (3, 256)]:
-        # one query, one head per batch entry: one program per chunk and batch entry
-        splits, chunk, _, row_blocks, _, _ = decode._plan(programs, 1, 1, 1, nk, 64, 64, sms, None)
-        assert row_blocks == 1
-        assert chunk % decode.SPLIT_ALIGN == 0 and splits * chunk >= nk > (splits - 1) * chunk
-        assert splits == 1 or programs * (splits - 1) < 2 * sms
+def _slots(sms, d, item):
+    meta = dict(BLOCK_D=d, BLOCK_DV=d, ITEM=item)
+    return sms * decode.ctas_per_sm(decode.default_config(meta), meta)
+
+
+def _blocks(nk):
+    return math.ceil(nk / decode.SPLIT_ALIGN)
+
+
+def _plan(b, hq, hkv, nq, nk, d, item=2, sms=132, num_splits=None):
+    return decode._plan(b, hq, hkv, nq, _blocks(nk), d, d, item, sms, num_splits)
+
+
+def _two_wave_splits(programs, sms, nk):
+    """The split count of the rule before wave efficiency: about 2 x SMs programs."""
+    return decode._chunking(_blocks(nk), max(1, min(math.ceil(2 * sms / programs), _blocks(nk))))[0]
+
+
+def test_programs_per_sm_from_the_config():
+    """Registers at 256 a thread: one 8-warp or two 4-warp programs; else shared memory."""
+    meta = dict(BLOCK_D=128, BLOCK_DV=128, ITEM=2)
+    assert decode.default_config(meta).num_warps == 8
+    assert decode.ctas_per_sm(decode.default_config(meta), meta) == 1
+    assert decode.ctas_per_sm(decode._cfg(64, 4, 2), meta) == 2  # 32 KiB staged
+    assert decode.ctas_per_sm(decode._cfg(128, 4, 3), meta) == 1  # 128 KiB staged
+    assert decode.ctas_per_sm(decode._cfg(64, 1, 2), dict(meta, BLOCK_D=64, BLOCK_DV=64)) == 8
+    assert decode.ctas_per_sm(decode._cfg(64, 1, 3), meta) == 3  # 64 KiB staged of 227
+
+
+def test_wave_splits_on_an_h200():
+    """Real numbers for 132 SMs, head dim 128, bf16 (one 8-warp program an SM)."""
+    slots = _slots(132, 128, 2)
+    assert slots == 132
+    # batch 1, 8 kv heads, group 4, one token, 4096 keys: 16 blocks cannot make a wave of 8 x S;
+    # every chunk (both rules), 128 of 132 slots busy
+    splits, chunk, _, row_blocks, _, _ = _plan(1, 32, 8, 1, 4096, 128)
+    assert (splits, chunk, row_blocks) == (16, 256, 1) == (_two_wave_splits(8, 132, 4096), 256, 1)
+    assert decode.wave_efficiency(8 * splits, slots) == pytest.approx(128 / 132)
+    # batch 3: 24 programs. Two waves' worth asks 11 chunks, realised as 8 of 512 keys: 192
+    # programs in 2 waves; 16 chunks fill 3 waves to 384 / 396
+    assert _two_wave_splits(24, 132, 4096) == 8
+    assert _plan(3, 32, 8, 1, 4096, 128)[0] == 16
+    assert decode.wave_efficiency(24 * 8, slots) == pytest.approx(192 / 264)
+    assert decode.wave_efficiency(24 * 16, slots) == pytest.approx(384 / 396)
+    # batch 8 over 5000 keys (20 blocks): 5 chunks make 320 programs in 3 waves; 4 make 256 in 2
+    assert _two_wave_splits(64, 132, 5000) == 5
+    assert _plan(8, 32, 8, 1, 5000, 128)[0] == 4
+    # a group of 8 x 8 tokens fills a 64-row block: as many programs as with one token
+    assert _plan(1, 64, 8, 8, 32768, 128)[:4] == (32, 1024, 64, 1)
+
+
+def test_wave_splits_rules():
+    # one full wave already at one chunk: no split at all
+    assert decode.wave_splits(132, 132, 16) == 1
+    # keys allow no full wave (8 x 16 < 132): every chunk there is
+    assert decode.wave_splits(8, 132, 16) == 16
+    # at least a wave: 17 chunks would be 136 programs (52 % busy), but 17 is no count of 256-key
+    # blocks; of the counts 19, 22, 26, 32, 43, 64, 128 the fewest at 97 % is 32
+    assert decode.wave_splits(8, 132, 128) == 32
+    # efficiencies within WAVE_SLACK count as equal: 256 programs fill 2 waves to 97 %; 19
+    # chunks reach 99.6 %, more than the slack better
+    assert decode.wave_efficiency(256, 132) == pytest.approx(256 / 264)
+    assert decode.wave_splits(256, 132, 128) == 19
+    assert decode.wave_splits(256, 132, 8) == 1  # 8 blocks: no count beats 97 % by the slack
+
+
+@pytest.mark.parametrize("nk", [256, 257, 1000, 4096, 5000, 32768, 100_000])
+def test_wave_splits_are_realised_exactly(nk):
+    """``wave_splits`` picks among the chunk counts ``_chunking`` makes, so the plan runs it."""
+    blocks = _blocks(nk)
+    for programs in (1, 7, 24, 64, 130, 256, 1000):
+        for slots in (4, 132, 264):
+            splits = decode.wave_splits(programs, slots, blocks)
+            count, chunk = decode._chunking(blocks, splits)
+            assert count == splits and chunk % decode.SPLIT_ALIGN == 0
+            assert splits * chunk >= nk > (splits - 1) * chunk
+
+
+def test_wave_efficiency_at_least_the_two_wave_rule():
+    """On a grid of decode shapes and GPUs the chosen split count keeps at least as many slots
+    busy as the previous rule, and strictly more on some."""
+    better = same = 0
+    for sms in (132, 114, 78):
+        for d, item in ((64, 2), (128, 2), (128, 4)):
+            slots = _slots(sms, d, item)
+            for b in (1, 2, 3, 8, 32, 64):
+                for hkv, group in ((1, 1), (2, 4), (8, 4), (8, 8)):
+                    for nq in (1, 4, 8, 16):
+                        for nk in (256, 1000, 4096, 5000, 32768, 131072):
+                            splits, _, _, row_blocks, _, _ = _plan(
+                                b, hkv * group, hkv, nq, nk, d, item, sms)
+                            programs = b * hkv * row_blocks
+                            new = decode.wave_efficiency(programs * splits, slots)
+                            old = decode.wave_efficiency(
+                                programs * _two_wave_splits(programs, sms, nk), slots)
+                            assert new >= old - 1e-12, (sms, d, item, b, hkv, group, nq, nk)
+                            better += new > old + 1e-12
+                            same += new <= old + 1e-12
+    assert better > 1000 and same > 1000
+
+
+def test_forced_split_counts_bypass_the_wave_rule():
+    assert _plan(1, 4, 4, 1, 4096, 64, num_splits=5)[:2] == (4, 1024)  # 5 ask for 820 keys each
+    assert _plan(1, 4, 4, 1, 4096, 64, num_splits=10**6)[:2] == (16, 256)
+    assert _plan(1, 4, 4, 1, 4097, 64, num_splits=10**6)[:2] == (17, 256)
 
 
 @pytest.mark.parametrize(
