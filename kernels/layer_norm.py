@@ -431,6 +431,14 @@ def _bwd_plan(m: int, n: int, sms: int) -> tuple[int, bool, int, dict[int, int],
     return block, single, rows_per_program, programs, partial_rows
 
 
+@functools.cache
+def bwd_candidates(n: int) -> list[triton.Config]:
+    """The backward's candidates for rows of ``n`` features at any number of rows (every split),
+    default first: what tests may pass as ``config``."""
+    block, single, *_ = _bwd_plan(1, n, 1)
+    return _bwd_offered(BWD_CONFIGS, block, single, MAX_ROWS)
+
+
 def _fwd(x, residual, weight, bias, eps: float, is_rms: bool, cast_before_weight: bool,
          out_dtype: torch.dtype):
     """Launch the forward of either norm on a 2-D ``x`` (M, N): ``(y, s, mean, rstd)``; ``mean`` is
@@ -472,8 +480,8 @@ def _bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool, is_rms: bo
          config: triton.Config | None = None):
     """Launch the backward of either norm (``mean`` is None for RMSNorm): ``(dx, dw, db)``.
 
-    ``config``: for tests, one of BWD_CONFIGS launched as given instead of the autotuner's choice
-    (the interpreter's autotuner only ever runs the first)."""
+    ``config``: for tests, one of ``bwd_candidates(N)`` launched as given instead of the
+    autotuner's choice (the interpreter's autotuner only ever runs the first)."""
     dy, x = _rows(dy), _rows(x)
     ds = _rows(ds) if ds is not None else None
     M, N = x.shape
@@ -493,7 +501,7 @@ def _bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool, is_rms: bo
     if config is None:
         kernel, tuning = _layer_norm_bwd, {}
     else:
-        if config not in _bwd_offered([config], block, single, max(rows_per_program, 2**30)):
+        if config not in bwd_candidates(N):
             raise ValueError(f"layer_norm backward: {config} is not a candidate for rows of {N}")
         kernel, tuning = _layer_norm_bwd.fn, config.all_kwargs()
     if M > 0:
