@@ -39,9 +39,11 @@ the flags and the dtypes, over candidates that keep more rows in flight:
   ROW_STAGES = 2 (short rows only): the row loop software-pipelined by Triton, the next row's x and
       dy (and ds) loaded asynchronously while this row is reduced.
 The first candidate (ROW_SPLIT 1, warps_for_block's warps, no ROW_STAGES) is the kernel as it was
-before tuning, instruction for instruction: ROW_SPLIT 1 and ROW_STAGES None leave the code as it
-was, and rows_per_program stays a host-planned argument. It is what the interpreter and
-LIGHTLLM_AUTOTUNE=0 run; tests launch the others through the launchers' ``config`` argument.
+before tuning, instruction for instruction (its sm_90a PTX differs only in the parameter list):
+ROW_SPLIT 1 and ROW_STAGES None generate nothing, and rows_per_program stays a host-planned
+argument (computing it in the kernel, or pipelining by default, costs registers and occupancy).
+It is what the interpreter and LIGHTLLM_AUTOTUNE=0 run; tests launch the others through the
+launchers' ``config`` argument.
 
 Grids: the forward's M programs and the backward's G <= 8 x SMs lie on axis 0. M past axis 0's
 2^31 - 1 is possible only for rows of a few features (2^31 rows of 32 fp16 features are 128 GiB
@@ -305,7 +307,8 @@ def _bwd_prune(configs, named_args, **kwargs):
 def _layer_norm_bwd(
     DY, X, W, Mean, Rstd, DS, DX, DW, DB,
     stride_dy, stride_x, stride_ds, stride_dx,
-    M, N, rows_per_program, M_BUCKET,
+    M, N, rows_per_program,
+    M_BUCKET,  # read by the autotuner's key only
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
