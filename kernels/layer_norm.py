@@ -29,15 +29,16 @@ and pass 1 read-modify-writes the partial row in place, zero-filled beforehand).
 Backward tuning. The plan gives G = 2 x SMs programs (few bytes in flight per SM for short rows:
 at hidden 1024 that is 8 warps on an SM, each with one row of 2 KiB loads outstanding). The GPU
 autotunes, keyed on the power-of-two bucket of M, BLOCK_N (the bucket of N; one for all long rows),
-the flags and the dtypes, over candidates that keep more rows in flight:
+the flags and the dtypes, over candidates for short rows that keep more rows in flight:
   ROW_SPLIT in (1, 2, 4): each program takes 1/ROW_SPLIT of the plan's run of rows, so 2, 4 or
       8 programs per SM (FlashAttention's LayerNorm launches 8 x SMs to hide memory latency);
       offered while a program keeps >= MIN_SPLIT_ROWS rows, since every program adds a partial row
-      to the sum. Short rows only: the long-row partials are zero-filled, which more programs would
-      make every call pay.
+      to the sum (which the autotuner does not time).
   num_warps: warps_for_block's (about 8 elements per thread), half or double, in 1..16.
-  ROW_STAGES = 2 (short rows only): the row loop software-pipelined by Triton, the next row's x and
-      dy (and ds) loaded asynchronously while this row is reduced.
+  ROW_STAGES = 2: the row loop software-pipelined by Triton, the next row's x and dy (and ds)
+      loaded asynchronously while this row is reduced.
+Long rows keep the default alone: their partials are zero-filled and accumulated in place, so more
+programs would make every call zero more, and timed runs would add into each other's sums.
 The first candidate (ROW_SPLIT 1, warps_for_block's warps, no ROW_STAGES) is the kernel as it was
 before tuning, instruction for instruction (its sm_90a PTX differs only in the parameter list):
 ROW_SPLIT 1 and ROW_STAGES None generate nothing, and rows_per_program stays a host-planned
@@ -274,17 +275,16 @@ def _bwd_warps(block: int) -> list[int]:
 
 def _bwd_offered(configs, block: int, single: bool, rows_per_program: int) -> list[triton.Config]:
     """The candidates of ``configs`` for one launch, in the order (split, stages, warps) with the
-    default first: ROW_SPLIT and ROW_STAGES on short rows only, a split while its runs keep
+    default first: short rows only (long rows keep the default), a split while its runs keep
     MIN_SPLIT_ROWS rows."""
     warps = _bwd_warps(block)
 
     def offered(c):
         split, stages = c.kwargs["ROW_SPLIT"], c.kwargs["ROW_STAGES"]
-        if c.num_warps not in warps:
-            return False
-        if not single:
-            return split == 1 and stages is None
-        return split == 1 or cdiv(rows_per_program, split) >= MIN_SPLIT_ROWS
+        if not single:  # accumulates in place: a timed run would leave its sums to the next
+            return split == 1 and stages is None and c.num_warps == warps[0]
+        return c.num_warps in warps and (split == 1
+                                         or cdiv(rows_per_program, split) >= MIN_SPLIT_ROWS)
 
     def order(c):
         return (c.kwargs["ROW_SPLIT"], c.kwargs["ROW_STAGES"] is not None,
@@ -298,11 +298,10 @@ def _bwd_prune(configs, named_args, **kwargs):
                         named_args["rows_per_program"])
 
 
-# The long-row path accumulates into DW/DB: each timed run must start from zeros again.
 @autotune(configs=autotune_configs(BWD_CONFIGS),
           key=["M_BUCKET", "BLOCK_N", "SINGLE_TILE", "HAS_WEIGHT", "HAS_DS", "NEED_DW", "NEED_DB",
                "IS_RMS"],
-          prune_configs_by={"early_config_prune": _bwd_prune}, reset_to_zero=["DW", "DB"])
+          prune_configs_by={"early_config_prune": _bwd_prune})
 @triton.jit
 def _layer_norm_bwd(
     DY, X, W, Mean, Rstd, DS, DX, DW, DB,

@@ -114,7 +114,8 @@ def launching(monkeypatch, module, name, config):
     return calls
 
 
-# Rows of 1023 (every split and the pipelined loop) and of 9000 (the tiled backward).
+# Rows of 1023 (every split and the pipelined loop) and of 9000 (the tiled backward: its default,
+# through the same config argument).
 BACKWARD_CANDIDATES = backward_candidates(1023) + backward_candidates(9000)
 
 
