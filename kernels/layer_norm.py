@@ -21,9 +21,32 @@ Backward, with xhat = (s - mean) * rstd and g = w * dy:
 RMSNorm is the same with mean = 0 and without the mean(g) term (its mean was never subtracted).
 Each of ``G`` programs owns a contiguous run of rows and accumulates its dw/db in fp32 (registers for
 short rows, its own row of the partial buffer for long rows); the ``G`` partials are then summed. The
-reduction is deterministic and never serialises on a lock across the grid.
+reduction is deterministic and never serialises on a lock across the grid. Traffic per row: x, dy
+(and ds) read, dx written, 8 bytes of statistics (4 for RMSNorm); per program: w read once, its
+fp32 dw/db partial rows written once and read again by the sum (long rows: two passes over x, dy, w,
+and pass 1 read-modify-writes the partial row in place, zero-filled beforehand).
 
-Grids: the forward's M programs and the backward's G <= 2 x SMs lie on axis 0. M past axis 0's
+Backward tuning. The plan gives G = 2 x SMs programs (few bytes in flight per SM for short rows:
+at hidden 1024 that is 8 warps on an SM, each with one row of 2 KiB loads outstanding). The GPU
+autotunes, keyed on the power-of-two bucket of M, BLOCK_N (the bucket of N; one for all long rows),
+the flags and the dtypes, over candidates for short rows that keep more rows in flight:
+  ROW_SPLIT in (1, 2, 4): each program takes 1/ROW_SPLIT of the plan's run of rows, so 2, 4 or
+      8 programs per SM (FlashAttention's LayerNorm launches 8 x SMs to hide memory latency);
+      offered while a program keeps >= MIN_SPLIT_ROWS rows, since every program adds a partial row
+      to the sum (which the autotuner does not time).
+  num_warps: warps_for_block's (about 8 elements per thread), half or double, in 1..16.
+  ROW_STAGES = 2: the row loop software-pipelined by Triton, the next row's x and dy (and ds)
+      loaded asynchronously while this row is reduced.
+Long rows keep the default alone: their partials are zero-filled and accumulated in place, so more
+programs would make every call zero more, and timed runs would add into each other's sums.
+The first candidate (ROW_SPLIT 1, warps_for_block's warps, no ROW_STAGES) is the kernel as it was
+before tuning, instruction for instruction (its sm_90a PTX differs only in the parameter list):
+ROW_SPLIT 1 and ROW_STAGES None generate nothing, and rows_per_program stays a host-planned
+argument (computing it in the kernel, or pipelining by default, costs registers and occupancy).
+It is what the interpreter and LIGHTLLM_AUTOTUNE=0 run; tests launch the others through the
+launchers' ``config`` argument.
+
+Grids: the forward's M programs and the backward's G <= 8 x SMs lie on axis 0. M past axis 0's
 2^31 - 1 is possible only for rows of a few features (2^31 rows of 32 fp16 features are 128 GiB
 with the output): the launcher refuses it with a ValueError rather than a launch error.
 """
@@ -36,12 +59,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, empty, row_block, sm_count, warps_for_block
+from ._utils import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    empty,
+    next_pow2,
+    row_block,
+    sm_count,
+    warps_for_block,
+)
 
 MAX_FUSED_FWD = 16384  # longest row the forward keeps in registers
 MAX_ROWS = 2**31 - 1  # the forward's one program per row, on grid axis 0
 MAX_FUSED_BWD = 8192  # the backward holds more per element (x, dy, w, dw, db)
 CHUNK = 4096  # tile width for rows longer than that
+BWD_PROGRAMS_PER_SM = 2  # the backward plan's programs (its candidates split their runs further)
+ROW_SPLITS = (1, 2, 4)  # 2, 4, 8 programs per SM
+MIN_SPLIT_ROWS = 4  # a split run keeps at least this many rows (each program adds a partial row)
 
 
 @triton.jit
@@ -222,11 +257,57 @@ def _mean_g(g, N, IS_RMS: tl.constexpr):
         return tl.sum(g, axis=0) / N
 
 
+def _bwd_config(row_split: int, warps: int, row_stages: int | None = None) -> triton.Config:
+    return triton.Config({"ROW_SPLIT": row_split, "ROW_STAGES": row_stages}, num_warps=warps)
+
+
+# Every candidate the pruning may keep; the first is the interpreter's (its warps do not matter
+# there). _bwd_offered picks and orders those of a launch, today's kernel first.
+BWD_CONFIGS = [_bwd_config(split, warps, stages) for split in ROW_SPLITS for stages in (None, 2)
+               for warps in (1, 2, 4, 8, 16)]
+
+
+def _bwd_warps(block: int) -> list[int]:
+    """warps_for_block's warps for ``block``, then half and double of them (in 1..16)."""
+    today = warps_for_block(block)
+    return list(dict.fromkeys(max(1, min(16, w)) for w in (today, today // 2, today * 2)))
+
+
+def _bwd_offered(configs, block: int, single: bool, rows_per_program: int) -> list[triton.Config]:
+    """The candidates of ``configs`` for one launch, in the order (split, stages, warps) with the
+    default first: short rows only (long rows keep the default), a split while its runs keep
+    MIN_SPLIT_ROWS rows."""
+    warps = _bwd_warps(block)
+
+    def offered(c):
+        split, stages = c.kwargs["ROW_SPLIT"], c.kwargs["ROW_STAGES"]
+        if not single:  # accumulates in place: a timed run would leave its sums to the next
+            return split == 1 and stages is None and c.num_warps == warps[0]
+        return c.num_warps in warps and (split == 1
+                                         or cdiv(rows_per_program, split) >= MIN_SPLIT_ROWS)
+
+    def order(c):
+        return (c.kwargs["ROW_SPLIT"], c.kwargs["ROW_STAGES"] is not None,
+                warps.index(c.num_warps))
+
+    return sorted(filter(offered, configs), key=order)
+
+
+def _bwd_prune(configs, named_args, **kwargs):
+    return _bwd_offered(configs, kwargs["BLOCK_N"], kwargs["SINGLE_TILE"],
+                        named_args["rows_per_program"])
+
+
+@autotune(configs=autotune_configs(BWD_CONFIGS),
+          key=["M_BUCKET", "BLOCK_N", "SINGLE_TILE", "HAS_WEIGHT", "HAS_DS", "NEED_DW", "NEED_DB",
+               "IS_RMS"],
+          prune_configs_by={"early_config_prune": _bwd_prune})
 @triton.jit
 def _layer_norm_bwd(
     DY, X, W, Mean, Rstd, DS, DX, DW, DB,
     stride_dy, stride_x, stride_ds, stride_dx,
     M, N, rows_per_program,
+    M_BUCKET,  # read by the autotuner's key only
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -234,8 +315,12 @@ def _layer_norm_bwd(
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
     IS_RMS: tl.constexpr,
+    ROW_SPLIT: tl.constexpr,
+    ROW_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if ROW_SPLIT > 1:  # a candidate: 1/ROW_SPLIT of the run the host planned for each program
+        rows_per_program = tl.cdiv(rows_per_program, ROW_SPLIT)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     cols = tl.arange(0, BLOCK_N)
@@ -257,7 +342,8 @@ def _layer_norm_bwd(
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for _ in range(row_start, row_end):
+        # ROW_STAGES None: Triton's own choice (a plain loop); 2: the next row's loads in flight.
+        for _ in tl.range(row_start, row_end, num_stages=ROW_STAGES):
             # -- recompute xhat from the saved statistics --
             x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
@@ -333,15 +419,26 @@ def _fwd_plan(n: int) -> tuple[int, bool, int]:
 
 
 @functools.cache
-def _bwd_plan(m: int, n: int, sms: int) -> tuple[int, bool, int, int, int]:
-    """(BLOCK_N, SINGLE_TILE, num_warps, programs, rows_per_program) of the backward: enough
-    programs to fill the GPU twice over, each owning a contiguous run of rows."""
+def _bwd_plan(m: int, n: int, sms: int) -> tuple[int, bool, int, dict[int, int], int]:
+    """(BLOCK_N, SINGLE_TILE, rows_per_program, programs, partial_rows) of the backward: enough
+    programs to fill the GPU twice over, each owning a contiguous run of rows; ``programs`` maps
+    each ROW_SPLIT to the programs its candidates launch, ``partial_rows`` is the most of them
+    the path can launch (the rows of the dw/db partial buffers)."""
     single = n <= MAX_FUSED_BWD
     block = row_block(n, MAX_FUSED_BWD if single else CHUNK)
-    programs = max(1, min(m, 2 * sms))
-    rows_per_program = cdiv(m, programs) if m else 0
-    programs = cdiv(m, rows_per_program) if m else 1
-    return block, single, warps_for_block(block), programs, rows_per_program
+    planned = max(1, min(m, BWD_PROGRAMS_PER_SM * sms))
+    rows_per_program = cdiv(m, planned) if m else 0
+    programs = {split: cdiv(m, cdiv(rows_per_program, split)) if m else 1 for split in ROW_SPLITS}
+    partial_rows = max(programs.values()) if single else programs[1]
+    return block, single, rows_per_program, programs, partial_rows
+
+
+@functools.cache
+def bwd_candidates(n: int) -> list[triton.Config]:
+    """The backward's candidates for rows of ``n`` features at any number of rows (every split),
+    default first: what tests may pass as ``config``."""
+    block, single, *_ = _bwd_plan(1, n, 1)
+    return _bwd_offered(BWD_CONFIGS, block, single, MAX_ROWS)
 
 
 def _fwd(x, residual, weight, bias, eps: float, is_rms: bool, cast_before_weight: bool,
@@ -381,30 +478,47 @@ def _fwd(x, residual, weight, bias, eps: float, is_rms: bool, cast_before_weight
     return y, s, mean, rstd
 
 
-def _bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool, is_rms: bool):
-    """Launch the backward of either norm (``mean`` is None for RMSNorm): ``(dx, dw, db)``."""
+def _bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool, is_rms: bool,
+         config: triton.Config | None = None):
+    """Launch the backward of either norm (``mean`` is None for RMSNorm): ``(dx, dw, db)``.
+
+    ``config``: for tests, one of ``bwd_candidates(N)`` launched as given instead of the
+    autotuner's choice (the interpreter's autotuner only ever runs the first)."""
     dy, x = _rows(dy), _rows(x)
     ds = _rows(ds) if ds is not None else None
     M, N = x.shape
     dev = x.device
     dx = empty((M, N), dtype=x.dtype, device=dev)
-    block, single, warps, programs, rows_per_program = _bwd_plan(M, N, sm_count(x))
+    block, single, rows_per_program, programs, partial_rows = _bwd_plan(M, N, sm_count(x))
     alloc = empty if single else torch.zeros  # the long-row path accumulates in place
-    dw_partial = alloc((programs, N), dtype=torch.float32, device=dev) if need_dw else None
-    db_partial = alloc((programs, N), dtype=torch.float32, device=dev) if need_db else None
+    dw_partial = alloc((partial_rows, N), dtype=torch.float32, device=dev) if need_dw else None
+    db_partial = alloc((partial_rows, N), dtype=torch.float32, device=dev) if need_db else None
+    # The chosen candidate's programs: the autotuner calls the grid with its config's constexprs.
+    launched = [programs[1]]
+
+    def grid(meta):
+        launched[0] = programs[meta["ROW_SPLIT"]]
+        return (launched[0],)
+
+    if config is None:
+        kernel, tuning = _layer_norm_bwd, {}
+    else:
+        if config not in bwd_candidates(N):
+            raise ValueError(f"layer_norm backward: {config} is not a candidate for rows of {N}")
+        kernel, tuning = _layer_norm_bwd.fn, config.all_kwargs()
     if M > 0:
-        _layer_norm_bwd[(programs,)](
+        kernel[grid](
             dy, x, x if weight is None else weight, rstd if mean is None else mean, rstd,
             dy if ds is None else ds, dx,
             dw_partial if need_dw else dx, db_partial if need_db else dx,
             dy.stride(0), x.stride(0), 0 if ds is None else ds.stride(0), N,
-            M, N, rows_per_program,
+            M, N, rows_per_program, next_pow2(M),
             BLOCK_N=block, SINGLE_TILE=single, HAS_WEIGHT=weight is not None,
             HAS_DS=ds is not None, NEED_DW=need_dw, NEED_DB=need_db, IS_RMS=is_rms,
-            num_warps=warps,
+            **tuning,
         )
-    dw = dw_partial.sum(0) if need_dw else None
-    db = db_partial.sum(0) if need_db else None
+    dw = dw_partial[:launched[0]].sum(0) if need_dw else None
+    db = db_partial[:launched[0]].sum(0) if need_db else None
     return dx, dw, db
 
 
@@ -414,11 +528,11 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     return _fwd(x, residual, weight, bias, eps, False, False, x.dtype)
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
+def layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool, config=None):
     """LayerNorm's backward on 2-D ``dy``/``x`` (M, N); ``x`` is what was normalised (the sum for
     Add & Norm) and ``ds`` the gradient of the returned sum, or None. Returns ``(dx, dw, db)`` with
-    dw/db fp32 of shape (N,), or None where not needed."""
-    return _bwd(dy, x, weight, mean, rstd, ds, need_dw, need_db, False)
+    dw/db fp32 of shape (N,), or None where not needed. ``config``: tests only (see ``_bwd``)."""
+    return _bwd(dy, x, weight, mean, rstd, ds, need_dw, need_db, False, config)
 
 
 def rms_norm_fwd(x, residual, weight, eps: float, cast_before_weight: bool, out_dtype: torch.dtype):
@@ -429,7 +543,7 @@ def rms_norm_fwd(x, residual, weight, eps: float, cast_before_weight: bool, out_
     return y, s, rstd
 
 
-def rms_norm_bwd(dy, x, weight, rstd, ds, need_dw: bool):
+def rms_norm_bwd(dy, x, weight, rstd, ds, need_dw: bool, config=None):
     """RMSNorm's backward on 2-D ``dy``/``x`` (M, N), as layer_norm_bwd: ``(dx, dw)``."""
-    dx, dw, _ = _bwd(dy, x, weight, None, rstd, ds, need_dw, False, True)
+    dx, dw, _ = _bwd(dy, x, weight, None, rstd, ds, need_dw, False, True, config)
     return dx, dw

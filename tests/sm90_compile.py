@@ -198,11 +198,13 @@ def scenario_layer_norm(mod, cap: Capture):
     """Rows in registers up to 16384 (forward) / 8192 (backward) elements, the widest block in
     every dtype (the most registers per thread), the two-pass path beyond, a row of 1023 (not
     16-byte aligned); flags as the ops pass them: Add & Norm, LayerNorm with and without affine,
-    without bias, fp32 affine on a bf16 input. Nothing may spill."""
+    without bias, fp32 affine on a bf16 input; each with every backward candidate its pruning
+    keeps. Those runs of 64 rows leave one row per program (no ROW_SPLIT candidate): the backward
+    of 4224 rows (32 x SMs) runs every split, fp16 at hidden 1023 and 2048, fp32 at 8192 (the
+    most registers). Nothing may spill."""
     import torch
 
     rows = 64
-    stats = torch.zeros(rows), torch.ones(rows)
 
     def fwd(note, dt, n, *, residual=True, weight=True, bias=True, wdt=None):
         with cap.launches(f"fwd N={n} {note}", strict=True):
@@ -211,11 +213,12 @@ def scenario_layer_norm(mod, cap: Capture):
                                _t(n, dtype=wdt) if weight else None,
                                _t(n, dtype=wdt) if bias else None, 1e-5)
 
-    def bwd(note, dt, n, *, ds=True, weight=True, need_db=True, wdt=None):
+    def bwd(note, dt, n, *, ds=True, weight=True, need_db=True, wdt=None, m=rows):
         with cap.launches(f"bwd N={n} {note}", strict=True):
-            mod.layer_norm_bwd(_t(rows, n, dtype=dt), _t(rows, n, dtype=dt),
-                               _t(n, dtype=wdt or dt) if weight else None, *stats,
-                               _t(rows, n, dtype=dt) if ds else None, weight, need_db)
+            mod.layer_norm_bwd(_t(m, n, dtype=dt), _t(m, n, dtype=dt),
+                               _t(n, dtype=wdt or dt) if weight else None,
+                               torch.zeros(m), torch.ones(m),
+                               _t(m, n, dtype=dt) if ds else None, weight, need_db)
 
     for dt in ("float16", "bfloat16", "float32"):
         fwd("add+affine", dt, 16384)
@@ -232,6 +235,10 @@ def scenario_layer_norm(mod, cap: Capture):
     bwd("add+weight, no bias", "bfloat16", 4096, need_db=False)
     fwd("fp32 affine", "bfloat16", 4096, residual=False, wdt="float32")
     bwd("fp32 affine", "bfloat16", 4096, ds=False, wdt="float32")
+    split_rows = 32 * H100_SMS
+    bwd(f"M={split_rows} add+affine", "float16", 1023, m=split_rows)
+    bwd(f"M={split_rows} add+affine", "float16", 2048, m=split_rows)
+    bwd(f"M={split_rows} add+affine", "float32", 8192, m=split_rows)
 
 
 def scenario_linear_gelu(mod, cap: Capture):

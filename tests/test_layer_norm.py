@@ -97,6 +97,48 @@ def test_add_layer_norm_affine(affine, dtype):
     check_add_layer_norm(x, r, (1500,), *_params(1500, affine, dtype))
 
 
+def backward_candidates(hidden):
+    """pytest params: one backward candidate per kernel path for rows of ``hidden`` (ROW_SPLIT,
+    ROW_STAGES; the interpreter ignores num_warps), the default first."""
+    paths = {}
+    for c in kernel.bwd_candidates(hidden):
+        paths.setdefault((c.kwargs["ROW_SPLIT"], c.kwargs["ROW_STAGES"]), c)
+    return [pytest.param(hidden, c, id=f"{hidden}-split{split}-stages{stages}")
+            for (split, stages), c in paths.items()]
+
+
+def launching(monkeypatch, module, name, config):
+    """Make ``module.name`` (a backward launcher) launch ``config``; returns the list of its calls."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(config) or real(*a, config=config))
+    return calls
+
+
+# Rows of 1023 (every split and the pipelined loop) and of 9000 (the tiled backward: its default,
+# through the same config argument).
+BACKWARD_CANDIDATES = backward_candidates(1023) + backward_candidates(9000)
+
+
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float16))
+@pytest.mark.parametrize("hidden, config", BACKWARD_CANDIDATES)
+def test_backward_candidates(hidden, config, dtype, monkeypatch):
+    """Each candidate the GPU's autotuner may pick (the interpreter runs only the default): dx,
+    dresidual (the ds path), dweight, dbias on 37 rows, more than the 8 programs of the plan here."""
+    calls = launching(monkeypatch, kernel, "layer_norm_bwd", config)
+    x = torch.randn(37, hidden, device=DEVICE, dtype=dtype)
+    check_add_layer_norm(x, torch.randn_like(x), (hidden,), *_params(hidden, "weight+bias", dtype))
+    check_layer_norm(x, (hidden,), *_params(hidden, "weight+bias", dtype))
+    assert calls == [config, config]
+
+
+def test_backward_refuses_a_config_that_is_no_candidate():
+    x = torch.randn(4, 9000, device=DEVICE)
+    split = next(c for c in kernel.BWD_CONFIGS if c.kwargs["ROW_SPLIT"] > 1)
+    with pytest.raises(ValueError, match="not a candidate"):
+        kernel.layer_norm_bwd(x, x, None, torch.zeros(4), torch.ones(4), None, False, False,
+                              config=split)
+
+
 @pytest.mark.parametrize("hidden", [9000, 20000])  # backward tiled / forward and backward tiled
 def test_long_rows_take_the_tiled_path(hidden):
     assert hidden > kernel.MAX_FUSED_BWD

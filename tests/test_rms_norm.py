@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BF16_ON_CPU, DEVICE, HAS_CUDA
+from test_layer_norm import BACKWARD_CANDIDATES, launching
 
 import lightllm
 import lightllm.functional as LF
@@ -143,6 +144,20 @@ def test_long_rows(hidden, route, dtype):
         w = torch.randn(hidden, device=dev)
         check_rms_norm(x, (hidden,), w)
         check_add_rms_norm(x, torch.randn(3, hidden, device=dev), (hidden,), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden, config", BACKWARD_CANDIDATES)
+@pytest.mark.skipif(not TRITON_HERE, reason="the Triton kernels do not run here")
+def test_backward_candidates(hidden, config, dtype, monkeypatch):
+    """Each backward candidate the GPU's autotuner may pick (the interpreter runs only the
+    default; test_layer_norm.py lists them): dx, dresidual (the ds path), dweight on 37 rows."""
+    calls = launching(monkeypatch, kernel, "rms_norm_bwd", config)
+    x = torch.randn(37, hidden, device=DEVICE, dtype=dtype)
+    w = torch.randn(hidden, device=DEVICE, dtype=dtype)
+    check_add_rms_norm(x, torch.randn_like(x), (hidden,), w)
+    check_rms_norm(x, (hidden,), w)
+    assert calls == [config, config]
 
 
 @pytest.mark.parametrize("route, dtype", routes(torch.float32))
