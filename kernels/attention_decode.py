@@ -94,9 +94,12 @@ def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:
 
 
 def _fits(c: triton.Config, meta: dict) -> bool:
-    # K and V tiles of the stages in flight stay well inside an SM's shared memory (fp32 included).
+    # K and V tiles of the stages in flight stay well inside an SM's shared memory (fp32 included),
+    # and the fp32 score tile within 1024 elements a warp: compiled for sm_90a, the 64-row blocks
+    # of a filled GQA group spill past that (N=128 at 4 warps, N=256 at 8).
     staged = (c.num_stages - 1) * c.kwargs["BLOCK_N"] * (meta["BLOCK_D"] + meta["BLOCK_DV"])
-    return staged * meta["ITEM"] <= 160 * 1024
+    scores = meta["BLOCK_M"] * c.kwargs["BLOCK_N"]
+    return staged * meta["ITEM"] <= 160 * 1024 and scores <= 1024 * c.num_warps
 
 
 # Memory-bound: the GPU default keeps 2 x 128 keys in flight per program; see attention.tuned.

@@ -517,8 +517,12 @@ def _bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool, is_rms: bo
             HAS_DS=ds is not None, NEED_DW=need_dw, NEED_DB=need_db, IS_RMS=is_rms,
             **tuning,
         )
-    dw = dw_partial[:launched[0]].sum(0) if need_dw else None
-    db = db_partial[:launched[0]].sum(0) if need_db else None
+    used = launched[0]
+    if used < partial_rows:  # a slice costs host time: only when rows were left unwritten
+        dw_partial = dw_partial[:used] if need_dw else None
+        db_partial = db_partial[:used] if need_db else None
+    dw = dw_partial.sum(0) if need_dw else None
+    db = db_partial.sum(0) if need_db else None
     return dx, dw, db
 
 

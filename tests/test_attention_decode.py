@@ -112,7 +112,7 @@ def test_forced_split_counts_match_the_main_kernel(splits):
 
 
 def _slots(sms, d, item):
-    meta = dict(BLOCK_D=d, BLOCK_DV=d, ITEM=item)
+    meta = dict(BLOCK_D=d, BLOCK_DV=d, BLOCK_M=16, ITEM=item)
     return sms * decode.ctas_per_sm(decode.default_config(meta), meta)
 
 
@@ -131,7 +131,7 @@ def _two_wave_splits(programs, sms, nk):
 
 def test_programs_per_sm_from_the_config():
     """Registers at 256 a thread: one 8-warp or two 4-warp programs; else shared memory."""
-    meta = dict(BLOCK_D=128, BLOCK_DV=128, ITEM=2)
+    meta = dict(BLOCK_D=128, BLOCK_DV=128, BLOCK_M=16, ITEM=2)
     assert decode.default_config(meta).num_warps == 8
     assert decode.ctas_per_sm(decode.default_config(meta), meta) == 1
     assert decode.ctas_per_sm(decode._cfg(64, 4, 2), meta) == 2  # 32 KiB staged
