@@ -7,7 +7,8 @@ catches every launch before it reaches a driver and turns it into exactly the sp
 launch would compile: argument types, 16-byte divisibility of pointers and ints, ints equal to 1,
 constexpr flags, and for an autotuned kernel every config its own pruning keeps from its GPU config
 list. Each is compiled with Triton's CUDA backend for ``GPUTarget("cuda", 90, 32)``; ptxas' report
-gives registers and spill stores, the PTX shows wgmma / mma.sync and TMA / cp.async.
+gives registers and spill stores (and, with the shared memory, the programs an SM holds at once),
+the PTX shows wgmma / mma.sync and TMA / cp.async.
 
     .venv/bin/python tests/sm90_compile.py [kernels/layer_norm.py ...] [--jobs 2] [--json out.json]
                                            [--only REGEX]
@@ -450,7 +451,7 @@ def _compile(index: int) -> dict:
 
     job = _JOBS[index]
     rec = {"regs": None, "spill_stores": None, "spill_loads": None, "stack": None, "smem": None,
-           "mma": None, "loads": None, "error": None}
+           "ctas": None, "mma": None, "loads": None, "error": None}
     start = time.perf_counter()
     log = io.StringIO()
     try:
@@ -473,6 +474,7 @@ def _compile(index: int) -> dict:
         if regs and frame:
             rec.update(regs=int(regs.group(1)), stack=int(frame.group(1)),
                        spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
+            rec["ctas"] = ctas_per_sm(rec["regs"], rec["smem"], kernel.metadata.num_warps)
         else:
             rec["error"] = "no register/spill figures in ptxas' report:\n" + report[-2000:]
     except Exception as e:  # every failure is reported with its text
@@ -480,6 +482,16 @@ def _compile(index: int) -> dict:
         rec["error"] = text if len(text) < 6000 else text[:3000] + "\n...\n" + text[-3000:]
     rec["seconds"] = round(time.perf_counter() - start, 2)
     return rec
+
+
+def ctas_per_sm(regs: int, smem: int, warps: int) -> int:
+    """Programs of a kernel resident at once on one sm_90 SM: its 64K registers (allocated per
+    warp in units of 256, i.e. a thread's count rounded up to 8), 228 KiB of shared memory (1 KiB
+    of it reserved per program), 64 warps and 32 programs."""
+    per_warp = -(-regs // 8) * 8 * 32
+    by_regs = (64 * 1024 // per_warp) // warps
+    by_smem = 228 * 1024 // (smem + 1024)
+    return min(by_regs, by_smem, 64 // warps, 32)
 
 
 def _ptxas_report(ptx: str) -> str:
@@ -660,7 +672,8 @@ def print_report(result: dict, seconds: float, jobs: int) -> None:
     records = result["records"]
     cols = [("kernel", "kernel"), ("dtype", "dtype"), ("tile", "tile"), ("config", "cfg"),
             ("flags", "flags"), ("regs", "regs"), ("spill_stores", "spill"), ("mma", "mma"),
-            ("loads", "loads"), ("smem", "smem"), ("seconds", "sec"), ("note", "launch")]
+            ("loads", "loads"), ("smem", "smem"), ("ctas", "ctas/SM"), ("seconds", "sec"),
+            ("note", "launch")]
     rows = [[h for _, h in cols]]
     for r in records:
         row = ["" if r[k] is None else str(r[k]) for k, _ in cols]
