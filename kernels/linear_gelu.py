@@ -12,7 +12,8 @@ their tile order and epilogue:
     use ``input_precision="ieee"`` so the result matches PyTorch rather than TF32.
 Both: programs walk (BLOCK_M, BLOCK_N) output tiles in grouped order (GROUP_M row tiles share
 the B column panels while they are hot in L2); the K loop accumulates in fp32 and is
-software-pipelined by Triton (``num_stages``); autotuned per (M bucket, N, K, dtype, epilogue).
+software-pipelined by Triton (``num_stages``); autotuned per (M bucket, N, K, dtype, epilogue),
+beside split-K candidates for decode (below).
 The epilogue works on the fp32 tile before the single store:
     pre = acc + bias                                   (HAS_BIAS)
     AUX_STORE_PRE: also store pre (the saved pre-activation of the backward)
@@ -29,6 +30,26 @@ Aux2 = u; Out = dG = dH * u * act'(g), Out2 = dU = dH * act(g) (two outputs, one
 Memory traffic of the forward: A and B from DRAM once (tiles re-read through L2), C written once
 (plus pre once when a backward needs it); eager PyTorch writes pre, reads it and writes gelu(pre)
 (SwiGLU in eager: g and u written, read, silu(g) written and read, h written).
+
+Split-K (decode, M <= 32; both kernels, ``SPLIT_K`` > 1): with a handful of rows one row tile
+covers M, and N = 4096 makes only 32-64 programs (BLOCK_N 128 / 64), so a 132-SM H100/H200
+streams the weight -- the whole cost at this size -- from a fraction of its SMs. The split-K
+candidates launch a (tiles, SPLIT_K) grid: program (t, s) runs the K loop over slice s of
+SPLIT_K near-equal slices of the K blocks, adds its fp32 partial into an fp32 workspace tile with
+``tl.atomic_add`` (in L2), then increments the tile's int32 arrival counter (acq_rel, after a
+barrier so every thread's adds precede the release). The last of the SPLIT_K to arrive reads the
+full sum back from L2, zeroes the workspace tile and the counter, and runs the epilogue above
+unchanged on it; the others stop. Extra traffic: SPLIT_K x M x N x 4 bytes of atomic adds plus
+M x N x 4 bytes read back and as many zeroed (GATED: twice), all on an L2-resident workspace;
+at M = 32, SPLIT_K = 8, K = 4096 the adds are an eighth of the bf16 weight's N x K x 2 bytes.
+The workspace is cached per device and grown as needed, never filled per call (the last arrival
+leaves it zero): no allocation or fill on the hot path once it exists at the needed size, so a
+split-K launch can be captured in a CUDA graph (see ``_split_k_workspace`` for its limitation:
+concurrent streams). The order of the atomic adds varies between runs, so the
+sums are not bitwise reproducible: under ``torch.use_deterministic_algorithms`` the launcher
+passes MAX_SPLIT_K = 1 and the pruning drops the split-K candidates, as it does above 32 rows.
+They come after today's tiles in every list: the default config (LIGHTLLM_AUTOTUNE=0, the
+interpreter) is unchanged, and the autotuner picks split-K only where it measures faster.
 
 Uses of the one matmul:
   linear_gelu forward       y = gelu(x @ W^T + b)                 (+ pre when saving for backward)
@@ -153,7 +174,9 @@ _HALF_TILES = [
     (16, 128, 128, 4, 3),
     (32, 64, 128, 4, 4),
     (32, 128, 64, 4, 4),
-    *_split_k((16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4)),
+    # Split-K twins of the thin tiles that compile clean in both kernels (16x128 spills 720
+    # bytes in the pointer kernel at K = 1023, as its SPLIT_K = 1 form does: ptxas sm_90a).
+    *_split_k((16, 64, 128, 4, 4), (32, 64, 128, 4, 4)),
 ]
 # fp32 runs the exact ("ieee") product on CUDA cores: small K steps and at most 64 accumulators
 # per thread, or the tile spills (ptxas, sm_90: 128x128 on 4 warps spills ~2.5 KB).
@@ -184,8 +207,9 @@ _GATED_HALF_TILES = [
 ]
 # Below 128x128 for the gated pointer kernel (rows that are not 16-byte aligned stage operands
 # through registers: 128x128 spills 1.3 KB there) and for AUX_GATE_GRAD (its epilogue holds dH,
-# g and dU or u: 128x128 spills 76 bytes).
-_GATED_HALF_TILES_SMALL = [t for t in _GATED_HALF_TILES if t[0] * t[1] < 128 * 128]
+# g and dU or u: 128x128 spills 76 bytes). No split-K there: the gated pointer kernel's thin tiles
+# spill already (16x64: 972 bytes, 32x64: 6.5 KB at K = 1023), their split-K twins as much.
+_GATED_HALF_TILES_SMALL = [t for t in _GATED_HALF_TILES if t[0] * t[1] < 128 * 128 and len(t) == 5]
 _GATED_FP32_TILES = [
     (64, 64, 32, 4, 3),
     (128, 64, 32, 8, 3),
@@ -622,13 +646,14 @@ def _split_k_workspace(device: torch.device, n: int, gated: bool):
     partials_len = (2 if gated else 1) * _SPLIT_K_MAX_M * n
     arrivals_len = cdiv(_SPLIT_K_MAX_M, _SPLIT_K_MIN_TILE[0]) * cdiv(n, _SPLIT_K_MIN_TILE[1])
     buffers = _WORKSPACES.setdefault(device, [])
-    if buffers and buffers[-1][0].numel() >= partials_len and buffers[-1][1].numel() >= arrivals_len:
-        return buffers[-1]
+    if buffers:
+        partials, arrivals = buffers[-1]
+        if partials.numel() >= partials_len and arrivals.numel() >= arrivals_len:
+            return buffers[-1]
+        partials_len = max(partials_len, partials.numel())  # grow to the larger of each
+        arrivals_len = max(arrivals_len, arrivals.numel())
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    if buffers:  # grow to the larger of each
-        partials_len = max(partials_len, buffers[-1][0].numel())
-        arrivals_len = max(arrivals_len, buffers[-1][1].numel())
     buffers.append((torch.zeros(partials_len, dtype=torch.float32, device=device),
                     torch.zeros(arrivals_len, dtype=torch.int32, device=device)))
     return buffers[-1]

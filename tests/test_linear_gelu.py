@@ -334,10 +334,10 @@ SPLIT_K_PATHS = {  # path -> (dtype, K, TMA kernel, tile for M = 1, 7, 32)
     "ptr-fp32": (torch.float32, 1500, False,
                  {1: (16, 64, 64, 4, 3, 2), 7: (16, 64, 64, 4, 3, 4), 32: (32, 64, 32, 4, 3, 8)}),
     "ptr-fp16": (torch.float16, 1500, False,
-                 {1: (16, 64, 128, 4, 4, 2), 7: (16, 128, 128, 4, 3, 4),
+                 {1: (16, 64, 128, 4, 4, 2), 7: (16, 64, 128, 4, 4, 4),
                   32: (32, 64, 128, 4, 4, 8)}),
     "tma-fp16": (torch.float16, 1496, True,
-                 {1: (16, 128, 128, 4, 3, 8), 7: (16, 64, 128, 4, 4, 2),
+                 {1: (16, 64, 128, 4, 4, 8), 7: (16, 64, 128, 4, 4, 2),
                   32: (32, 64, 128, 4, 4, 4)}),
 }
 SPLIT_K_EPILOGUES = ["gelu+bias+pre", "gelu_tanh+bias", "relu+pre", "bias+residual",
@@ -364,6 +364,7 @@ def _split_k_case(m, path, epilogue, tile=None):
     act = kernel.ACTIVATIONS.get(name, kernel.ACT_NONE)
     approx = "tanh" if name == "gelu_tanh" else "none"
     launch = dict(tma=tma, tile=tile or tiles[m])
+    assert launch["tile"] in (kernel._FP32_TILES if dtype == torch.float32 else kernel._HALF_TILES)
 
     def act_of(x):
         return F.relu(x) if name == "relu" else F.gelu(x, approximate=approx)
