@@ -45,9 +45,9 @@ at M = 32, SPLIT_K = 8, K = 4096 the adds are an eighth of the bf16 weight's N x
 The workspace is cached per device and grown as needed, never filled per call (the last arrival
 leaves it zero): no allocation or fill on the hot path once it exists at the needed size, so a
 split-K launch can be captured in a CUDA graph (see ``_split_k_workspace`` for its limitation:
-concurrent streams). The order of the atomic adds varies between runs, so the
-sums are not bitwise reproducible: under ``torch.use_deterministic_algorithms`` the launcher
-passes MAX_SPLIT_K = 1 and the pruning drops the split-K candidates, as it does above 32 rows.
+concurrent streams). The order of the atomic adds varies between runs, so the sums are not
+bitwise reproducible: under ``torch.use_deterministic_algorithms`` the launcher passes
+MAX_SPLIT_K = 1 and the pruning drops the split-K candidates, as it does above 32 rows.
 They come after today's tiles in every list: the default config (LIGHTLLM_AUTOTUNE=0, the
 interpreter) is unchanged, and the autotuner picks split-K only where it measures faster.
 
@@ -148,7 +148,6 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
 # interpreter's one config and a sound H100 default for fp16/bf16.
 _SPLITS = (2, 4, 8)
 _SPLIT_K_MAX_M = 32  # split-K only for M <= 32: above, the row tiles fill the SMs themselves
-_SPLIT_K_MIN_TILE = (16, 64)  # the smallest split-K (BLOCK_M, BLOCK_N): sizes the counters
 
 
 def _split_k(*tiles) -> list:
@@ -227,6 +226,8 @@ def _unique(*lists) -> list:
 
 _POINTER_TILES = _unique(_HALF_TILES, _FP32_TILES, _GATED_HALF_TILES, _GATED_FP32_TILES)
 _TMA_TILES = _unique(_HALF_TILES, _GATED_HALF_TILES)
+# The smallest split-K (BLOCK_M, BLOCK_N): the most output tiles, so the most arrival counters.
+_SPLIT_K_MIN_TILE = tuple(min(t[i] for t in _POINTER_TILES if len(t) == 6) for i in (0, 1))
 
 
 def _config(tile, pre_hook=None) -> triton.Config:
@@ -332,12 +333,12 @@ def _split_k_sum(acc, acc2, pid_m, pid_n, M, N, Partials, Arrivals, GATED: tl.co
     if GATED:
         tl.atomic_add(Partials + offs2, acc2, mask=mask, sem="relaxed")
     # Every thread's adds come before the counter's release (one thread performs the atomic);
-    # the last arrival's acquire makes all slices' adds visible to the exchanges below.
+    # the last arrival's acquire makes all slices' adds visible to its loads below.
     tl.debug_barrier()
     counter = Arrivals + tl.program_id(0)
     last = tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1
-    # The last arrival reads the sums from L2 (".cg": the adds were performed there, and L1 may
-    # not serve a line of this tile) and zeroes the tile and its counter.
+    # The last arrival reads the sums (".cg": from L2, where the adds were performed; L1 is not
+    # kept coherent with them) and zeroes the tile and its counter.
     mask &= last
     zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = tl.load(Partials + offs, mask=mask, other=0.0, cache_modifier=".cg")
