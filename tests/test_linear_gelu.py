@@ -344,9 +344,9 @@ SPLIT_K_EPILOGUES = ["gelu+bias+pre", "gelu_tanh+bias", "relu+pre", "bias+residu
                      "gelu_tanh-grad"]
 
 
-def _split_k_case(m, path, epilogue, tile=None):
-    """One epilogue of the matmul on fresh inputs: (kernel outputs, float64 references, PyTorch's
-    results in the test dtype). ``tile``: the candidate to launch (default: the path's for m)."""
+def _split_k_case(m, path, epilogue):
+    """One epilogue of the matmul on fresh inputs, through the path's split-K tile for ``m``:
+    (kernel outputs, float64 references, PyTorch's results in the test dtype)."""
     dtype, k, tma, tiles = SPLIT_K_PATHS[path]
     n = 1000
     a = torch.randn(m, k, device=DEVICE, dtype=dtype)
@@ -363,18 +363,17 @@ def _split_k_case(m, path, epilogue, tile=None):
     name = epilogue.split("+")[0].split("-")[0]
     act = kernel.ACTIVATIONS.get(name, kernel.ACT_NONE)
     approx = "tanh" if name == "gelu_tanh" else "none"
-    launch = dict(tma=tma, tile=tile or tiles[m])
-    assert launch["tile"] in (kernel._FP32_TILES if dtype == torch.float32 else kernel._HALF_TILES)
+    launch = dict(tma=tma, tile=tiles[m])
+    assert tiles[m] in (kernel._FP32_TILES if dtype == torch.float32 else kernel._HALF_TILES)
 
     def act_of(x):
         return F.relu(x) if name == "relu" else F.gelu(x, approximate=approx)
 
     if epilogue == "gelu_tanh-grad":
         kernel._mm(a, w2.t(), None, None, pre_in, out, act, kernel.AUX_ACT_GRAD, **launch)
-        pairs = [(a @ w2, a.double() @ w2.double())]
-        grad = [torch.ops.aten.gelu_backward(p, q, approximate="tanh")
-                for p, q in zip(pairs[0], (pre_in, pre_in.double()))]
-        return (out,), (grad[1],), (grad[0],)
+        ref = torch.ops.aten.gelu_backward(a.double() @ w2.double(), pre_in.double(),
+                                           approximate="tanh")
+        return (out,), (ref,), (torch.ops.aten.gelu_backward(a @ w2, pre_in, approximate="tanh"),)
     if epilogue == "bias+residual":
         kernel._mm(a, w, bias, res, None, out, act, kernel.AUX_NONE, **launch)
         return ((out,), (F.linear(a.double(), w.double(), bias.double()) + res.double(),),
