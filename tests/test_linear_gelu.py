@@ -410,12 +410,16 @@ def test_split_k_parity(m, path, epilogue):
 @pytest.mark.parametrize("path", ["ptr-fp32", "tma-fp16"])
 def test_split_k_twice_in_a_row(path):
     """Each call leaves the cached workspace and counters zeroed for the next (no fill per call):
-    a second call on new inputs is as right as the first."""
+    a second call on new inputs is as right as the first, and uses the same workspace."""
+    buffers = kernel._WORKSPACES.setdefault(torch.device(DEVICE), [])
+    used = []
     for _ in range(2):
         got, ref, mine = _split_k_case(7, path, "gelu+bias+pre")
         for g, r, t in zip(got, ref, mine):
             assert_parity(g, r, t)
         _assert_workspace_clean()
+        used.append(buffers[-1])
+    assert used[1] is used[0]
 
 
 def test_split_k_candidates_and_pruning():
