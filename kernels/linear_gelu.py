@@ -12,7 +12,8 @@ their tile order and epilogue:
     use ``input_precision="ieee"`` so the result matches PyTorch rather than TF32.
 Both: programs walk (BLOCK_M, BLOCK_N) output tiles in grouped order (GROUP_M row tiles share
 the B column panels while they are hot in L2); the K loop accumulates in fp32 and is
-software-pipelined by Triton (``num_stages``); autotuned per (M bucket, N, K, dtype, epilogue).
+software-pipelined by Triton (``num_stages``); autotuned per (M bucket, N, K, dtype, epilogue),
+beside split-K candidates for decode (below).
 The epilogue works on the fp32 tile before the single store:
     pre = acc + bias                                   (HAS_BIAS)
     AUX_STORE_PRE: also store pre (the saved pre-activation of the backward)
@@ -29,6 +30,26 @@ Aux2 = u; Out = dG = dH * u * act'(g), Out2 = dU = dH * act(g) (two outputs, one
 Memory traffic of the forward: A and B from DRAM once (tiles re-read through L2), C written once
 (plus pre once when a backward needs it); eager PyTorch writes pre, reads it and writes gelu(pre)
 (SwiGLU in eager: g and u written, read, silu(g) written and read, h written).
+
+Split-K (decode, M <= 32; both kernels, ``SPLIT_K`` > 1): with a handful of rows one row tile
+covers M, and N = 4096 makes only 32-64 programs (BLOCK_N 128 / 64), so a 132-SM H100/H200
+streams the weight -- the whole cost at this size -- from a fraction of its SMs. The split-K
+candidates launch a (tiles, SPLIT_K) grid: program (t, s) runs the K loop over slice s of
+SPLIT_K near-equal slices of the K blocks, adds its fp32 partial into an fp32 workspace tile with
+``tl.atomic_add`` (in L2), then increments the tile's int32 arrival counter (acq_rel, after a
+barrier so every thread's adds precede the release). The last of the SPLIT_K to arrive reads the
+full sum back from L2, zeroes the workspace tile and the counter, and runs the epilogue above
+unchanged on it; the others stop. Extra traffic: SPLIT_K x M x N x 4 bytes of atomic adds plus
+M x N x 4 bytes read back and as many zeroed (GATED: twice), all on an L2-resident workspace;
+at M = 32, SPLIT_K = 8, K = 4096 the adds are an eighth of the bf16 weight's N x K x 2 bytes.
+The workspace is cached per device and grown as needed, never filled per call (the last arrival
+leaves it zero): no allocation or fill on the hot path once it exists at the needed size, so a
+split-K launch can be captured in a CUDA graph (see ``_split_k_workspace`` for its limitation:
+concurrent streams). The order of the atomic adds varies between runs, so the sums are not
+bitwise reproducible: under ``torch.use_deterministic_algorithms`` the launcher passes
+MAX_SPLIT_K = 1 and the pruning drops the split-K candidates, as it does above 32 rows.
+They come after today's tiles in every list: the default config (LIGHTLLM_AUTOTUNE=0, the
+interpreter) is unchanged, and the autotuner picks split-K only where it measures faster.
 
 Uses of the one matmul:
   linear_gelu forward       y = gelu(x @ W^T + b)                 (+ pre when saving for backward)
@@ -123,8 +144,18 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
         return tl.full(x.shape, 1.0, tl.float32)
 
 
-# Tiles as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The first is the interpreter's one
-# config and a sound H100 default for fp16/bf16.
+# Tiles as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]). The first is the
+# interpreter's one config and a sound H100 default for fp16/bf16.
+_SPLITS = (2, 4, 8)
+_SPLIT_K_MAX_M = 32  # split-K only for M <= 32: above, the row tiles fill the SMs themselves
+
+
+def _split_k(*tiles) -> list:
+    """Split-K candidates (decode): ``tiles`` with K cut into SPLIT_K slices, one program per
+    (tile, slice), so N = 4096 makes 128-512 programs instead of 32-64 thin tiles' worth."""
+    return [t + (s,) for s in _SPLITS for t in tiles]
+
+
 _HALF_TILES = [
     (128, 128, 64, 8, 3),
     # Large tiles for prefill/training sizes (wgmma over two warpgroups).
@@ -142,6 +173,9 @@ _HALF_TILES = [
     (16, 128, 128, 4, 3),
     (32, 64, 128, 4, 4),
     (32, 128, 64, 4, 4),
+    # Split-K twins of the thin tiles that compile clean in both kernels (16x128 spills 720
+    # bytes in the pointer kernel at K = 1023, as its SPLIT_K = 1 form does: ptxas sm_90a).
+    *_split_k((16, 64, 128, 4, 4), (32, 64, 128, 4, 4)),
 ]
 # fp32 runs the exact ("ieee") product on CUDA cores: small K steps and at most 64 accumulators
 # per thread, or the tile spills (ptxas, sm_90: 128x128 on 4 warps spills ~2.5 KB).
@@ -152,6 +186,7 @@ _FP32_TILES = [
     (128, 128, 32, 8, 3),
     (32, 64, 32, 4, 3),
     (16, 64, 64, 4, 3),
+    *_split_k((16, 64, 64, 4, 3), (32, 64, 32, 4, 3)),
 ]
 # Two accumulators (GATED): at most 128 fp32 accumulator values per thread, e.g. 128x128 over 8
 # warps (2 x 64): no 128x256 / 256x128 tiles, and 128x64 / 64x128 on 8 warps, not 4 (there they
@@ -167,17 +202,20 @@ _GATED_HALF_TILES = [
     (16, 64, 128, 4, 4),
     (32, 64, 128, 4, 4),
     (32, 64, 64, 4, 4),
+    *_split_k((16, 64, 128, 4, 4), (32, 64, 128, 4, 4)),
 ]
 # Below 128x128 for the gated pointer kernel (rows that are not 16-byte aligned stage operands
 # through registers: 128x128 spills 1.3 KB there) and for AUX_GATE_GRAD (its epilogue holds dH,
-# g and dU or u: 128x128 spills 76 bytes).
-_GATED_HALF_TILES_SMALL = [t for t in _GATED_HALF_TILES if t[0] * t[1] < 128 * 128]
+# g and dU or u: 128x128 spills 76 bytes). No split-K there: the gated pointer kernel's thin tiles
+# spill already (16x64: 972 bytes, 32x64: 6.5 KB at K = 1023), their split-K twins as much.
+_GATED_HALF_TILES_SMALL = [t for t in _GATED_HALF_TILES if t[0] * t[1] < 128 * 128 and len(t) == 5]
 _GATED_FP32_TILES = [
     (64, 64, 32, 4, 3),
     (128, 64, 32, 8, 3),
     (64, 128, 32, 8, 3),
     (32, 64, 32, 4, 3),
     (16, 64, 64, 4, 3),
+    *_split_k((16, 64, 64, 4, 3)),
 ]
 
 
@@ -188,17 +226,21 @@ def _unique(*lists) -> list:
 
 _POINTER_TILES = _unique(_HALF_TILES, _FP32_TILES, _GATED_HALF_TILES, _GATED_FP32_TILES)
 _TMA_TILES = _unique(_HALF_TILES, _GATED_HALF_TILES)
+# The smallest split-K (BLOCK_M, BLOCK_N): the most output tiles, so the most arrival counters.
+_SPLIT_K_MIN_TILE = tuple(min(t[i] for t in _POINTER_TILES if len(t) == 6) for i in (0, 1))
 
 
 def _config(tile, pre_hook=None) -> triton.Config:
-    bm, bn, bk, warps, stages = tile
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+    bm, bn, bk, warps, stages, *split = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                          "SPLIT_K": split[0] if split else 1},
                          num_warps=warps, num_stages=stages, pre_hook=pre_hook)
 
 
 def _tile_of(c: triton.Config) -> tuple:
     k = c.kwargs
-    return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages)
+    split = (k["SPLIT_K"],) if k["SPLIT_K"] > 1 else ()
+    return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages, *split)
 
 
 def _set_tma_blocks(nargs) -> None:
@@ -215,7 +257,8 @@ _SMEM_BYTES = 200 * 1024  # stay under the H100's 227 KiB per block with room fo
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the tiles meant for this dtype and epilogue (two accumulators or one) whose pipelined
     operand tiles fit in shared memory, and drop row tiles far taller than M (they would only
-    compute wrapped rows)."""
+    compute wrapped rows) and split-K tiles beyond the launcher's MAX_SPLIT_K (1 above
+    _SPLIT_K_MAX_M rows, under deterministic algorithms, or without a workspace)."""
     esize = named_args["Out"].element_size()
     gated = kwargs["GATED"]
     if not gated and kwargs["AUX"] != AUX_GATE_GRAD:
@@ -226,14 +269,14 @@ def _prune_configs(configs, named_args, **kwargs):
         tma = "ADesc" in named_args
         tiles = _GATED_HALF_TILES if gated and tma else _GATED_HALF_TILES_SMALL
     b_tiles = 2 if gated else 1
-    m_bucket = named_args["M_BUCKET"]
+    m_bucket, max_split = named_args["M_BUCKET"], named_args["MAX_SPLIT_K"]
     kept = []
     for c in configs:
-        bm, bn, bk, _, stages = _tile_of(c)
+        bm, bn, bk, _, stages = _tile_of(c)[:5]
         smem = (bm * bk + b_tiles * bk * bn) * esize * stages
         if _tile_of(c) not in tiles or smem > _SMEM_BYTES:
             continue
-        if bm > max(16, 2 * m_bucket):
+        if bm > max(16, 2 * m_bucket) or c.kwargs["SPLIT_K"] > max_split:
             continue
         kept.append(c)
     # In the order of the epilogue's own list: its first fitting tile is the default.
@@ -242,8 +285,8 @@ def _prune_configs(configs, named_args, **kwargs):
 
 # M by power-of-two bucket: a new token count does not trigger a new tuning run. The autotuner
 # appends the dtype of every tensor argument to this key.
-_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "AUX", "GATED", "HAS_BIAS", "HAS_BIAS2",
-        "HAS_RESIDUAL"]
+_KEY = ["M_BUCKET", "MAX_SPLIT_K", "N", "K", "ACTIVATION", "AUX", "GATED", "HAS_BIAS",
+        "HAS_BIAS2", "HAS_RESIDUAL"]
 _PRUNE = None if INTERPRET else {"early_config_prune": _prune_configs}
 
 
@@ -261,6 +304,50 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _k_slice(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The K blocks [first, last) of this program's slice (program_id(1)) of SPLIT_K near-equal
+    slices; a trailing slice may be empty (it still arrives in _split_k_sum)."""
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_slice = tl.cdiv(k_blocks, SPLIT_K)
+    first = tl.program_id(1) * per_slice
+    return first, tl.minimum(first + per_slice, k_blocks)
+
+
+@triton.jit
+def _split_k_sum(acc, acc2, pid_m, pid_n, M, N, Partials, Arrivals, GATED: tl.constexpr,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add this K slice's fp32 partial(s) into the workspace tile(s) and arrive at the tile's
+    counter. Returns the full sum(s) and whether this program arrived last: only that one holds
+    the sums, and it has reset the workspace tile(s) and the counter to zero for the next call.
+    Partials: (M, N) fp32 (GATED: a second (M, N) for acc2 after it); Arrivals: one int32 per
+    output tile (program_id(0))."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    offs2 = offs + M * N
+    tl.atomic_add(Partials + offs, acc, mask=mask, sem="relaxed")
+    if GATED:
+        tl.atomic_add(Partials + offs2, acc2, mask=mask, sem="relaxed")
+    # Every thread's adds come before the counter's release (one thread performs the atomic);
+    # the last arrival's acquire makes all slices' adds visible to its loads below.
+    tl.debug_barrier()
+    counter = Arrivals + tl.program_id(0)
+    last = tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1
+    # The last arrival reads the sums (".cg": from L2, where the adds were performed; L1 is not
+    # kept coherent with them) and zeroes the tile and its counter.
+    mask &= last
+    zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.load(Partials + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(Partials + offs, zero, mask=mask)
+    if GATED:
+        acc2 = tl.load(Partials + offs2, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(Partials + offs2, zero, mask=mask)
+    tl.store(counter, 0, mask=last)
+    return acc, acc2, last
 
 
 @triton.jit
@@ -322,8 +409,8 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
                  key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _linear_gelu_mm(
-    A, B, B2, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
-    M, N, K, M_BUCKET,
+    A, B, B2, Bias, Bias2, Res, Aux, Aux2, Out, Out2, Partials, Arrivals,
+    M, N, K, M_BUCKET, MAX_SPLIT_K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_b2k, stride_b2n,
     stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
     ACTIVATION: tl.constexpr,
@@ -337,6 +424,7 @@ def _linear_gelu_mm(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """Pointer loads: any strides, any alignment (B2, GATED only, has strides of its own)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -354,12 +442,18 @@ def _linear_gelu_mm(
     a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
     b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
     b2_step = tl.cast(stride_b2k, tl.int64) * BLOCK_K
+    k_first, k_last = 0, tl.cdiv(K, BLOCK_K)
+    if SPLIT_K > 1:  # this program's K slice
+        k_first, k_last = _k_slice(K, BLOCK_K, SPLIT_K)
+        a_ptrs += k_first * a_step
+        b_ptrs += k_first * b_step
+        b2_ptrs += k_first * b2_step
 
     # -- main loop: fp32 accumulation (two accumulators from one A tile when GATED), K edge
     #    masked, pipelined over num_stages --
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # stays unused (and is dropped) ungated
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, k_last):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
@@ -371,17 +465,23 @@ def _linear_gelu_mm(
         a_ptrs += a_step
         b_ptrs += b_step
 
-    _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
-              stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
-              ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    # -- split-K: the slices' sum in the workspace; the last slice to arrive runs the epilogue --
+    last = True
+    if SPLIT_K > 1:
+        acc, acc2, last = _split_k_sum(acc, acc2, pid_m, pid_n, M, N, Partials, Arrivals, GATED,
+                                       SPLIT_K, BLOCK_M, BLOCK_N)
+    if last:
+        _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
+                  stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
+                  ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 @autotune(configs=autotune_configs([_config(t, _set_tma_blocks) for t in _TMA_TILES]),
                  key=_KEY + ["B_NK"], prune_configs_by=_PRUNE)
 @triton.jit
 def _linear_gelu_mm_tma(
-    ADesc, BDesc, B2Desc, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
-    M, N, K, M_BUCKET,
+    ADesc, BDesc, B2Desc, Bias, Bias2, Res, Aux, Aux2, Out, Out2, Partials, Arrivals,
+    M, N, K, M_BUCKET, MAX_SPLIT_K,
     stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
     B_NK: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -394,6 +494,7 @@ def _linear_gelu_mm_tma(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """TMA loads through host tensor descriptors (fp16/bf16, 16-byte aligned rows): the copy
     engine fills the pipeline's shared-memory stages and zero-fills out-of-bounds boxes, so
@@ -407,7 +508,10 @@ def _linear_gelu_mm_tma(
     # -- main loop: fp32 accumulation (two from one A tile when GATED), pipelined TMA loads --
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # stays unused (and is dropped) ungated
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    k_first, k_last = 0, tl.cdiv(K, BLOCK_K)
+    if SPLIT_K > 1:  # this program's K slice
+        k_first, k_last = _k_slice(K, BLOCK_K, SPLIT_K)
+    for k in range(k_first, k_last):
         off_k = k * BLOCK_K
         a = ADesc.load([off_m, off_k])
         if B_NK:
@@ -422,9 +526,15 @@ def _linear_gelu_mm_tma(
                 b2 = B2Desc.load([off_k, off_n])
             acc2 = tl.dot(a, b2, acc2)
 
-    _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
-              stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
-              ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    # -- split-K: the slices' sum in the workspace; the last slice to arrive runs the epilogue --
+    last = True
+    if SPLIT_K > 1:
+        acc, acc2, last = _split_k_sum(acc, acc2, pid_m, pid_n, M, N, Partials, Arrivals, GATED,
+                                       SPLIT_K, BLOCK_M, BLOCK_N)
+    if last:
+        _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
+                  stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
+                  ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -519,12 +629,44 @@ def _unit_strided(t: torch.Tensor) -> torch.Tensor:
     return t if 1 in t.stride() else t.contiguous()
 
 
+# Split-K workspace per device: fp32 partial sums for _SPLIT_K_MAX_M rows of the widest (gated:
+# two) outputs seen, and one int32 arrival counter per output tile. Zeroed once when allocated;
+# every split-K launch leaves it zeroed (the last slice of each tile resets its part), so no call
+# fills it. It grows (never shrinks) when a wider N arrives, outside CUDA-graph capture only (a
+# buffer allocated during capture would never be zeroed: capture does not run the fill), and
+# the buffers it outgrew stay alive: a captured graph keeps using the one it recorded.
+# Limitation: one workspace per device, not per stream. Split-K launches that overlap on two
+# streams of one device may corrupt each other's sums; use one stream, deterministic algorithms
+# (no split-K), or LIGHTLLM_AUTOTUNE=0 (the default tiles, never split) there.
+_WORKSPACES: dict = {}  # device -> [(partials, arrivals), ...], the last one current
+
+
+def _split_k_workspace(device: torch.device, n: int, gated: bool):
+    """(partials, arrivals) large enough for any split-K tile of an (M <= _SPLIT_K_MAX_M, n)
+    output, or None where it would need an allocation during CUDA-graph capture."""
+    partials_len = (2 if gated else 1) * _SPLIT_K_MAX_M * n
+    arrivals_len = cdiv(_SPLIT_K_MAX_M, _SPLIT_K_MIN_TILE[0]) * cdiv(n, _SPLIT_K_MIN_TILE[1])
+    buffers = _WORKSPACES.setdefault(device, [])
+    if buffers:
+        partials, arrivals = buffers[-1]
+        if partials.numel() >= partials_len and arrivals.numel() >= arrivals_len:
+            return buffers[-1]
+        partials_len = max(partials_len, partials.numel())  # grow to the larger of each
+        arrivals_len = max(arrivals_len, arrivals.numel())
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    buffers.append((torch.zeros(partials_len, dtype=torch.float32, device=device),
+                    torch.zeros(arrivals_len, dtype=torch.int32, device=device)))
+    return buffers[-1]
+
+
 def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=None, *,
-        b2_t=None, bias2=None, aux2=None, out2=None) -> None:
+        b2_t=None, bias2=None, aux2=None, out2=None, tile=None) -> None:
     """out = epilogue(a @ b_t^T): ``a`` (M, K), ``b_t`` (N, K) — the weight layout — any strides.
     ``b2_t`` (N, K), any strides, makes it GATED (``bias2``: its bias; ``aux2``: where u is
     stored, with ``aux``'s strides). ``out2`` (``out``'s strides) is AUX_GATE_GRAD's second output.
-    ``tma`` overrides ``uses_tma`` (tests)."""
+    Tests only: ``tma`` overrides ``uses_tma``; ``tile`` (an entry of the tile lists) launches
+    that candidate without the autotuner (the interpreter would run only each list's first)."""
     M, K = a.shape
     N = b_t.shape[0]
     if M == 0 or N == 0:
@@ -540,7 +682,15 @@ def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=No
         tma = uses_tma(a, b_t, b2_t)
 
     def grid(meta):
-        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    # Split-K candidates only for few rows, with a workspace, and not when bitwise-reproducible
+    # results are asked for (the order of the atomic adds varies from run to run).
+    workspace = None
+    if M <= _SPLIT_K_MAX_M and not torch.are_deterministic_algorithms_enabled():
+        workspace = _split_k_workspace(a.device, N, gated)
+    max_split = _SPLITS[-1] if workspace is not None else 1
+    partials, arrivals = workspace if workspace is not None else (dummy, dummy)
 
     common = dict(ACTIVATION=activation, AUX=aux_mode, GATED=gated, HAS_BIAS=bias is not None,
                   HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None)
@@ -551,26 +701,32 @@ def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=No
     res = residual if residual is not None else dummy
     aux_t = aux if aux is not None else dummy
     bias_t = bias if bias is not None else dummy
-    tensors2 = (bias2 if bias2 is not None else dummy, res,
-                aux_t, aux2 if aux2 is not None else dummy, out, out2 if out2 is not None else dummy)
-    m_bucket = next_pow2(M)
+    tensors2 = (bias2 if bias2 is not None else dummy, res, aux_t,
+                aux2 if aux2 is not None else dummy, out, out2 if out2 is not None else dummy,
+                partials, arrivals)
+    sizes = (M, N, K, next_pow2(M), max_split)
+    meta = _config(tile).all_kwargs() if tile is not None else {}
+    assert meta.get("SPLIT_K", 1) <= max_split, "split-K needs M <= 32 and a workspace"
     if tma:
         # Boxes are placeholders until the autotune pre-hook sets them from the chosen tile.
         a_desc = TensorDescriptor.from_tensor(a, [16, 16])
         b_desc = TensorDescriptor.from_tensor(b_t if b_nk else b_t.t(), [16, 16])
         b2_desc = (TensorDescriptor.from_tensor(b2_t if b_nk else b2_t.t(), [16, 16]) if gated
                    else b_desc)
-        _linear_gelu_mm_tma[grid](
-            a_desc, b_desc, b2_desc, bias_t, *tensors2, M, N, K, m_bucket,
-            *epilogue_args, B_NK=b_nk, **common,
-        )
+        kernel = _linear_gelu_mm_tma
+        if meta:
+            _set_tma_blocks({"ADesc": a_desc, "BDesc": b_desc, "B2Desc": b2_desc, "B_NK": b_nk,
+                             **meta})
+        args = (a_desc, b_desc, b2_desc, bias_t, *tensors2, *sizes, *epilogue_args)
+        common["B_NK"] = b_nk
     else:
+        kernel = _linear_gelu_mm
         sb2 = b2_t.stride() if gated else sb
-        _linear_gelu_mm[grid](
-            a, b_t, b2_t if gated else b_t, bias_t, *tensors2, M, N, K, m_bucket,
-            sa[0], sa[1], sb[1], sb[0], sb2[1], sb2[0], *epilogue_args,
-            IEEE=a.dtype == torch.float32, **common,
-        )
+        args = (a, b_t, b2_t if gated else b_t, bias_t, *tensors2, *sizes,
+                sa[0], sa[1], sb[1], sb[0], sb2[1], sb2[0], *epilogue_args)
+        common["IEEE"] = a.dtype == torch.float32
+    # The autotuner, or (tests) the JIT function under it with the given tile's meta-parameters.
+    (kernel.fn if meta else kernel)[grid](*args, **common, **meta)
 
 
 def linear_act_fwd(x, weight, bias, activation: str, save_pre: bool):

@@ -270,6 +270,21 @@ def scenario_linear_gelu(mod, cap: Capture):
     with cap.launches("TMA decode M=1", strict="default", configs="default"):
         mod.linear_act_fwd(_t(1, k, dtype="bfloat16"), _t(n, k, dtype="bfloat16"),
                            _t(n, dtype="bfloat16"), "gelu_tanh", False)
+    # Decode (M <= 32): every config kept, today's thin tiles and the split-K candidates.
+    for rows, note in ((1, "gelu_tanh"), (32, "gelu, save pre")):
+        with cap.launches(f"TMA decode M={rows} {note}, split-K", strict=True):
+            mod.linear_act_fwd(_t(rows, k, dtype="bfloat16"), _t(n, k, dtype="bfloat16"),
+                               _t(n, dtype="bfloat16"), "gelu_tanh" if rows == 1 else "gelu",
+                               rows > 1)
+    with cap.launches("TMA decode ffn 2nd linear + residual M=8, split-K", strict=True):
+        mod.linear_fwd(_t(8, n, dtype="bfloat16"), _t(k, n, dtype="bfloat16"),
+                       _t(k, dtype="bfloat16"), _t(8, k, dtype="bfloat16"))
+    with cap.launches("ptr decode M=16 K=1023, save pre, split-K", strict="default"):
+        mod.linear_act_fwd(_t(16, 1023, dtype="float16"), _t(n, 1023, dtype="float16"),
+                           _t(n, dtype="float16"), "gelu", True)
+    with cap.launches("ptr decode fp32 M=32, save pre, split-K", strict=True):
+        mod.linear_act_fwd(_t(32, k, dtype="float32"), _t(n, k, dtype="float32"),
+                           _t(n, dtype="float32"), "gelu", True)
     with cap.launches("ptr fwd K=1023 (rows not 16B aligned)", strict="default",
                       configs="default"):
         mod.linear_act_fwd(_t(m, 1023, dtype="float16"), _t(n, 1023, dtype="float16"),
@@ -314,6 +329,10 @@ def scenario_swiglu(mod, cap: Capture, m: int, k: int, n: int):
     fwd("TMA swiglu fwd train: save g, u", "float16", True)
     fwd("TMA swiglu fwd infer", "bfloat16", False)
     fwd("TMA swiglu decode M=1", "bfloat16", False, rows=1)
+    fwd("TMA swiglu decode M=32, save g, u, split-K", "bfloat16", True, rows=32, strict=True,
+        configs="all")
+    fwd("ptr swiglu decode fp32 M=8, split-K", "float32", False, rows=8, strict=True,
+        configs="all")
     fwd("ptr swiglu fwd K=1023 (rows not 16B aligned)", "float16", True, kk=1023, configs="all")
     fwd("ptr swiglu fwd fp32 ieee, save g, u", "float32", True, strict=True, configs="all")
     with cap.launches("ptr swiglu fwd, no biases, w_gate a (K, N) view beside a row-major w_up",
@@ -328,6 +347,9 @@ def scenario_swiglu(mod, cap: Capture, m: int, k: int, n: int):
 
     ffn_bwd("TMA swiglu ffn bwd: dG, dU from dH = dY Wd", "bfloat16", strict=True, configs="all")
     ffn_bwd("ptr swiglu ffn bwd fp32", "float32", strict=True)
+    with cap.launches("ptr swiglu ffn bwd fp32 M=8, split-K", strict=True):
+        mod.matmul_swiglu_grad(_t(8, k, dtype="float32"), _t(k, n, dtype="float32"),
+                               _t(8, n, dtype="float32"), _t(8, n, dtype="float32"))
     for dt in ("float16", "bfloat16", "float32"):
         with cap.launches("swiglu bwd + db_gate, db_up", strict=True):
             mod.swiglu_bwd(_t(m, n, dtype=dt), _t(m, n, dtype=dt), _t(m, n, dtype=dt), True)

@@ -324,3 +324,143 @@ def test_int64_offsets_on_gpu():
         pytest.skip("not enough GPU memory for a 2^31-element output")
     torch.testing.assert_close(y[-3:].float(), F.gelu(F.linear(x[-3:].float(), w.float())),
                                atol=2e-3, rtol=2e-3)
+
+
+# Split-K (decode, M <= 32): each case launches one split-K candidate through _mm's test-only
+# ``tile`` (the interpreter runs only each list's first config). K = 1500 (pointer kernel) or 1496
+# (16-byte rows: TMA kernel) with N = 1000: every edge, and slices of unequal length; SPLIT_K = 8
+# with BLOCK_K = 128 leaves the last slice empty.
+SPLIT_K_PATHS = {  # path -> (dtype, K, TMA kernel, tile for M = 1, 7, 32)
+    "ptr-fp32": (torch.float32, 1500, False,
+                 {1: (16, 64, 64, 4, 3, 2), 7: (16, 64, 64, 4, 3, 4), 32: (32, 64, 32, 4, 3, 8)}),
+    "ptr-fp16": (torch.float16, 1500, False,
+                 {1: (16, 64, 128, 4, 4, 2), 7: (16, 64, 128, 4, 4, 4),
+                  32: (32, 64, 128, 4, 4, 8)}),
+    "tma-fp16": (torch.float16, 1496, True,
+                 {1: (16, 64, 128, 4, 4, 8), 7: (16, 64, 128, 4, 4, 2),
+                  32: (32, 64, 128, 4, 4, 4)}),
+}
+SPLIT_K_EPILOGUES = ["gelu+bias+pre", "gelu_tanh+bias", "relu+pre", "bias+residual",
+                     "gelu_tanh-grad"]
+
+
+def _split_k_case(m, path, epilogue):
+    """One epilogue of the matmul on fresh inputs, through the path's split-K tile for ``m``:
+    (kernel outputs, float64 references, PyTorch's results in the test dtype)."""
+    dtype, k, tma, tiles = SPLIT_K_PATHS[path]
+    n = 1000
+    a = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    bias = torch.randn(n, device=DEVICE, dtype=dtype)
+    res = torch.randn(m, n, device=DEVICE, dtype=dtype)
+    pre_in = torch.randn(m, n, device=DEVICE, dtype=dtype)
+    w2 = w.t().contiguous()  # (K, N) rows: the dH product's B layout, as matmul_act_grad's
+
+    def nan():
+        return torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+
+    out, aux = nan(), nan()
+    name = epilogue.split("+")[0].split("-")[0]
+    act = kernel.ACTIVATIONS.get(name, kernel.ACT_NONE)
+    approx = "tanh" if name == "gelu_tanh" else "none"
+    launch = dict(tma=tma, tile=tiles[m])
+    assert tiles[m] in (kernel._FP32_TILES if dtype == torch.float32 else kernel._HALF_TILES)
+
+    def act_of(x):
+        return F.relu(x) if name == "relu" else F.gelu(x, approximate=approx)
+
+    if epilogue == "gelu_tanh-grad":
+        kernel._mm(a, w2.t(), None, None, pre_in, out, act, kernel.AUX_ACT_GRAD, **launch)
+        ref = torch.ops.aten.gelu_backward(a.double() @ w2.double(), pre_in.double(),
+                                           approximate="tanh")
+        return (out,), (ref,), (torch.ops.aten.gelu_backward(a @ w2, pre_in, approximate="tanh"),)
+    if epilogue == "bias+residual":
+        kernel._mm(a, w, bias, res, None, out, act, kernel.AUX_NONE, **launch)
+        return ((out,), (F.linear(a.double(), w.double(), bias.double()) + res.double(),),
+                (F.linear(a, w, bias) + res,))
+    with_bias = "bias" in epilogue
+    save = epilogue.endswith("+pre")
+    b_arg = bias if with_bias else None
+    kernel._mm(a, w, b_arg, None, aux if save else None, out, act,
+               kernel.AUX_STORE_PRE if save else kernel.AUX_NONE, **launch)
+    pre_ref = F.linear(a.double(), w.double(), b_arg.double() if with_bias else None)
+    pre_torch = F.linear(a, w, b_arg)
+    got, ref, mine = (out,), (act_of(pre_ref),), (act_of(pre_torch),)
+    if save:
+        got, ref, mine = got + (aux,), ref + (pre_ref,), mine + (pre_torch,)
+    return got, ref, mine
+
+
+def _assert_workspace_clean():
+    for partials, arrivals in kernel._WORKSPACES[torch.device(DEVICE)]:
+        assert not partials.any() and not arrivals.any()
+
+
+@pytest.mark.parametrize("epilogue", SPLIT_K_EPILOGUES)
+@pytest.mark.parametrize("path", SPLIT_K_PATHS)
+@pytest.mark.parametrize("m", [1, 7, 32])
+def test_split_k_parity(m, path, epilogue):
+    """Every split-K candidate path (pointer fp32 / fp16, TMA fp16) with each epilogue."""
+    got, ref, mine = _split_k_case(m, path, epilogue)
+    for i, (g, r, t) in enumerate(zip(got, ref, mine)):
+        assert_parity(g, r, t, name=f"{epilogue} output {i}")
+    _assert_workspace_clean()
+
+
+@pytest.mark.parametrize("path", ["ptr-fp32", "tma-fp16"])
+def test_split_k_twice_in_a_row(path):
+    """Each call leaves the cached workspace and counters zeroed for the next (no fill per call):
+    a second call on new inputs is as right as the first, and uses the same workspace."""
+    buffers = kernel._WORKSPACES.setdefault(torch.device(DEVICE), [])
+    used = []
+    for _ in range(2):
+        got, ref, mine = _split_k_case(7, path, "gelu+bias+pre")
+        for g, r, t in zip(got, ref, mine):
+            assert_parity(g, r, t)
+        _assert_workspace_clean()
+        used.append(buffers[-1])
+    assert used[1] is used[0]
+
+
+def test_split_k_candidates_and_pruning():
+    """Split-K tiles follow today's in every list; the pruning keeps them only when the launcher
+    allows them (MAX_SPLIT_K > 1), today's first tile stays the default either way."""
+    configs = [kernel._config(t) for t in kernel._POINTER_TILES]
+    for tiles in (kernel._HALF_TILES, kernel._FP32_TILES, kernel._GATED_HALF_TILES,
+                  kernel._GATED_FP32_TILES):
+        splits = [len(t) == 6 for t in tiles]
+        assert any(splits) and not splits[0] and splits == sorted(splits)
+    def kept(dtype, m_bucket, max_split):
+        named = {"Out": torch.empty(1, dtype=dtype), "M_BUCKET": m_bucket,
+                 "MAX_SPLIT_K": max_split}
+        return [kernel._tile_of(c) for c in
+                kernel._prune_configs(configs, named, GATED=False, AUX=kernel.AUX_NONE)]
+
+    for dtype in (torch.float16, torch.float32):
+        for m_bucket in (1, 8, 32):
+            today, with_split = kept(dtype, m_bucket, 1), kept(dtype, m_bucket, 8)
+            assert all(len(t) == 5 for t in today)
+            assert with_split[:len(today)] == today and len(with_split) > len(today)
+
+
+def test_split_k_only_for_few_rows_and_not_deterministic(monkeypatch):
+    """The launcher allows split-K (MAX_SPLIT_K = 8, a real workspace) for M <= 32 only, and not
+    under torch.use_deterministic_algorithms (the atomic adds' order varies between runs)."""
+    seen = []
+    at = kernel._linear_gelu_mm.arg_names.index("MAX_SPLIT_K")
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(args[at])
+
+    monkeypatch.setattr(kernel, "_linear_gelu_mm", Recorder())
+    x, w, b = make_inputs(32, 24, 40, torch.float32)
+    kernel.linear_act_fwd(x, w, b, "gelu", False)
+    kernel.linear_act_fwd(torch.cat([x, x[:1]]), w, b, "gelu", False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        kernel.linear_act_fwd(x, w, b, "gelu", False)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert seen == [8, 1, 1]

@@ -247,6 +247,62 @@ def test_tma_and_pointer_kernels_agree(epilogue, dtype):
         torch.testing.assert_close(got[1], du, **tol)
 
 
+# Split-K (decode, M <= 32) of the gated matmul (two partial sums per tile) and of its fp32
+# backward (AUX_GATE_GRAD: one), through _mm's test-only ``tile``; N = 1000, K = 1500 (pointer
+# kernel) or 1496 (16-byte rows: TMA); SPLIT_K = 8 with BLOCK_K = 128 leaves a K slice empty.
+# (The fp16/bf16 gated pointer kernel and AUX_GATE_GRAD in half precision have no split-K tiles.)
+SPLIT_K_PATHS = {  # path -> (dtype, K, TMA kernel, tile for M = 1, 7, 32)
+    "ptr-fp32": (torch.float32, 1500, False,
+                 {1: (16, 64, 64, 4, 3, 2), 7: (16, 64, 64, 4, 3, 4), 32: (16, 64, 64, 4, 3, 8)}),
+    "tma-fp16": (torch.float16, 1496, True,
+                 {1: (16, 64, 128, 4, 4, 4), 7: (16, 64, 128, 4, 4, 8),
+                  32: (32, 64, 128, 4, 4, 2)}),
+}
+
+
+@pytest.mark.parametrize("path, epilogue", [("ptr-fp32", "gated+pre"), ("tma-fp16", "gated+pre"),
+                                            ("ptr-fp32", "gate-grad")])
+@pytest.mark.parametrize("m", [1, 7, 32])
+def test_split_k_parity(m, path, epilogue):
+    """Every split-K path of the gated forward (h, g, u) and of dG, dU from dH = dY Wd."""
+    dtype, k, tma, tiles = SPLIT_K_PATHS[path]
+    assert tiles[m] in (kernel._GATED_FP32_TILES if dtype == torch.float32
+                        else kernel._GATED_HALF_TILES)
+    n = 1000
+    a = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    wg, wu = ((torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype) for _ in range(2))
+    bg, bu = (torch.randn(n, device=DEVICE, dtype=dtype) for _ in range(2))
+    outs = [torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype) for _ in range(3)]
+    launch = dict(tma=tma, tile=tiles[m])
+    if epilogue == "gated+pre":
+        h, g, u = outs
+        kernel._mm(a, wg, bg, None, g, h, kernel.ACT_SILU, kernel.AUX_STORE_PRE, b2_t=wu,
+                   bias2=bu, aux2=u, **launch)
+
+        def expected(a, wg, wu, bg, bu):
+            g, u = F.linear(a, wg, bg), F.linear(a, wu, bu)
+            return F.silu(g) * u, g, u
+
+        args, got = (a, wg, wu, bg, bu), outs
+    else:
+        dg, du = outs[:2]
+        g, u = (torch.randn(m, n, device=DEVICE, dtype=dtype) for _ in range(2))
+        w_down = wg.t().contiguous()  # (K, N) rows: the dH product's B layout
+        kernel._mm(a, w_down.t(), None, None, g, dg, kernel.ACT_SILU, kernel.AUX_GATE_GRAD,
+                   aux2=u, out2=du, **launch)
+
+        def expected(a, w_down, g, u):
+            return reference.swiglu_grads(a @ w_down, g, u)
+
+        args, got = (a, w_down, g, u), (dg, du)
+    want = expected(*(t.double() for t in args))
+    mine = expected(*args)
+    for i, (x, r, t) in enumerate(zip(got, want, mine)):
+        assert_parity(x, r, t, name=f"{epilogue} output {i}")
+    for partials, arrivals in kernel._WORKSPACES[torch.device(DEVICE)]:
+        assert not partials.any() and not arrivals.any()  # left clean for the next call
+
+
 def test_kernel_choice():
     """Gated TMA needs both weights descriptor-eligible and in one layout; else the pointer
     kernel, which takes each weight's own strides."""
