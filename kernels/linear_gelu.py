@@ -51,6 +51,15 @@ MAX_SPLIT_K = 1 and the pruning drops the split-K candidates, as it does above 3
 They come after today's tiles in every list: the default config (LIGHTLLM_AUTOTUNE=0, the
 interpreter) is unchanged, and the autotuner picks split-K only where it measures faster.
 
+Persistent (TMA kernel, ``PERSISTENT``; training and prefill sizes): min(tiles, SMs) programs,
+each walking output tiles pid, pid + programs, ... in the same grouped order through one loop
+that Triton flattens with the K loop (``tl.range(..., flatten=True)``), so the next tile's TMA
+loads are issued while this tile's epilogue runs and no program is launched after the first
+wave. Offered only where the output has more tiles than the GPU has SMs, after today's tiles
+(the autotuner chooses); not gated (two accumulators spill at 128 x 128) and not split. The
+epilogue still stores through pointers: its fused outputs (pre, g, u, dG/dU) are masked at the
+edges as in the one-tile form.
+
 Uses of the one matmul:
   linear_gelu forward       y = gelu(x @ W^T + b)                 (+ pre when saving for backward)
   feed_forward forward      h = gelu(x @ W1^T + b1);  y = h @ W2^T + b2 + residual
@@ -144,10 +153,17 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
         return tl.full(x.shape, 1.0, tl.float32)
 
 
-# Tiles as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]). The first is the
-# interpreter's one config and a sound H100 default for fp16/bf16.
+# Tiles as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K | PERSISTENT]). The first
+# is the interpreter's one config and a sound H100 default for fp16/bf16.
 _SPLITS = (2, 4, 8)
 _SPLIT_K_MAX_M = 32  # split-K only for M <= 32: above, the row tiles fill the SMs themselves
+PERSISTENT = "persistent"  # the TMA kernel's persistent form: one program per SM over the tiles
+
+
+def _persistent(*tiles) -> list:
+    """Persistent candidates (TMA kernel, training/prefill sizes): ``tiles`` walked by one program
+    per SM, the next tile's loads overlapping this one's epilogue."""
+    return [t + (PERSISTENT,) for t in tiles]
 
 
 def _split_k(*tiles) -> list:
@@ -176,6 +192,9 @@ _HALF_TILES = [
     # Split-K twins of the thin tiles that compile clean in both kernels (16x128 spills 720
     # bytes in the pointer kernel at K = 1023, as its SPLIT_K = 1 form does: ptxas sm_90a).
     *_split_k((16, 64, 128, 4, 4), (32, 64, 128, 4, 4)),
+    # Persistent twins of the big tiles (TMA kernel only; 187 registers at 128x128 on 8 warps,
+    # no spill; the gated form's two accumulators spill there, so it has none).
+    *_persistent((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)),
 ]
 # fp32 runs the exact ("ieee") product on CUDA cores: small K steps and at most 64 accumulators
 # per thread, or the tile spills (ptxas, sm_90: 128x128 on 4 warps spills ~2.5 KB).
@@ -224,23 +243,27 @@ def _unique(*lists) -> list:
     return list(dict.fromkeys(t for tiles in lists for t in tiles))
 
 
-_POINTER_TILES = _unique(_HALF_TILES, _FP32_TILES, _GATED_HALF_TILES, _GATED_FP32_TILES)
+_POINTER_TILES = [t for t in _unique(_HALF_TILES, _FP32_TILES, _GATED_HALF_TILES,
+                                     _GATED_FP32_TILES) if PERSISTENT not in t]
 _TMA_TILES = _unique(_HALF_TILES, _GATED_HALF_TILES)
 # The smallest split-K (BLOCK_M, BLOCK_N): the most output tiles, so the most arrival counters.
 _SPLIT_K_MIN_TILE = tuple(min(t[i] for t in _POINTER_TILES if len(t) == 6) for i in (0, 1))
 
 
 def _config(tile, pre_hook=None) -> triton.Config:
-    bm, bn, bk, warps, stages, *split = tile
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
-                          "SPLIT_K": split[0] if split else 1},
-                         num_warps=warps, num_stages=stages, pre_hook=pre_hook)
+    bm, bn, bk, warps, stages, *extra = tile
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+            "SPLIT_K": extra[0] if extra and extra[0] != PERSISTENT else 1}
+    if PERSISTENT in extra:
+        meta["PERSISTENT"] = True
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
 
 
 def _tile_of(c: triton.Config) -> tuple:
     k = c.kwargs
-    split = (k["SPLIT_K"],) if k["SPLIT_K"] > 1 else ()
-    return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages, *split)
+    extra = ((k["SPLIT_K"],) if k["SPLIT_K"] > 1 else
+             (PERSISTENT,) if k.get("PERSISTENT") else ())
+    return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages, *extra)
 
 
 def _set_tma_blocks(nargs) -> None:
@@ -257,8 +280,9 @@ _SMEM_BYTES = 200 * 1024  # stay under the H100's 227 KiB per block with room fo
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the tiles meant for this dtype and epilogue (two accumulators or one) whose pipelined
     operand tiles fit in shared memory, and drop row tiles far taller than M (they would only
-    compute wrapped rows) and split-K tiles beyond the launcher's MAX_SPLIT_K (1 above
-    _SPLIT_K_MAX_M rows, under deterministic algorithms, or without a workspace)."""
+    compute wrapped rows), split-K tiles beyond the launcher's MAX_SPLIT_K (1 above
+    _SPLIT_K_MAX_M rows, under deterministic algorithms, or without a workspace) and persistent
+    tiles where the output has no more tiles than the GPU has SMs (one wave either way)."""
     esize = named_args["Out"].element_size()
     gated = kwargs["GATED"]
     if not gated and kwargs["AUX"] != AUX_GATE_GRAD:
@@ -270,6 +294,7 @@ def _prune_configs(configs, named_args, **kwargs):
         tiles = _GATED_HALF_TILES if gated and tma else _GATED_HALF_TILES_SMALL
     b_tiles = 2 if gated else 1
     m_bucket, max_split = named_args["M_BUCKET"], named_args["MAX_SPLIT_K"]
+    sms = sm_count(named_args["Out"])
     kept = []
     for c in configs:
         bm, bn, bk, _, stages = _tile_of(c)[:5]
@@ -277,6 +302,8 @@ def _prune_configs(configs, named_args, **kwargs):
         if _tile_of(c) not in tiles or smem > _SMEM_BYTES:
             continue
         if bm > max(16, 2 * m_bucket) or c.kwargs["SPLIT_K"] > max_split:
+            continue
+        if c.kwargs.get("PERSISTENT") and cdiv(m_bucket, bm) * cdiv(named_args["N"], bn) <= sms:
             continue
         kept.append(c)
     # In the order of the epilogue's own list: its first fitting tile is the default.
@@ -292,9 +319,15 @@ _PRUNE = None if INTERPRET else {"early_config_prune": _prune_configs}
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped order: GROUP_M row tiles sweep the column tiles
-    together, so each B column panel is reused from L2 by GROUP_M programs."""
-    pid = tl.program_id(0)
+    """(pid_m, pid_n) of this program's output tile."""
+    return _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``pid`` in grouped order: GROUP_M row tiles sweep the column
+    tiles together, so each B column panel is reused from L2 by GROUP_M programs."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -495,22 +528,55 @@ def _linear_gelu_mm_tma(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PERSISTENT: tl.constexpr = False,
 ):
     """TMA loads through host tensor descriptors (fp16/bf16, 16-byte aligned rows): the copy
     engine fills the pipeline's shared-memory stages and zero-fills out-of-bounds boxes, so
     there is no address arithmetic or masking in the loop. ``B_NK``: BDesc covers B as (N, K)
     (the weight layout; its tile is transposed for the product), else as (K, N); B2Desc (GATED)
-    covers B2 in the same layout."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
+    covers B2 in the same layout. ``PERSISTENT``: one program per SM over all the tiles."""
+    if PERSISTENT:
+        # -- one program per SM walks the output tiles (grouped order) in a single loop whose
+        #    K steps Triton flattens across tiles: the next tile's loads are in flight while this
+        #    one's epilogue runs, and no program launches after the first wave --
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc, acc2 = _tma_products(ADesc, BDesc, B2Desc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0,
+                                      tl.cdiv(K, BLOCK_K), B_NK, GATED, BLOCK_M, BLOCK_N,
+                                      BLOCK_K)
+            _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
+                      stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
+                      ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M,
+                      BLOCK_N)
+    else:
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        k_first, k_last = 0, tl.cdiv(K, BLOCK_K)
+        if SPLIT_K > 1:  # this program's K slice
+            k_first, k_last = _k_slice(K, BLOCK_K, SPLIT_K)
+        acc, acc2 = _tma_products(ADesc, BDesc, B2Desc, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                  k_first, k_last, B_NK, GATED, BLOCK_M, BLOCK_N, BLOCK_K)
+        # -- split-K: the slices' sum in the workspace; the last slice to arrive runs the
+        #    epilogue --
+        last = True
+        if SPLIT_K > 1:
+            acc, acc2, last = _split_k_sum(acc, acc2, pid_m, pid_n, M, N, Partials, Arrivals,
+                                           GATED, SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
+            _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
+                      stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
+                      ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M,
+                      BLOCK_N)
 
-    # -- main loop: fp32 accumulation (two from one A tile when GATED), pipelined TMA loads --
+
+@triton.jit
+def _tma_products(ADesc, BDesc, B2Desc, off_m, off_n, k_first, k_last, B_NK: tl.constexpr,
+                  GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """The K blocks [k_first, k_last) of one output tile: fp32 accumulation (two from one A tile
+    when GATED), pipelined TMA loads."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # stays unused (and is dropped) ungated
-    k_first, k_last = 0, tl.cdiv(K, BLOCK_K)
-    if SPLIT_K > 1:  # this program's K slice
-        k_first, k_last = _k_slice(K, BLOCK_K, SPLIT_K)
     for k in range(k_first, k_last):
         off_k = k * BLOCK_K
         a = ADesc.load([off_m, off_k])
@@ -525,16 +591,7 @@ def _linear_gelu_mm_tma(
             else:
                 b2 = B2Desc.load([off_k, off_n])
             acc2 = tl.dot(a, b2, acc2)
-
-    # -- split-K: the slices' sum in the workspace; the last slice to arrive runs the epilogue --
-    last = True
-    if SPLIT_K > 1:
-        acc, acc2, last = _split_k_sum(acc, acc2, pid_m, pid_n, M, N, Partials, Arrivals, GATED,
-                                       SPLIT_K, BLOCK_M, BLOCK_N)
-    if last:
-        _epilogue(acc, acc2, pid_m, pid_n, M, N, Bias, Bias2, Res, Aux, Aux2, Out, Out2,
-                  stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
-                  ACTIVATION, AUX, GATED, HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    return acc, acc2
 
 
 @triton.jit
@@ -682,7 +739,10 @@ def _mm(a, b_t, bias, residual, aux, out, activation: int, aux_mode: int, tma=No
         tma = uses_tma(a, b_t, b2_t)
 
     def grid(meta):
-        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+        if meta.get("PERSISTENT"):
+            return (min(tiles, sm_count(a)), 1)
+        return (tiles, meta["SPLIT_K"])
 
     # Split-K candidates only for few rows, with a workspace, and not when bitwise-reproducible
     # results are asked for (the order of the atomic adds varies from run to run).

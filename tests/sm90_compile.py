@@ -119,7 +119,8 @@ class Capture:
         """Launches inside the block are described by ``note``.
 
         ``configs``: "all" the configs the kernel's pruning keeps, "default" the first of them,
-        "defaults" the first and the first TMA config (``USE_TMA``) among them.
+        "defaults" the first and the first TMA config (``USE_TMA``) among them, "default+FLAG"
+        the first and every one whose FLAG constexpr is set.
         ``strict``: True (no config may spill), "default" (the default config, and any kernel
         that is not autotuned, must not spill) or False (spills are only reported)."""
         saved = self.note, self.configs, self.strict
@@ -151,6 +152,8 @@ class Capture:
         chosen = kept if self.configs == "all" else kept[:1]
         if self.configs == "defaults":  # and the first config on the other load path (TMA)
             chosen += [c for c in kept if c.kwargs.get("USE_TMA")][:1]
+        elif self.configs.startswith("default+"):  # and every config with that flag
+            chosen += [c for c in kept if c.kwargs.get(self.configs.removeprefix("default+"))]
         for i, config in enumerate(chosen, 1):
             if config.pre_hook is not None:  # e.g. tensor descriptors take the config's boxes
                 config.pre_hook({**tuner.nargs, **kwargs, **config.all_kwargs()})
@@ -248,7 +251,8 @@ def scenario_linear_gelu(mod, cap: Capture):
     dPre = (dY W2) * gelu'(pre) (B read as (K, N)), decode (M = 1); the TMA kernel for aligned
     fp16/bf16, the pointer kernel for fp32 (exact "ieee" dots) and for rows that are not 16-byte
     aligned (K = 1023); the elementwise GeLU backward. Every config of the TMA kernel (bf16
-    training forward) and of the fp32 pointer tiles. Default configs must not spill, nor may any
+    training forward), its persistent candidates (M = 1024: past one wave of tiles) and the
+    fp32 pointer tiles. Default configs must not spill, nor may any
     fp32 tile (that list is sized for it), nor the GeLU backward on contiguous inputs."""
     mod._has_tma = lambda device: True  # an H100: TMA descriptors are available
 
@@ -257,6 +261,11 @@ def scenario_linear_gelu(mod, cap: Capture):
         with cap.launches("TMA fwd train: gelu, save pre", strict="default", configs=configs):
             mod.linear_act_fwd(_t(m, k, dtype=dt), _t(n, k, dtype=dt), _t(n, dtype=dt), "gelu",
                                True)
+    # Past one wave of 128 x 128 tiles (8 x 32 > 132): the persistent candidates too.
+    with cap.launches("TMA fwd train M=1024: gelu, save pre, persistent", strict="default",
+                      configs="default+PERSISTENT"):
+        mod.linear_act_fwd(_t(1024, k, dtype="bfloat16"), _t(n, k, dtype="bfloat16"),
+                           _t(n, dtype="bfloat16"), "gelu", True)
     with cap.launches("TMA ffn bwd: dPre=(dY W2)*gelu'(pre)", strict="default",
                       configs="default"):
         mod.matmul_act_grad(_t(m, k, dtype="bfloat16"), _t(k, n, dtype="bfloat16"),
@@ -532,14 +541,17 @@ def _ptxas_report(ptx: str) -> str:
 
 
 def _dtype_of(signature: dict) -> str:
-    """The data's dtype: the first tensor argument's that is not fp32 (fp32 statistics and
-    scratch sit beside half-precision data), else fp32."""
+    """The data's dtype: the first floating tensor argument's that is not fp32 (fp32 statistics
+    and scratch sit beside half-precision data), else fp32, else the first (integer counters and
+    masks are never the data when a float tensor is there)."""
     found = []
     for ty in signature.values():
         m = re.match(r"\*(\w+)$|tensordesc<(\w+)\[", ty)
         if m:
             found.append(m.group(1) or m.group(2))
-    return next((t for t in found if t != "fp32"), "fp32" if found else "-")
+    floats = [t for t in found if t.startswith(("fp", "bf"))]
+    return next((t for t in floats if t != "fp32"), "fp32" if floats else
+                (found[0] if found else "-"))
 
 
 def _describe(job: Job) -> tuple[str, str]:

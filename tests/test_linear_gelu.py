@@ -345,10 +345,15 @@ SPLIT_K_EPILOGUES = ["gelu+bias+pre", "gelu_tanh+bias", "relu+pre", "bias+residu
 
 
 def _split_k_case(m, path, epilogue):
-    """One epilogue of the matmul on fresh inputs, through the path's split-K tile for ``m``:
-    (kernel outputs, float64 references, PyTorch's results in the test dtype)."""
+    """One epilogue of the matmul on fresh inputs, through the path's split-K tile for ``m``."""
     dtype, k, tma, tiles = SPLIT_K_PATHS[path]
-    n = 1000
+    assert tiles[m] in (kernel._FP32_TILES if dtype == torch.float32 else kernel._HALF_TILES)
+    return _tile_case(m, 1000, k, dtype, tma, tiles[m], epilogue)
+
+
+def _tile_case(m, n, k, dtype, tma, tile, epilogue):
+    """One epilogue of the matmul on fresh inputs through the candidate ``tile``: (kernel
+    outputs, float64 references, PyTorch's results in the test dtype)."""
     a = torch.randn(m, k, device=DEVICE, dtype=dtype)
     w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
@@ -363,8 +368,7 @@ def _split_k_case(m, path, epilogue):
     name = epilogue.split("+")[0].split("-")[0]
     act = kernel.ACTIVATIONS.get(name, kernel.ACT_NONE)
     approx = "tanh" if name == "gelu_tanh" else "none"
-    launch = dict(tma=tma, tile=tiles[m])
-    assert tiles[m] in (kernel._FP32_TILES if dtype == torch.float32 else kernel._HALF_TILES)
+    launch = dict(tma=tma, tile=tile)
 
     def act_of(x):
         return F.relu(x) if name == "relu" else F.gelu(x, approximate=approx)
@@ -441,6 +445,40 @@ def test_split_k_candidates_and_pruning():
             today, with_split = kept(dtype, m_bucket, 1), kept(dtype, m_bucket, 8)
             assert all(len(t) == 5 for t in today)
             assert with_split[:len(today)] == today and len(with_split) > len(today)
+
+
+# The persistent TMA candidates: one program per SM (4 under the interpreter) walks the output
+# tiles, here 3 x 5 = 15 of them (M = 300, N = 520; K = 264 keeps fp16 rows 16-byte aligned).
+PERSISTENT_TILE = (128, 128, 64, 8, 3, kernel.PERSISTENT)
+
+
+@pytest.mark.parametrize("epilogue", SPLIT_K_EPILOGUES)
+def test_persistent_parity(epilogue):
+    assert PERSISTENT_TILE in kernel._HALF_TILES
+    got, ref, mine = _tile_case(300, 520, 264, torch.float16, True, PERSISTENT_TILE, epilogue)
+    for i, (g, r, t) in enumerate(zip(got, ref, mine)):
+        assert_parity(g, r, t, name=f"{epilogue} output {i}")
+
+
+def test_persistent_candidates_only_past_one_wave(monkeypatch):
+    """Persistent tiles come after today's (the default is unchanged), are timed only when the
+    output has more tiles than the GPU has SMs, and never for the gated (SwiGLU) product."""
+    monkeypatch.setattr(kernel, "sm_count", lambda t: 132)
+    configs = [kernel._config(t, kernel._set_tma_blocks) for t in kernel._TMA_TILES]
+    persistent = [kernel.PERSISTENT in t for t in kernel._HALF_TILES]
+    assert any(persistent) and persistent == sorted(persistent)
+    assert not any(kernel.PERSISTENT in t for t in kernel._GATED_HALF_TILES)
+
+    def kept(m_bucket, n):
+        named = {"Out": torch.empty(1, dtype=torch.float16), "M_BUCKET": m_bucket, "N": n,
+                 "MAX_SPLIT_K": 1, "ADesc": None}
+        return [kernel._tile_of(c) for c in
+                kernel._prune_configs(configs, named, GATED=False, AUX=kernel.AUX_NONE)]
+
+    small, large = kept(512, 4096), kept(1024, 4096)  # 4 x 32 = 128 tiles, 8 x 32 = 256
+    assert not any(kernel.PERSISTENT in t for t in small)
+    assert small[0] == large[0] == kernel._HALF_TILES[0]
+    assert PERSISTENT_TILE in large
 
 
 def test_split_k_only_for_few_rows_and_not_deterministic(monkeypatch):
