@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .._dispatch import triton_runs_on, warn_once
 from .._validation import check_same, check_tensor
@@ -392,10 +393,9 @@ class CausalSelfAttention(nn.Module):
                 causal = False
             elif start_pos > 0:
                 # SDPA's is_causal aligns top-left; the new tokens sit at the bottom-right of the
-                # (T, start_pos + T) score matrix: query i may attend keys 0 .. start_pos + i.
-                rows = torch.arange(seq, device=x.device).unsqueeze(1)
-                cols = torch.arange(start_pos + seq, device=x.device)
-                mask, causal = cols <= rows + start_pos, False
+                # (T, start_pos + T) score matrix: query i may attend keys 0 .. start_pos + i,
+                # PyTorch's lower-right causal bias (a kernel flag here, no mask tensor).
+                mask, causal = causal_lower_right(seq, start_pos + seq), False
         out = _sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                     is_causal=causal, enable_gqa=kv_heads != heads)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.embed_dim))
