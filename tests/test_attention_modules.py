@@ -536,3 +536,16 @@ def test_causal_self_attention_bad_constructor():
         CausalSelfAttention(30, 4)
     with pytest.raises(ValueError, match="max_seq_len must be a positive int"):
         KVCache(1, 0, 2, 8)
+
+
+def test_chunk_causal_mask_is_a_flag_outside_compile_and_a_mask_inside():
+    """Eager: PyTorch's lower-right causal bias (no mask tensor reaches the kernel); under
+    torch.compile, where dynamo cannot build that object, the same mask as a boolean tensor."""
+    from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+    from lightllm.nn.attention import chunk_causal_mask
+
+    expected = causal_lower_right(5, 9)._materialize()
+    assert isinstance(chunk_causal_mask(5, 9), CausalBias)
+    compiled = torch.compile(lambda: chunk_causal_mask(5, 9, DEVICE), fullgraph=True)()
+    assert compiled.dtype == torch.bool and torch.equal(compiled.cpu(), expected)

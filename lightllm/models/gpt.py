@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 
 from .. import functional as LF
 from ..nn import KVCache, LayerNorm, RMSNorm
+from ..nn.attention import chunk_causal_mask
 from ..nn.feed_forward import feed_forward_block
 
 NORMS = ("layer_norm", "rms_norm")
@@ -223,7 +223,8 @@ class GPT(nn.Module):
             rope = LF.rotary_cos_sin(positions, c.head_dim, base=c.rope_base, dtype=x.dtype)
         if key_mask is None and attention_mask is not None:
             key_mask = attention_mask.bool()
-        mask, is_causal = _attention_mask(B, S, start_pos, key_mask, caches is not None)
+        mask, is_causal = _attention_mask(B, S, start_pos, key_mask, caches is not None,
+                                          input_ids.device)
         blocks = self.blocks
         h = _plain_norm(x, blocks[0].norm_attn)
         for i, block in enumerate(blocks):
@@ -375,12 +376,12 @@ def _plain_norm(x: Tensor, norm: nn.Module) -> Tensor:
 
 
 def _attention_mask(B: int, S: int, start_pos: int | Tensor, key_mask: Tensor | None,
-                    cached: bool) -> tuple[Tensor | None, bool]:
+                    cached: bool, device: torch.device) -> tuple[Tensor | None, bool]:
     """The SDPA mask (B, 1, S, keys) and causal flag for S queries at ``start_pos``.
 
     Without padding: a fresh prefix is causal (``is_causal``), one new token over a cache needs no
-    mask, and a chunk over a cache is causal aligned to the last key (PyTorch's
-    ``causal_lower_right`` bias, which the kernels serve as a flag, without a mask tensor). With
+    mask, and a chunk over a cache is causal aligned to the last key (``chunk_causal_mask``:
+    PyTorch's lower-right bias, a kernel flag without a mask tensor, outside torch.compile). With
     ``key_mask`` (B, keys: real positions) the padding is folded into a boolean mask."""
     if isinstance(start_pos, Tensor):  # graphed decode: key_mask covers the whole static cache
         return key_mask[:, None, None, :], False
@@ -389,9 +390,8 @@ def _attention_mask(B: int, S: int, start_pos: int | Tensor, key_mask: Tensor | 
             return None, S > 1
         if S == 1:
             return None, False
-        return causal_lower_right(S, start_pos + S), False  # no mask tensor: a kernel flag
+        return chunk_causal_mask(S, start_pos + S, device), False  # a kernel flag, no tensor
     keys = start_pos + S if cached else S
-    device = key_mask.device if key_mask is not None else None
     q_pos = torch.arange(start_pos, start_pos + S, device=device)[:, None]
     causal = torch.arange(keys, device=device)[None, :] <= q_pos  # (S, keys)
     if key_mask is None:

@@ -245,6 +245,17 @@ class MultiheadAttention(nn.MultiheadAttention):
         return batched
 
 
+def chunk_causal_mask(n_q: int, n_k: int, device=None):
+    """The causal mask of ``n_q`` new queries at the end of ``n_k`` keys (query i sees keys up to
+    i + n_k - n_q): PyTorch's lower-right causal bias, which lightllm's SDPA runs as a kernel flag
+    without a mask tensor; under ``torch.compile`` the equivalent boolean (n_q, n_k) mask, since
+    dynamo cannot build the bias object inside a graph."""
+    if not torch.compiler.is_compiling():
+        return causal_lower_right(n_q, n_k)
+    rows = torch.arange(n_q, device=device).unsqueeze(1)
+    return torch.arange(n_k, device=device) <= rows + (n_k - n_q)
+
+
 class KVCache(nn.Module):
     """Preallocated key/value buffers ``(batch_size, num_kv_heads, max_seq_len, head_dim)``.
 
@@ -393,9 +404,8 @@ class CausalSelfAttention(nn.Module):
                 causal = False
             elif start_pos > 0:
                 # SDPA's is_causal aligns top-left; the new tokens sit at the bottom-right of the
-                # (T, start_pos + T) score matrix: query i may attend keys 0 .. start_pos + i,
-                # PyTorch's lower-right causal bias (a kernel flag here, no mask tensor).
-                mask, causal = causal_lower_right(seq, start_pos + seq), False
+                # (T, start_pos + T) score matrix: query i may attend keys 0 .. start_pos + i.
+                mask, causal = chunk_causal_mask(seq, start_pos + seq, x.device), False
         out = _sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                     is_causal=causal, enable_gqa=kv_heads != heads)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.embed_dim))
