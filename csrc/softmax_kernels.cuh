@@ -2,8 +2,10 @@
 //
 // Each row of n elements is handled by one of three kernels, chosen by n:
 //   n <= 1024            a warp per row, the row in registers (32 floats per thread);
-//   n fits shared memory a block per row, z = scale * x + mask kept in shared memory as fp32
-//                        (backward: y and dy kept raw);
+//   n fits shared memory a block per row, the row kept in shared memory: fp32 z = scale * x +
+//                        mask, or for 16-bit inputs the raw x and mask values (2 bytes per element
+//                        unmasked, 3 with a bool mask, 4 additive), z recomputed from them on each
+//                        pass, so that rows up to twice as long fit (backward: y and dy kept raw);
 //   longer rows          the row split into pieces of kSplitChunkBytes: one kernel computes each
 //                        piece's online (max, sum of exp) (backward: its sum(dy * y)), a second one
 //                        combines the pieces of its row and writes its piece. No length cap.
@@ -260,44 +262,61 @@ __device__ __forceinline__ FwdRow<T> fwd_row(const SoftmaxFwdArgs& a, int64_t ro
   return r;
 }
 
-// z = the masked, scaled inputs at j .. j + VEC (j < n); -inf past the end of the row.
+// The raw inputs z is computed from at j .. j + VEC (j < n): x, and the mask's values (the bool
+// mask's keep flags or the additive mask, broadcast when it has one value per row). Elements past
+// n read as 0 (x, add) or 1 (keep); z_of makes them -inf.
+template <typename T, int VEC>
+struct FwdInputs {
+  Pack<T, VEC> x;
+  Pack<uint8_t, VEC> keep;
+  Pack<T, VEC> add;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ FwdInputs<T, VEC> load_inputs(const SoftmaxFwdArgs& a,
+                                                         const FwdRow<T>& r, int64_t j) {
+  const int64_t n = a.n;
+  FwdInputs<T, VEC> in;
+  in.x = load_raw<T, VEC>(r.x, r.x_vec, j, n);
+  if (a.mask_kind == kBoolMask) {
+    const uint8_t* m = static_cast<const uint8_t*>(r.mask);
+    if (r.mask_vec) {
+      in.keep = *reinterpret_cast<const Pack<uint8_t, VEC>*>(m + j);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) in.keep.v[k] = j + k < n ? m[(j + k) * a.mask_col_stride] : 1;
+    }
+  } else if (a.mask_kind == kAdditiveMask) {
+    const T* m = static_cast<const T*>(r.mask);
+    if (a.mask_col_stride == 0) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) in.add.v[k] = m[0];
+    } else {
+      in.add = load_raw<T, VEC>(m, r.mask_vec, j, n);
+    }
+  }
+  return in;
+}
+
+// z = the masked, scaled inputs at j .. j + VEC; -inf past the end of the row. A function of the
+// raw inputs only, so that recomputing it from a copy of them gives the same z bit for bit.
+template <typename T, int VEC>
+__device__ __forceinline__ void z_of(const SoftmaxFwdArgs& a, const FwdRow<T>& r, int64_t j,
+                                     const FwdInputs<T, VEC>& in, float (&z)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    float v = static_cast<float>(in.x.v[k]) * a.scale;
+    if (a.mask_kind == kBoolMask) v = in.keep.v[k] ? v : -INFINITY;
+    if (a.mask_kind == kAdditiveMask) v += static_cast<float>(in.add.v[k]);
+    if (a.causal && j + k > r.q) v = -INFINITY;
+    z[k] = j + k < a.n ? v : -INFINITY;
+  }
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void load_z(const SoftmaxFwdArgs& a, const FwdRow<T>& r, int64_t j,
                                        float (&z)[VEC]) {
-  const int64_t n = a.n;
-  load_vec<T, VEC>(r.x, r.x_vec, j, n, -INFINITY, z);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) z[k] *= a.scale;
-  if (a.mask_kind == kBoolMask) {
-    const uint8_t* m = static_cast<const uint8_t*>(r.mask);
-    uint8_t keep[VEC];
-    if (r.mask_vec) {
-      const Pack<uint8_t, VEC> pk = *reinterpret_cast<const Pack<uint8_t, VEC>*>(m + j);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) keep[k] = pk.v[k];
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) keep[k] = j + k < n ? m[(j + k) * a.mask_col_stride] : 1;
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = keep[k] ? z[k] : -INFINITY;
-  } else if (a.mask_kind == kAdditiveMask) {
-    const T* m = static_cast<const T*>(r.mask);
-    float add[VEC];
-    if (a.mask_col_stride == 0) {
-      const float m0 = static_cast<float>(m[0]);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) add[k] = m0;
-    } else {
-      load_vec<T, VEC>(m, r.mask_vec, j, n, 0.0f, add);
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = j + k < n ? z[k] + add[k] : -INFINITY;
-  }
-  if (a.causal) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = j + k > r.q ? -INFINITY : z[k];
-  }
+  z_of<T, VEC>(a, r, j, load_inputs<T, VEC>(a, r, j), z);
 }
 
 // y = exp(z - shift) * inv: the shift is the max, or 0 for a fully masked row of
@@ -371,42 +390,114 @@ __global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock)
   }
 }
 
-// A block per row; z lives in shared memory (round_up(n, VEC) floats). Each thread touches only
-// its own vectors of it, so only the reductions need barriers.
+// What the forward's block kernel keeps of a row in shared memory, whichever is smaller: fp32 z
+// (4 bytes per element), or the raw inputs z is computed from (x and the mask's values; 2 to 4
+// bytes per element for 16-bit inputs, at least 4 for fp32). Raw inputs are exact, so z and its
+// exponentials are recomputed from them on each pass with the same result as from a copy of z.
+template <typename T>
+constexpr bool fwd_keeps_raw() {
+  return sizeof(T) < sizeof(float);
+}
+
+// Bytes of the mask's values kept per element (raw inputs only).
+template <typename T>
+constexpr int64_t raw_mask_bytes(int mask_kind) {
+  return mask_kind == kBoolMask ? 1 : mask_kind == kAdditiveMask ? sizeof(T) : 0;
+}
+
+template <typename T>
+constexpr int64_t fwd_smem_per_elem(int mask_kind) {
+  return fwd_keeps_raw<T>() ? sizeof(T) + raw_mask_bytes<T>(mask_kind) : sizeof(float);
+}
+
+// The block kernel's copy of a row: `vectors` vectors of fp32 z, or of raw x followed by as many
+// of the mask's values.
+template <typename T, int VEC>
+struct RowCopy {
+  float* zs;
+  Pack<T, VEC>* xs;
+  Pack<uint8_t, VEC>* keeps;
+  Pack<T, VEC>* adds;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ RowCopy<T, VEC> row_copy(float* smem, int64_t vectors) {
+  RowCopy<T, VEC> c;
+  c.zs = smem;
+  c.xs = reinterpret_cast<Pack<T, VEC>*>(smem);
+  c.keeps = reinterpret_cast<Pack<uint8_t, VEC>*>(c.xs + vectors);
+  c.adds = c.xs + vectors;
+  return c;
+}
+
+// Keep the vector at j (raw inputs, or z); get back its z.
+template <typename T, int VEC>
+__device__ __forceinline__ void keep_vec(const SoftmaxFwdArgs& a, const RowCopy<T, VEC>& c,
+                                         int64_t j, const FwdInputs<T, VEC>& in,
+                                         const float (&z)[VEC]) {
+  if constexpr (fwd_keeps_raw<T>()) {
+    c.xs[j / VEC] = in.x;
+    if (a.mask_kind == kBoolMask) c.keeps[j / VEC] = in.keep;
+    if (a.mask_kind == kAdditiveMask) c.adds[j / VEC] = in.add;
+  } else {
+    smem_store<VEC>(c.zs, j, z);
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void kept_z(const SoftmaxFwdArgs& a, const FwdRow<T>& r,
+                                       const RowCopy<T, VEC>& c, int64_t j, float (&z)[VEC]) {
+  if constexpr (fwd_keeps_raw<T>()) {
+    FwdInputs<T, VEC> in;
+    in.x = c.xs[j / VEC];
+    if (a.mask_kind == kBoolMask) in.keep = c.keeps[j / VEC];
+    if (a.mask_kind == kAdditiveMask) in.add = c.adds[j / VEC];
+    z_of<T, VEC>(a, r, j, in, z);
+  } else {
+    smem_load<VEC>(c.zs, j, z);
+  }
+}
+
+// A block per row; the row lives in shared memory (fwd_smem_per_elem bytes per element of
+// round_up(n, VEC)). Each thread touches only its own vectors of it, so only the reductions need
+// barriers. With fp32 z kept, phase 2 overwrites it with its exponentials for phase 3; with raw
+// inputs kept, phase 3 recomputes them.
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreadsMax)
     softmax_fwd_block_kernel(const SoftmaxFwdArgs a) {
   constexpr int VEC = vec_of<T>();
-  LL_DYNAMIC_SMEM(zs);
+  LL_DYNAMIC_SMEM(smem);
   __shared__ float red[kWarp];
+  const RowCopy<T, VEC> copy = row_copy<T, VEC>(smem, (a.n + VEC - 1) / VEC);
   const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const FwdRow<T> r = fwd_row<T>(a, row);
-    // Phase 1: z to shared memory, the max.
+    // Phase 1: the row to shared memory, the max.
     float m = -INFINITY;
 #pragma unroll 4
     for (int64_t j = first; j < a.n; j += stride) {
+      const FwdInputs<T, VEC> in = load_inputs<T, VEC>(a, r, j);
       float z[VEC];
-      load_z<T, VEC>(a, r, j, z);
+      z_of<T, VEC>(a, r, j, in, z);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) m = fmaxf(m, z[k]);
-      smem_store<VEC>(zs, j, z);
+      keep_vec<T, VEC>(a, copy, j, in, z);
     }
     m = block_reduce<true>(m, red);
-    // Phase 2: exponentials (kept) and their sum.
+    // Phase 2: exponentials and their sum.
     const float shift = shift_of(a, m);
     float s = 0.0f;
 #pragma unroll 4
     for (int64_t j = first; j < a.n; j += stride) {
       float z[VEC];
-      smem_load<VEC>(zs, j, z);
+      kept_z<T, VEC>(a, r, copy, j, z);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         z[k] = __expf(z[k] - shift);
         s += z[k];
       }
-      smem_store<VEC>(zs, j, z);
+      if constexpr (!fwd_keeps_raw<T>()) smem_store<VEC>(copy.zs, j, z);
     }
     const float inv = inv_of(block_reduce<false>(s, red));
     // Phase 3: normalise and store.
@@ -414,11 +505,17 @@ __global__ void __launch_bounds__(kBlockThreadsMax)
     const bool y_vec = a.n % VEC == 0 && aligned16(y);
 #pragma unroll 4
     for (int64_t j = first; j < a.n; j += stride) {
-      float z[VEC];
-      smem_load<VEC>(zs, j, z);
+      float e[VEC];
+      if constexpr (fwd_keeps_raw<T>()) {
+        kept_z<T, VEC>(a, r, copy, j, e);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] *= inv;
-      store_vec<T, VEC>(y, y_vec, j, a.n, z);
+        for (int k = 0; k < VEC; ++k) e[k] = __expf(e[k] - shift);
+      } else {
+        smem_load<VEC>(copy.zs, j, e);
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) e[k] *= inv;
+      store_vec<T, VEC>(y, y_vec, j, a.n, e);
     }
   }
 }
@@ -661,7 +758,7 @@ struct Plan {
 };
 
 // `smem_bytes` is the dynamic shared memory a block may use; `per_elem` the bytes the block
-// kernel keeps per element (fwd: 4, an fp32 z; bwd: 2 * sizeof(T), raw y and dy);
+// kernel keeps per element (fwd: fwd_smem_per_elem; bwd: 2 * sizeof(T), raw y and dy);
 // `ws_per_piece` the floats of workspace the split path needs per piece.
 template <typename T>
 Plan make_plan(int64_t rows, int64_t n, int64_t smem_bytes, int64_t per_elem,
@@ -693,7 +790,7 @@ Plan make_plan(int64_t rows, int64_t n, int64_t smem_bytes, int64_t per_elem,
 
 template <typename T>
 Plan plan_fwd(const SoftmaxFwdArgs& a, int64_t smem_bytes) {
-  return make_plan<T>(a.rows, a.n, smem_bytes, sizeof(float),
+  return make_plan<T>(a.rows, a.n, smem_bytes, fwd_smem_per_elem<T>(a.mask_kind),
                       sizeof(MaxSum) / sizeof(float));
 }
 
