@@ -303,13 +303,16 @@ __device__ __forceinline__ FwdInputs<T, VEC> load_inputs(const SoftmaxFwdArgs& a
 template <typename T, int VEC>
 __device__ __forceinline__ void z_of(const SoftmaxFwdArgs& a, const FwdRow<T>& r, int64_t j,
                                      const FwdInputs<T, VEC>& in, float (&z)[VEC]) {
+  // Elements k < last of the vector are kept (in the row, and on or before the diagonal):
+  // one 64-bit comparison per vector, 32-bit ones per element.
+  const int64_t end = a.causal ? std::min(a.n, r.q + 1) : a.n;
+  const int last = static_cast<int>(std::clamp<int64_t>(end - j, 0, VEC));
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     float v = static_cast<float>(in.x.v[k]) * a.scale;
     if (a.mask_kind == kBoolMask) v = in.keep.v[k] ? v : -INFINITY;
     if (a.mask_kind == kAdditiveMask) v += static_cast<float>(in.add.v[k]);
-    if (a.causal && j + k > r.q) v = -INFINITY;
-    z[k] = j + k < a.n ? v : -INFINITY;
+    z[k] = k < last ? v : -INFINITY;
   }
 }
 
