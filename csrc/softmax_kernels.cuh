@@ -10,7 +10,8 @@
 //                        piece's online (max, sum of exp) (backward: its sum(dy * y)), a second one
 //                        combines the pieces of its row and writes its piece. No length cap.
 // Traffic: the first two read x (and the mask) once and write y once (backward: read y and dy,
-// write dx), the ideal; the split path reads its inputs twice.
+// write dx), the ideal; the split path reads its inputs twice. A causal row reads only up to its
+// diagonal, in whole vectors, and writes 0s past it.
 // Loads and stores are 16-byte vectors when the row's address and length allow it (per row, at
 // run time), element-wise otherwise. All arithmetic is fp32; offsets are 64-bit.
 //
@@ -239,6 +240,7 @@ struct FwdRow {
   const T* x;
   const void* mask;  // this row's mask values (uint8_t for bool, T for additive)
   int64_t q;         // query index, for the causal mask
+  int64_t live;      // elements before it may be kept: n, or up to the diagonal (causal)
   bool x_vec;
   bool mask_vec;
 };
@@ -250,6 +252,7 @@ __device__ __forceinline__ FwdRow<T> fwd_row(const SoftmaxFwdArgs& a, int64_t ro
   r.x = static_cast<const T*>(a.x) + row * a.x_row_stride;
   r.x_vec = a.n % VEC == 0 && aligned16(r.x);
   r.q = a.causal ? row % a.nq : 0;
+  r.live = a.causal ? std::min(a.n, r.q + 1) : a.n;
   r.mask = nullptr;
   r.mask_vec = false;
   if (a.mask_kind != kNoMask) {
@@ -305,8 +308,7 @@ __device__ __forceinline__ void z_of(const SoftmaxFwdArgs& a, const FwdRow<T>& r
                                      const FwdInputs<T, VEC>& in, float (&z)[VEC]) {
   // Elements k < last of the vector are kept (in the row, and on or before the diagonal):
   // one 64-bit comparison per vector, 32-bit ones per element.
-  const int64_t end = a.causal ? std::min(a.n, r.q + 1) : a.n;
-  const int last = static_cast<int>(std::clamp<int64_t>(end - j, 0, VEC));
+  const int last = static_cast<int>(std::clamp<int64_t>(r.live - j, 0, VEC));
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     float v = static_cast<float>(in.x.v[k]) * a.scale;
@@ -316,10 +318,16 @@ __device__ __forceinline__ void z_of(const SoftmaxFwdArgs& a, const FwdRow<T>& r
   }
 }
 
+// z at j .. j + VEC; a vector wholly past the diagonal (or the row) is -inf without being read.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_z(const SoftmaxFwdArgs& a, const FwdRow<T>& r, int64_t j,
                                        float (&z)[VEC]) {
-  z_of<T, VEC>(a, r, j, load_inputs<T, VEC>(a, r, j), z);
+  if (j < r.live) {
+    z_of<T, VEC>(a, r, j, load_inputs<T, VEC>(a, r, j), z);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) z[k] = -INFINITY;
+  }
 }
 
 // y = exp(z - shift) * inv: the shift is the max, or 0 for a fully masked row of
@@ -355,13 +363,7 @@ __global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock)
     float m = -INFINITY;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      const int64_t j = static_cast<int64_t>(c * kWarp + lane) * VEC;
-      if (j < a.n) {
-        load_z<T, VEC>(a, r, j, z[c]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) z[c][k] = -INFINITY;
-      }
+      load_z<T, VEC>(a, r, static_cast<int64_t>(c * kWarp + lane) * VEC, z[c]);  // -inf past n
 #pragma unroll
       for (int k = 0; k < VEC; ++k) m = fmaxf(m, z[c][k]);
     }
@@ -476,10 +478,10 @@ __global__ void __launch_bounds__(kBlockThreadsMax)
   const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const FwdRow<T> r = fwd_row<T>(a, row);
-    // Phase 1: the row to shared memory, the max.
+    // Phase 1: the row up to r.live to shared memory, the max.
     float m = -INFINITY;
 #pragma unroll 4
-    for (int64_t j = first; j < a.n; j += stride) {
+    for (int64_t j = first; j < r.live; j += stride) {
       const FwdInputs<T, VEC> in = load_inputs<T, VEC>(a, r, j);
       float z[VEC];
       z_of<T, VEC>(a, r, j, in, z);
@@ -492,7 +494,7 @@ __global__ void __launch_bounds__(kBlockThreadsMax)
     const float shift = shift_of(a, m);
     float s = 0.0f;
 #pragma unroll 4
-    for (int64_t j = first; j < a.n; j += stride) {
+    for (int64_t j = first; j < r.live; j += stride) {
       float z[VEC];
       kept_z<T, VEC>(a, r, copy, j, z);
 #pragma unroll
@@ -508,16 +510,18 @@ __global__ void __launch_bounds__(kBlockThreadsMax)
     const bool y_vec = a.n % VEC == 0 && aligned16(y);
 #pragma unroll 4
     for (int64_t j = first; j < a.n; j += stride) {
-      float e[VEC];
-      if constexpr (fwd_keeps_raw<T>()) {
-        kept_z<T, VEC>(a, r, copy, j, e);
+      float e[VEC] = {};  // 0 past the diagonal
+      if (j < r.live) {
+        if constexpr (fwd_keeps_raw<T>()) {
+          kept_z<T, VEC>(a, r, copy, j, e);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) e[k] = __expf(e[k] - shift);
-      } else {
-        smem_load<VEC>(copy.zs, j, e);
+          for (int k = 0; k < VEC; ++k) e[k] = __expf(e[k] - shift);
+        } else {
+          smem_load<VEC>(copy.zs, j, e);
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) e[k] *= inv;
       }
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) e[k] *= inv;
       store_vec<T, VEC>(y, y_vec, j, a.n, e);
     }
   }

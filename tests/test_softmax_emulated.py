@@ -260,3 +260,20 @@ def test_backward_emulated(emulator, dtype, n):
     dx_ref = scale * y64 * (dy64 - (dy64 * y64).sum(-1, keepdim=True))
     dx_torch = torch._softmax_backward_data(dy, y, -1, dtype) * scale
     assert_parity(dx, dx_ref, dx_torch, grad=True, name="dx")
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "add"])
+@pytest.mark.parametrize("dtype", dtype_params(interpreted=False))
+def test_causal_rows_emulated(emulator, dtype, mask):
+    """Causal rows whose diagonals fall in every vector of the first 97 elements: each reads only
+    up to its diagonal and writes 0s past it (block kernel at n = 1500)."""
+    rows, n = 97, 1500
+    x = torch.randn(rows, n, dtype=dtype) * 4
+    m = {"none": None, "bool": torch.rand(rows, n) > 0.3,
+         "add": torch.randn(rows, n, dtype=dtype)}[mask]
+    path, y = _emulate(emulator, "fwd", [x] + ([m] if m is not None else []), rows, n, dtype,
+                       mask, 0.6, True)
+    assert path == "block"
+    m64 = m.double() if mask == "add" else m
+    assert_parity(y, reference.scaled_masked_softmax(x.double(), m64, 0.6, True),
+                  reference.scaled_masked_softmax(x, m, 0.6, True), name="y")
