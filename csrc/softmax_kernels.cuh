@@ -3,9 +3,10 @@
 // Each row of n elements is handled by one of three kernels, chosen by n:
 //   n <= 1024            a warp per row, the row in registers (32 floats per thread);
 //   n fits shared memory a block per row, the row kept in shared memory: fp32 z = scale * x +
-//                        mask, or for 16-bit inputs the raw x and mask values (2 bytes per element
-//                        unmasked, 3 with a bool mask, 4 additive), z recomputed from them on each
-//                        pass, so that rows up to twice as long fit (backward: y and dy kept raw);
+//                        mask; for 16-bit rows too long for that, the raw x and mask values (2
+//                        bytes per element unmasked, 3 with a bool mask, 4 additive), z recomputed
+//                        from them on each pass, so that rows up to twice as long are still read
+//                        once (backward: y and dy kept raw);
 //   longer rows          the row split into pieces of kSplitChunkBytes: one kernel computes each
 //                        piece's online (max, sum of exp) (backward: its sum(dy * y)), a second one
 //                        combines the pieces of its row and writes its piece. No length cap.
@@ -318,16 +319,51 @@ __device__ __forceinline__ void z_of(const SoftmaxFwdArgs& a, const FwdRow<T>& r
   }
 }
 
-// z at j .. j + VEC; a vector wholly past the diagonal (or the row) is -inf without being read.
+// z at j .. j + VEC, loaded (the warp and split kernels): the same values as z_of, computed
+// straight from the loads (no copy of the raw inputs held in registers); a vector wholly past the
+// diagonal (or the row) is -inf without being read.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_z(const SoftmaxFwdArgs& a, const FwdRow<T>& r, int64_t j,
                                        float (&z)[VEC]) {
-  if (j < r.live) {
-    z_of<T, VEC>(a, r, j, load_inputs<T, VEC>(a, r, j), z);
-  } else {
+  if (j >= r.live) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) z[k] = -INFINITY;
+    return;
   }
+  const int64_t n = a.n;
+  load_vec<T, VEC>(r.x, r.x_vec, j, n, 0.0f, z);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) z[k] *= a.scale;
+  if (a.mask_kind == kBoolMask) {
+    const uint8_t* m = static_cast<const uint8_t*>(r.mask);
+    uint8_t keep[VEC];
+    if (r.mask_vec) {
+      const Pack<uint8_t, VEC> pk = *reinterpret_cast<const Pack<uint8_t, VEC>*>(m + j);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) keep[k] = pk.v[k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) keep[k] = j + k < n ? m[(j + k) * a.mask_col_stride] : 1;
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) z[k] = keep[k] ? z[k] : -INFINITY;
+  } else if (a.mask_kind == kAdditiveMask) {
+    const T* m = static_cast<const T*>(r.mask);
+    float add[VEC];
+    if (a.mask_col_stride == 0) {
+      const float m0 = static_cast<float>(m[0]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) add[k] = m0;
+    } else {
+      load_vec<T, VEC>(m, r.mask_vec, j, n, 0.0f, add);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) z[k] += add[k];
+  }
+  // Past the row's end and the diagonal: -inf (after the scale, which may be negative or 0).
+  const int last = static_cast<int>(std::clamp<int64_t>(r.live - j, 0, VEC));
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) z[k] = k < last ? z[k] : -INFINITY;
 }
 
 // y = exp(z - shift) * inv: the shift is the max, or 0 for a fully masked row of
@@ -395,24 +431,18 @@ __global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock)
   }
 }
 
-// What the forward's block kernel keeps of a row in shared memory, whichever is smaller: fp32 z
-// (4 bytes per element), or the raw inputs z is computed from (x and the mask's values; 2 to 4
-// bytes per element for 16-bit inputs, at least 4 for fp32). Raw inputs are exact, so z and its
-// exponentials are recomputed from them on each pass with the same result as from a copy of z.
+// What the forward's block kernel keeps of a row in shared memory (RAW, a template flag): fp32 z
+// (4 bytes per element; the exponentials overwrite it for the last pass), or, for 16-bit rows
+// too long for that, the raw inputs z is computed from (x and the mask's values: 2 to 4 bytes per
+// element). Raw inputs are exact, so z and its exponentials are recomputed from them on each pass
+// with the same result as from a copy of z, at the price of a second exponential per element and
+// more registers (sm_90 at 1024 threads: 64 with a few spills, against 50): rows that fit as fp32
+// z keep that kernel, raw copies only take rows that would otherwise read their inputs twice on
+// the split path.
 template <typename T>
-constexpr bool fwd_keeps_raw() {
-  return sizeof(T) < sizeof(float);
-}
-
-// Bytes of the mask's values kept per element (raw inputs only).
-template <typename T>
-constexpr int64_t raw_mask_bytes(int mask_kind) {
-  return mask_kind == kBoolMask ? 1 : mask_kind == kAdditiveMask ? sizeof(T) : 0;
-}
-
-template <typename T>
-constexpr int64_t fwd_smem_per_elem(int mask_kind) {
-  return fwd_keeps_raw<T>() ? sizeof(T) + raw_mask_bytes<T>(mask_kind) : sizeof(float);
+constexpr int64_t fwd_smem_per_elem(bool raw, int mask_kind) {
+  if (!raw) return sizeof(float);
+  return sizeof(T) + (mask_kind == kBoolMask ? 1 : mask_kind == kAdditiveMask ? sizeof(T) : 0);
 }
 
 // The block kernel's copy of a row: `vectors` vectors of fp32 z, or of raw x followed by as many
@@ -435,24 +465,20 @@ __device__ __forceinline__ RowCopy<T, VEC> row_copy(float* smem, int64_t vectors
   return c;
 }
 
-// Keep the vector at j (raw inputs, or z); get back its z.
+// Keep the raw inputs of the vector at j.
 template <typename T, int VEC>
-__device__ __forceinline__ void keep_vec(const SoftmaxFwdArgs& a, const RowCopy<T, VEC>& c,
-                                         int64_t j, const FwdInputs<T, VEC>& in,
-                                         const float (&z)[VEC]) {
-  if constexpr (fwd_keeps_raw<T>()) {
-    c.xs[j / VEC] = in.x;
-    if (a.mask_kind == kBoolMask) c.keeps[j / VEC] = in.keep;
-    if (a.mask_kind == kAdditiveMask) c.adds[j / VEC] = in.add;
-  } else {
-    smem_store<VEC>(c.zs, j, z);
-  }
+__device__ __forceinline__ void keep_raw(const SoftmaxFwdArgs& a, const RowCopy<T, VEC>& c,
+                                         int64_t j, const FwdInputs<T, VEC>& in) {
+  c.xs[j / VEC] = in.x;
+  if (a.mask_kind == kBoolMask) c.keeps[j / VEC] = in.keep;
+  if (a.mask_kind == kAdditiveMask) c.adds[j / VEC] = in.add;
 }
 
-template <typename T, int VEC>
+// The kept vector at j as z.
+template <typename T, int VEC, bool RAW>
 __device__ __forceinline__ void kept_z(const SoftmaxFwdArgs& a, const FwdRow<T>& r,
                                        const RowCopy<T, VEC>& c, int64_t j, float (&z)[VEC]) {
-  if constexpr (fwd_keeps_raw<T>()) {
+  if constexpr (RAW) {
     FwdInputs<T, VEC> in;
     in.x = c.xs[j / VEC];
     if (a.mask_kind == kBoolMask) in.keep = c.keeps[j / VEC];
@@ -467,7 +493,7 @@ __device__ __forceinline__ void kept_z(const SoftmaxFwdArgs& a, const FwdRow<T>&
 // round_up(n, VEC)). Each thread touches only its own vectors of it, so only the reductions need
 // barriers. With fp32 z kept, phase 2 overwrites it with its exponentials for phase 3; with raw
 // inputs kept, phase 3 recomputes them.
-template <typename T>
+template <typename T, bool RAW>
 __global__ void __launch_bounds__(kBlockThreadsMax)
     softmax_fwd_block_kernel(const SoftmaxFwdArgs a) {
   constexpr int VEC = vec_of<T>();
@@ -482,12 +508,17 @@ __global__ void __launch_bounds__(kBlockThreadsMax)
     float m = -INFINITY;
 #pragma unroll 4
     for (int64_t j = first; j < r.live; j += stride) {
-      const FwdInputs<T, VEC> in = load_inputs<T, VEC>(a, r, j);
       float z[VEC];
-      z_of<T, VEC>(a, r, j, in, z);
+      if constexpr (RAW) {
+        const FwdInputs<T, VEC> in = load_inputs<T, VEC>(a, r, j);
+        z_of<T, VEC>(a, r, j, in, z);
+        keep_raw<T, VEC>(a, copy, j, in);
+      } else {
+        load_z<T, VEC>(a, r, j, z);
+        smem_store<VEC>(copy.zs, j, z);
+      }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) m = fmaxf(m, z[k]);
-      keep_vec<T, VEC>(a, copy, j, in, z);
     }
     m = block_reduce<true>(m, red);
     // Phase 2: exponentials and their sum.
@@ -496,13 +527,13 @@ __global__ void __launch_bounds__(kBlockThreadsMax)
 #pragma unroll 4
     for (int64_t j = first; j < r.live; j += stride) {
       float z[VEC];
-      kept_z<T, VEC>(a, r, copy, j, z);
+      kept_z<T, VEC, RAW>(a, r, copy, j, z);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         z[k] = __expf(z[k] - shift);
         s += z[k];
       }
-      if constexpr (!fwd_keeps_raw<T>()) smem_store<VEC>(copy.zs, j, z);
+      if constexpr (!RAW) smem_store<VEC>(copy.zs, j, z);
     }
     const float inv = inv_of(block_reduce<false>(s, red));
     // Phase 3: normalise and store.
@@ -512,8 +543,8 @@ __global__ void __launch_bounds__(kBlockThreadsMax)
     for (int64_t j = first; j < a.n; j += stride) {
       float e[VEC] = {};  // 0 past the diagonal
       if (j < r.live) {
-        if constexpr (fwd_keeps_raw<T>()) {
-          kept_z<T, VEC>(a, r, copy, j, e);
+        if constexpr (RAW) {
+          kept_z<T, VEC, RAW>(a, r, copy, j, e);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) e[k] = __expf(e[k] - shift);
         } else {
@@ -756,6 +787,7 @@ enum class Path { kWarp, kBlock, kSplit };
 
 struct Plan {
   Path path;
+  bool raw;             // forward block path: the row's raw 16-bit inputs kept, not fp32 z
   int64_t blocks;
   int threads;
   size_t smem;          // dynamic shared memory bytes (block path)
@@ -765,7 +797,7 @@ struct Plan {
 };
 
 // `smem_bytes` is the dynamic shared memory a block may use; `per_elem` the bytes the block
-// kernel keeps per element (fwd: fwd_smem_per_elem; bwd: 2 * sizeof(T), raw y and dy);
+// kernel keeps per element (fwd: fwd_smem_per_elem, bwd: 2 * sizeof(T), raw y and dy);
 // `ws_per_piece` the floats of workspace the split path needs per piece.
 template <typename T>
 Plan make_plan(int64_t rows, int64_t n, int64_t smem_bytes, int64_t per_elem,
@@ -795,10 +827,21 @@ Plan make_plan(int64_t rows, int64_t n, int64_t smem_bytes, int64_t per_elem,
   return p;
 }
 
+// The block kernel keeping fp32 z where the row fits as that, else (16-bit inputs) its raw
+// inputs where those fit, else the split path.
 template <typename T>
 Plan plan_fwd(const SoftmaxFwdArgs& a, int64_t smem_bytes) {
-  return make_plan<T>(a.rows, a.n, smem_bytes, fwd_smem_per_elem<T>(a.mask_kind),
-                      sizeof(MaxSum) / sizeof(float));
+  constexpr int64_t ws = sizeof(MaxSum) / sizeof(float);
+  Plan p = make_plan<T>(a.rows, a.n, smem_bytes, fwd_smem_per_elem<T>(false, a.mask_kind), ws);
+  if (p.path == Path::kSplit && sizeof(T) < sizeof(float)) {
+    const Plan raw =
+        make_plan<T>(a.rows, a.n, smem_bytes, fwd_smem_per_elem<T>(true, a.mask_kind), ws);
+    if (raw.path == Path::kBlock) {
+      p = raw;
+      p.raw = true;
+    }
+  }
+  return p;
 }
 
 template <typename T>
@@ -813,10 +856,15 @@ void launch_fwd(const SoftmaxFwdArgs& a, const Plan& p, float* workspace, cudaSt
     case Path::kWarp:
       LL_LAUNCH(softmax_fwd_warp_kernel<T>, p.blocks, p.threads, 0, stream, a);
       break;
-    case Path::kBlock:
-      if (p.smem > kDefaultSmem) LL_ALLOW_SMEM(softmax_fwd_block_kernel<T>, p.smem);
-      LL_LAUNCH(softmax_fwd_block_kernel<T>, p.blocks, p.threads, p.smem, stream, a);
+    case Path::kBlock: {
+      auto* kernel = &softmax_fwd_block_kernel<T, false>;
+      if constexpr (sizeof(T) < sizeof(float)) {
+        if (p.raw) kernel = &softmax_fwd_block_kernel<T, true>;
+      }
+      if (p.smem > kDefaultSmem) LL_ALLOW_SMEM(kernel, p.smem);
+      LL_LAUNCH(kernel, p.blocks, p.threads, p.smem, stream, a);
       break;
+    }
     case Path::kSplit: {
       MaxSum* stats = reinterpret_cast<MaxSum*>(workspace);
       LL_LAUNCH(softmax_fwd_split_stats_kernel<T>, p.blocks, p.threads, 0, stream, a, p.chunk,

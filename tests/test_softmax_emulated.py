@@ -162,7 +162,7 @@ static int run(char** argv) {
   FILE* f = std::fopen(argv[10], "wb");
   std::fwrite(out.data(), sizeof(T), out.size(), f);
   std::fclose(f);
-  std::printf("%s\n", path_name(plan.path));
+  std::printf("%s%s\n", path_name(plan.path), plan.raw ? "-raw" : "");
   return 0;
 }
 
@@ -208,17 +208,20 @@ def _emulate(emulator, op, inputs, rows, n, dtype, mask="none", scale=1.0, causa
     return done.stdout.strip(), out
 
 
-# 1500 and 3000: the block kernel in every dtype; 57857: one element past the longest fp32 row
-# the block kernel keeps (SMEM_BUDGET / 4), which 16-bit rows now keep unless an additive mask
-# brings them back to 4 bytes per element.
+# 1500 and 3000: the block kernel keeping fp32 z in every dtype; 57857: one element past the
+# longest row kept as fp32 z (SMEM_BUDGET / 4), which 16-bit rows keep as raw inputs ("block-raw")
+# unless an additive mask brings them back to 4 bytes per element (the split path).
 ROWS = 3
 
 
 def _expected_path(n, dtype, mask):
-    per_elem = 4 if dtype == torch.float32 else 2 + {"bool": 1, "add": 2}.get(mask, 0)
     if n <= 1024:
         return "warp"
-    return "block" if (n + 7) // 8 * 8 * per_elem <= SMEM_BUDGET else "split"
+    if (n + 7) // 8 * 8 * 4 <= SMEM_BUDGET:
+        return "block"
+    raw = 2 + {"bool": 1, "add": 2}.get(mask, 0)
+    fits_raw = dtype != torch.float32 and (n + 7) // 8 * 8 * raw <= SMEM_BUDGET
+    return "block-raw" if fits_raw else "split"
 
 
 @pytest.mark.parametrize("n", [1500, 3000, 57857])
