@@ -2,13 +2,17 @@
 //
 // Each row of n elements is handled by one of three kernels, chosen by n:
 //   n <= 1024            a warp per row, the row in registers (32 floats per thread);
-//   n fits shared memory a block per row, z = scale * x + mask kept in shared memory as fp32
-//                        (backward: y and dy kept raw);
+//   n fits shared memory a block per row, the row kept in shared memory: fp32 z = scale * x +
+//                        mask; for 16-bit rows too long for that, the raw x and mask values (2
+//                        bytes per element unmasked, 3 with a bool mask, 4 additive), z recomputed
+//                        from them on each pass, so that rows up to twice as long are still read
+//                        once (backward: y and dy kept raw);
 //   longer rows          the row split into pieces of kSplitChunkBytes: one kernel computes each
 //                        piece's online (max, sum of exp) (backward: its sum(dy * y)), a second one
 //                        combines the pieces of its row and writes its piece. No length cap.
 // Traffic: the first two read x (and the mask) once and write y once (backward: read y and dy,
-// write dx), the ideal; the split path reads its inputs twice.
+// write dx), the ideal; the split path reads its inputs twice. A causal row reads only up to its
+// diagonal, in whole vectors, and writes 0s past it.
 // Loads and stores are 16-byte vectors when the row's address and length allow it (per row, at
 // run time), element-wise otherwise. All arithmetic is fp32; offsets are 64-bit.
 //
@@ -237,6 +241,7 @@ struct FwdRow {
   const T* x;
   const void* mask;  // this row's mask values (uint8_t for bool, T for additive)
   int64_t q;         // query index, for the causal mask
+  int64_t live;      // elements before it may be kept: n, or up to the diagonal (causal)
   bool x_vec;
   bool mask_vec;
 };
@@ -248,6 +253,7 @@ __device__ __forceinline__ FwdRow<T> fwd_row(const SoftmaxFwdArgs& a, int64_t ro
   r.x = static_cast<const T*>(a.x) + row * a.x_row_stride;
   r.x_vec = a.n % VEC == 0 && aligned16(r.x);
   r.q = a.causal ? row % a.nq : 0;
+  r.live = a.causal ? std::min(a.n, r.q + 1) : a.n;
   r.mask = nullptr;
   r.mask_vec = false;
   if (a.mask_kind != kNoMask) {
@@ -260,12 +266,72 @@ __device__ __forceinline__ FwdRow<T> fwd_row(const SoftmaxFwdArgs& a, int64_t ro
   return r;
 }
 
-// z = the masked, scaled inputs at j .. j + VEC (j < n); -inf past the end of the row.
+// The raw inputs z is computed from at j .. j + VEC (j < n): x, and the mask's values (the bool
+// mask's keep flags or the additive mask, broadcast when it has one value per row). Elements past
+// n read as 0 (x, add) or 1 (keep); z_of makes them -inf.
+template <typename T, int VEC>
+struct FwdInputs {
+  Pack<T, VEC> x;
+  Pack<uint8_t, VEC> keep;
+  Pack<T, VEC> add;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ FwdInputs<T, VEC> load_inputs(const SoftmaxFwdArgs& a,
+                                                         const FwdRow<T>& r, int64_t j) {
+  const int64_t n = a.n;
+  FwdInputs<T, VEC> in;
+  in.x = load_raw<T, VEC>(r.x, r.x_vec, j, n);
+  if (a.mask_kind == kBoolMask) {
+    const uint8_t* m = static_cast<const uint8_t*>(r.mask);
+    if (r.mask_vec) {
+      in.keep = *reinterpret_cast<const Pack<uint8_t, VEC>*>(m + j);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) in.keep.v[k] = j + k < n ? m[(j + k) * a.mask_col_stride] : 1;
+    }
+  } else if (a.mask_kind == kAdditiveMask) {
+    const T* m = static_cast<const T*>(r.mask);
+    if (a.mask_col_stride == 0) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) in.add.v[k] = m[0];
+    } else {
+      in.add = load_raw<T, VEC>(m, r.mask_vec, j, n);
+    }
+  }
+  return in;
+}
+
+// z = the masked, scaled inputs at j .. j + VEC; -inf past the end of the row. A function of the
+// raw inputs only, so that recomputing it from a copy of them gives the same z bit for bit.
+template <typename T, int VEC>
+__device__ __forceinline__ void z_of(const SoftmaxFwdArgs& a, const FwdRow<T>& r, int64_t j,
+                                     const FwdInputs<T, VEC>& in, float (&z)[VEC]) {
+  // Elements k < last of the vector are kept (in the row, and on or before the diagonal):
+  // one 64-bit comparison per vector, 32-bit ones per element.
+  const int last = static_cast<int>(std::clamp<int64_t>(r.live - j, 0, VEC));
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    float v = static_cast<float>(in.x.v[k]) * a.scale;
+    if (a.mask_kind == kBoolMask) v = in.keep.v[k] ? v : -INFINITY;
+    if (a.mask_kind == kAdditiveMask) v += static_cast<float>(in.add.v[k]);
+    z[k] = k < last ? v : -INFINITY;
+  }
+}
+
+// z at j .. j + VEC, loaded (the warp and split kernels): the same values as z_of, computed
+// straight from the loads (no copy of the raw inputs held in registers); a vector wholly past the
+// diagonal (or the row) is -inf without being read.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_z(const SoftmaxFwdArgs& a, const FwdRow<T>& r, int64_t j,
                                        float (&z)[VEC]) {
+  if (j >= r.live) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) z[k] = -INFINITY;
+    return;
+  }
   const int64_t n = a.n;
-  load_vec<T, VEC>(r.x, r.x_vec, j, n, -INFINITY, z);
+  load_vec<T, VEC>(r.x, r.x_vec, j, n, 0.0f, z);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) z[k] *= a.scale;
   if (a.mask_kind == kBoolMask) {
@@ -292,12 +358,12 @@ __device__ __forceinline__ void load_z(const SoftmaxFwdArgs& a, const FwdRow<T>&
       load_vec<T, VEC>(m, r.mask_vec, j, n, 0.0f, add);
     }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = j + k < n ? z[k] + add[k] : -INFINITY;
+    for (int k = 0; k < VEC; ++k) z[k] += add[k];
   }
-  if (a.causal) {
+  // Past the row's end and the diagonal: -inf (after the scale, which may be negative or 0).
+  const int last = static_cast<int>(std::clamp<int64_t>(r.live - j, 0, VEC));
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = j + k > r.q ? -INFINITY : z[k];
-  }
+  for (int k = 0; k < VEC; ++k) z[k] = k < last ? z[k] : -INFINITY;
 }
 
 // y = exp(z - shift) * inv: the shift is the max, or 0 for a fully masked row of
@@ -333,13 +399,7 @@ __global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock)
     float m = -INFINITY;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      const int64_t j = static_cast<int64_t>(c * kWarp + lane) * VEC;
-      if (j < a.n) {
-        load_z<T, VEC>(a, r, j, z[c]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) z[c][k] = -INFINITY;
-      }
+      load_z<T, VEC>(a, r, static_cast<int64_t>(c * kWarp + lane) * VEC, z[c]);  // -inf past n
 #pragma unroll
       for (int k = 0; k < VEC; ++k) m = fmaxf(m, z[c][k]);
     }
@@ -371,42 +431,109 @@ __global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock)
   }
 }
 
-// A block per row; z lives in shared memory (round_up(n, VEC) floats). Each thread touches only
-// its own vectors of it, so only the reductions need barriers.
+// What the forward's block kernel keeps of a row in shared memory (RAW, a template flag): fp32 z
+// (4 bytes per element; the exponentials overwrite it for the last pass), or, for 16-bit rows
+// too long for that, the raw inputs z is computed from (x and the mask's values: 2 to 4 bytes per
+// element). Raw inputs are exact, so z and its exponentials are recomputed from them on each pass
+// with the same result as from a copy of z, at the price of a second exponential per element and
+// more registers (sm_90 at 1024 threads: 64 with a few spills, against 50): rows that fit as fp32
+// z keep that kernel, raw copies only take rows that would otherwise read their inputs twice on
+// the split path.
 template <typename T>
+constexpr int64_t fwd_smem_per_elem(bool raw, int mask_kind) {
+  if (!raw) return sizeof(float);
+  return sizeof(T) + (mask_kind == kBoolMask ? 1 : mask_kind == kAdditiveMask ? sizeof(T) : 0);
+}
+
+// The block kernel's copy of a row: `vectors` vectors of fp32 z, or of raw x followed by as many
+// of the mask's values.
+template <typename T, int VEC>
+struct RowCopy {
+  float* zs;
+  Pack<T, VEC>* xs;
+  Pack<uint8_t, VEC>* keeps;
+  Pack<T, VEC>* adds;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ RowCopy<T, VEC> row_copy(float* smem, int64_t vectors) {
+  RowCopy<T, VEC> c;
+  c.zs = smem;
+  c.xs = reinterpret_cast<Pack<T, VEC>*>(smem);
+  c.keeps = reinterpret_cast<Pack<uint8_t, VEC>*>(c.xs + vectors);
+  c.adds = c.xs + vectors;
+  return c;
+}
+
+// Keep the raw inputs of the vector at j.
+template <typename T, int VEC>
+__device__ __forceinline__ void keep_raw(const SoftmaxFwdArgs& a, const RowCopy<T, VEC>& c,
+                                         int64_t j, const FwdInputs<T, VEC>& in) {
+  c.xs[j / VEC] = in.x;
+  if (a.mask_kind == kBoolMask) c.keeps[j / VEC] = in.keep;
+  if (a.mask_kind == kAdditiveMask) c.adds[j / VEC] = in.add;
+}
+
+// The kept vector at j as z.
+template <typename T, int VEC, bool RAW>
+__device__ __forceinline__ void kept_z(const SoftmaxFwdArgs& a, const FwdRow<T>& r,
+                                       const RowCopy<T, VEC>& c, int64_t j, float (&z)[VEC]) {
+  if constexpr (RAW) {
+    FwdInputs<T, VEC> in;
+    in.x = c.xs[j / VEC];
+    if (a.mask_kind == kBoolMask) in.keep = c.keeps[j / VEC];
+    if (a.mask_kind == kAdditiveMask) in.add = c.adds[j / VEC];
+    z_of<T, VEC>(a, r, j, in, z);
+  } else {
+    smem_load<VEC>(c.zs, j, z);
+  }
+}
+
+// A block per row; the row lives in shared memory (fwd_smem_per_elem bytes per element of
+// round_up(n, VEC)). Each thread touches only its own vectors of it, so only the reductions need
+// barriers. With fp32 z kept, phase 2 overwrites it with its exponentials for phase 3; with raw
+// inputs kept, phase 3 recomputes them.
+template <typename T, bool RAW>
 __global__ void __launch_bounds__(kBlockThreadsMax)
     softmax_fwd_block_kernel(const SoftmaxFwdArgs a) {
   constexpr int VEC = vec_of<T>();
-  LL_DYNAMIC_SMEM(zs);
+  LL_DYNAMIC_SMEM(smem);
   __shared__ float red[kWarp];
+  const RowCopy<T, VEC> copy = row_copy<T, VEC>(smem, (a.n + VEC - 1) / VEC);
   const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const FwdRow<T> r = fwd_row<T>(a, row);
-    // Phase 1: z to shared memory, the max.
+    // Phase 1: the row up to r.live to shared memory, the max.
     float m = -INFINITY;
 #pragma unroll 4
-    for (int64_t j = first; j < a.n; j += stride) {
+    for (int64_t j = first; j < r.live; j += stride) {
       float z[VEC];
-      load_z<T, VEC>(a, r, j, z);
+      if constexpr (RAW) {
+        const FwdInputs<T, VEC> in = load_inputs<T, VEC>(a, r, j);
+        z_of<T, VEC>(a, r, j, in, z);
+        keep_raw<T, VEC>(a, copy, j, in);
+      } else {
+        load_z<T, VEC>(a, r, j, z);
+        smem_store<VEC>(copy.zs, j, z);
+      }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) m = fmaxf(m, z[k]);
-      smem_store<VEC>(zs, j, z);
     }
     m = block_reduce<true>(m, red);
-    // Phase 2: exponentials (kept) and their sum.
+    // Phase 2: exponentials and their sum.
     const float shift = shift_of(a, m);
     float s = 0.0f;
 #pragma unroll 4
-    for (int64_t j = first; j < a.n; j += stride) {
+    for (int64_t j = first; j < r.live; j += stride) {
       float z[VEC];
-      smem_load<VEC>(zs, j, z);
+      kept_z<T, VEC, RAW>(a, r, copy, j, z);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         z[k] = __expf(z[k] - shift);
         s += z[k];
       }
-      smem_store<VEC>(zs, j, z);
+      if constexpr (!RAW) smem_store<VEC>(copy.zs, j, z);
     }
     const float inv = inv_of(block_reduce<false>(s, red));
     // Phase 3: normalise and store.
@@ -414,11 +541,19 @@ __global__ void __launch_bounds__(kBlockThreadsMax)
     const bool y_vec = a.n % VEC == 0 && aligned16(y);
 #pragma unroll 4
     for (int64_t j = first; j < a.n; j += stride) {
-      float z[VEC];
-      smem_load<VEC>(zs, j, z);
+      float e[VEC] = {};  // 0 past the diagonal
+      if (j < r.live) {
+        if constexpr (RAW) {
+          kept_z<T, VEC, RAW>(a, r, copy, j, e);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] *= inv;
-      store_vec<T, VEC>(y, y_vec, j, a.n, z);
+          for (int k = 0; k < VEC; ++k) e[k] = __expf(e[k] - shift);
+        } else {
+          smem_load<VEC>(copy.zs, j, e);
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) e[k] *= inv;
+      }
+      store_vec<T, VEC>(y, y_vec, j, a.n, e);
     }
   }
 }
@@ -652,6 +787,7 @@ enum class Path { kWarp, kBlock, kSplit };
 
 struct Plan {
   Path path;
+  bool raw;             // forward block path: the row's raw 16-bit inputs kept, not fp32 z
   int64_t blocks;
   int threads;
   size_t smem;          // dynamic shared memory bytes (block path)
@@ -661,7 +797,7 @@ struct Plan {
 };
 
 // `smem_bytes` is the dynamic shared memory a block may use; `per_elem` the bytes the block
-// kernel keeps per element (fwd: 4, an fp32 z; bwd: 2 * sizeof(T), raw y and dy);
+// kernel keeps per element (fwd: fwd_smem_per_elem, bwd: 2 * sizeof(T), raw y and dy);
 // `ws_per_piece` the floats of workspace the split path needs per piece.
 template <typename T>
 Plan make_plan(int64_t rows, int64_t n, int64_t smem_bytes, int64_t per_elem,
@@ -691,10 +827,21 @@ Plan make_plan(int64_t rows, int64_t n, int64_t smem_bytes, int64_t per_elem,
   return p;
 }
 
+// The block kernel keeping fp32 z where the row fits as that, else (16-bit inputs) its raw
+// inputs where those fit, else the split path.
 template <typename T>
 Plan plan_fwd(const SoftmaxFwdArgs& a, int64_t smem_bytes) {
-  return make_plan<T>(a.rows, a.n, smem_bytes, sizeof(float),
-                      sizeof(MaxSum) / sizeof(float));
+  constexpr int64_t ws = sizeof(MaxSum) / sizeof(float);
+  Plan p = make_plan<T>(a.rows, a.n, smem_bytes, fwd_smem_per_elem<T>(false, a.mask_kind), ws);
+  if (p.path == Path::kSplit && sizeof(T) < sizeof(float)) {
+    const Plan raw =
+        make_plan<T>(a.rows, a.n, smem_bytes, fwd_smem_per_elem<T>(true, a.mask_kind), ws);
+    if (raw.path == Path::kBlock) {
+      p = raw;
+      p.raw = true;
+    }
+  }
+  return p;
 }
 
 template <typename T>
@@ -709,10 +856,15 @@ void launch_fwd(const SoftmaxFwdArgs& a, const Plan& p, float* workspace, cudaSt
     case Path::kWarp:
       LL_LAUNCH(softmax_fwd_warp_kernel<T>, p.blocks, p.threads, 0, stream, a);
       break;
-    case Path::kBlock:
-      if (p.smem > kDefaultSmem) LL_ALLOW_SMEM(softmax_fwd_block_kernel<T>, p.smem);
-      LL_LAUNCH(softmax_fwd_block_kernel<T>, p.blocks, p.threads, p.smem, stream, a);
+    case Path::kBlock: {
+      auto* kernel = &softmax_fwd_block_kernel<T, false>;
+      if constexpr (sizeof(T) < sizeof(float)) {
+        if (p.raw) kernel = &softmax_fwd_block_kernel<T, true>;
+      }
+      if (p.smem > kDefaultSmem) LL_ALLOW_SMEM(kernel, p.smem);
+      LL_LAUNCH(kernel, p.blocks, p.threads, p.smem, stream, a);
       break;
+    }
     case Path::kSplit: {
       MaxSum* stats = reinterpret_cast<MaxSum*>(workspace);
       LL_LAUNCH(softmax_fwd_split_stats_kernel<T>, p.blocks, p.threads, 0, stream, a, p.chunk,

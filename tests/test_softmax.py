@@ -449,7 +449,10 @@ def test_bad_inputs(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n", [128, 1023, 1024, 1025, 8192, 16385, 58000, 65536, 262144, 262147])
+# 58000: past the longest fp32 row the block kernel keeps on an H100/H200 (fp32 z, 4 bytes an
+# element); 115712 / 115713: the longest unmasked 16-bit one (raw x, 2 bytes) and one past it.
+@pytest.mark.parametrize("n", [128, 1023, 1024, 1025, 8192, 16385, 58000, 65536, 115712, 115713,
+                               262144, 262147])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_paths_and_alignment(dtype, n):
     """Every kernel (warp, block, split) with 16-byte aligned rows and with misaligned ones."""
@@ -461,6 +464,8 @@ def test_cuda_paths_and_alignment(dtype, n):
     mask = torch.rand(rows, n, device="cuda") > 0.5
     check_masked(base[:, :n], mask, 0.5)
     check_masked(base[:, :n], torch.randn(n, device="cuda", dtype=dtype), 0.5)
+    # A negative scale: the elements past n in a row's last vector must stay -inf.
+    check_masked(base[:, :n], None, -0.7)
 
 
 @pytest.mark.cuda
