@@ -450,8 +450,13 @@ def test_decode_passes_gqa_and_the_right_mask_to_the_function(monkeypatch):
     assert prefill["is_causal"] and prefill["mask"] is None and prefill["keys"] == 3
     assert not token["is_causal"] and token["mask"] is None and token["keys"] == 4
     assert not chunk["is_causal"] and chunk["keys"] == 8
-    expected = torch.tensor([[j <= 4 + i for j in range(8)] for i in range(4)], device=DEVICE)
-    assert torch.equal(chunk["mask"].reshape(4, 8), expected)  # bottom-right aligned
+    # bottom-right aligned, as PyTorch's lower-right causal bias (a kernel flag, no mask tensor)
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    mask = chunk["mask"]
+    assert isinstance(mask, CausalBias) and mask.variant == CausalVariant.LOWER_RIGHT
+    expected = torch.tensor([[j <= 4 + i for j in range(8)] for i in range(4)])
+    assert torch.equal(mask._materialize().cpu(), expected)
 
 
 def test_kv_cache_writes_in_place_and_returns_prefix_views():
