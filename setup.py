@@ -102,10 +102,11 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
+    # lightllm.kernels is the link lightllm/kernels -> ../kernels (a namespace package: kernels/ has
+    # no __init__.py, so it never shadows an installed top-level `kernels`); wheels and sdists hold
+    # the files themselves. docs/design.md, "Layout", says why.
     packages=["lightllm", "lightllm.ops", "lightllm.nn", "lightllm.reference",
               "lightllm.integrations", "lightllm.models", "lightllm.kernels"],
-    # kernels/ installs as lightllm.kernels, never as a top-level `kernels` (DESIGN.md §2).
-    package_dir={"lightllm": "lightllm", "lightllm.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,9 +1,21 @@
-"""Helpers every kernel module shares: interpreter detection, autotune config lists, launch sizes."""
+"""Helpers every kernel module shares: interpreter detection, autotune config lists, launch sizes.
+
+The Triton kernels and their thin launchers form the package ``lightllm.kernels``; they import
+nothing of lightllm, do no validation and own no autograd (``lightllm.ops`` does). The folder is
+no package of its own: it has no ``__init__.py``, so a top-level ``import kernels`` always finds an
+installed package of that name first (Hugging Face's ``kernels``, which transformers imports), and
+``lightllm/kernels`` is a link to it (docs/design.md, "Layout").
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+
+if __package__ != "lightllm.kernels":
+    # Reached only as the namespace portion a checkout's root offers when no package named
+    # `kernels` is installed: these sources are lightllm's, under lightllm's name alone.
+    raise ImportError(f"lightllm's Triton kernels import as lightllm.kernels, not as {__package__!r}")
 
 import torch
 import triton
