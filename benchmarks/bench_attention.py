@@ -124,7 +124,7 @@ def _case(seq: int, d: int, causal: bool, kv_group: int, dtype: torch.dtype, bat
 
 
 def build_cases(quick: bool) -> list[Case]:
-    if not HAS_CUDA:  # the CPU path at the DESIGN.md §5 CPU target shape
+    if not HAS_CUDA:  # the CPU path at the docs/design.md §5 CPU target shape
         return [_case(512, 64, c, 1, torch.float32, batch=4, heads=8) for c in (False, True)]
     dtype = torch.bfloat16
     if quick:

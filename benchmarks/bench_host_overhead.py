@@ -5,7 +5,7 @@ is validation, dispatch, reshapes, allocation, launch plans and autograd bookkee
 would sit in front of every kernel on a GPU — beside PyTorch's *whole* eager call on the same tiny
 input (compute included). The C++ softmax ops cannot be stubbed: their rows are whole calls on a
 tiny input, like PyTorch's. Each case is timed without autograd and with autograd recording (inputs
-that require grad; forward only). Targets (DESIGN.md §5): ≤ 20 µs without autograd, ≤ 40 µs with.
+that require grad; forward only). Targets (docs/design.md §5): ≤ 20 µs without autograd, ≤ 40 µs with.
 
 On a CPU-only machine the Triton path exists only under the interpreter, which must be switched on
 before lightllm is imported, so the measurement runs in a child process with ``TRITON_INTERPRET=1``.

@@ -122,7 +122,7 @@ def _feed_forward_case(tokens: int, d_model: int, approximate: str, dtype) -> Ca
 
 
 def build_cases(quick: bool) -> list[Case]:
-    if not HAS_CUDA:  # the CPU path at the DESIGN.md §5 CPU target shape
+    if not HAS_CUDA:  # the CPU path at the docs/design.md §5 CPU target shape
         return (_linear_gelu_cases(1024, 1024, "none", torch.float32)
                 + [_feed_forward_case(1024, 1024, "none", torch.float32)])
     dtype = torch.bfloat16

@@ -54,7 +54,7 @@ def build_cases(quick: bool) -> list[Case]:
     if HAS_CUDA:
         hiddens = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         dtypes = [torch.bfloat16]
-    else:  # the C++ CPU kernels, 4096 rows (the DESIGN.md §5 CPU target shape is 4096 x 1024)
+    else:  # the C++ CPU kernels, 4096 rows (the docs/design.md §5 CPU target shape is 4096 x 1024)
         hiddens = [1024, 4096] if quick else [512, 1024, 2048, 4096]
         dtypes = [torch.float32, torch.bfloat16]
     cases = []

@@ -71,7 +71,7 @@ def _case(op, shape, dtype, providers):
 
 
 def build_cases(quick: bool) -> list[Case]:
-    if not HAS_CUDA:  # the C++ CPU kernels, 4M elements (the DESIGN.md §5 target: 4096 x 1024)
+    if not HAS_CUDA:  # the C++ CPU kernels, 4M elements (the docs/design.md §5 target: 4096 x 1024)
         lengths = [1024, 8192] if quick else [256, 1024, 4096, 8192]
         return [_case("softmax", ((1 << 22) // n, n), dtype, _softmax_providers())
                 for dtype in (torch.float32, torch.bfloat16) for n in lengths] + [

@@ -98,7 +98,7 @@ def _feed_forward_case(tokens: int, d_model: int, d_ff: int, dtype) -> Case:
 
 
 def build_cases(quick: bool) -> list[Case]:
-    if not HAS_CUDA:  # the CPU path at the DESIGN.md §5 CPU target shape (d_ff = 8/3 d_model)
+    if not HAS_CUDA:  # the CPU path at the docs/design.md §5 CPU target shape (d_ff = 8/3 d_model)
         return [_swiglu_case(1024, 1024, 2816, torch.float32),
                 _feed_forward_case(1024, 1024, 2816, torch.float32)]
     dtype = torch.bfloat16

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make gpu-check: the one script for a GPU machine (DESIGN.md §6).
+# make gpu-check: the one script for a GPU machine (docs/design.md §6).
 #
 #   bash benchmarks/gpu_check.sh [--stage NAME] [RESULTS_DIR]     (make gpu-check RESULTS=DIR)
 #

@@ -1,4 +1,4 @@
-"""The benchmark harness every op's benchmark uses (DESIGN.md §5).
+"""The benchmark harness every op's benchmark uses (docs/design.md §5).
 
 A benchmark file describes *cases* (shapes, a way to make fresh inputs, the ideal memory traffic or
 FLOPs) and *providers* (eager reference, PyTorch's fused op or each SDPA backend, torch.compile of

@@ -1,7 +1,7 @@
 """Where an op runs: the one place that decides between the Triton kernels, the CPU path and the
 reference, and whether a call may skip the ``torch.library`` custom op.
 
-DESIGN.md §3:
+docs/design.md §3:
 - CUDA tensors run the Triton kernels.
 - CPU tensors run the same Triton kernels through the interpreter when ``TRITON_INTERPRET=1`` was set
   before lightllm was imported (tests), except bfloat16, which the interpreter cannot multiply.

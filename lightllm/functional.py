@@ -1,4 +1,4 @@
-"""The ops, with the exact semantics of their PyTorch twins (DESIGN.md §3)."""
+"""The ops, with the exact semantics of their PyTorch twins (docs/design.md §3)."""
 from .ops.attention import scaled_dot_product_attention  # noqa: F401
 from .ops.layer_norm import add_layer_norm, layer_norm  # noqa: F401
 from .ops.linear_gelu import feed_forward, linear_gelu, linear_relu  # noqa: F401

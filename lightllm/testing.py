@@ -1,4 +1,4 @@
-"""Parity checking by the tolerance rule of DESIGN.md §4 (the FlashAttention rule).
+"""Parity checking by the tolerance rule of docs/design.md §4 (the FlashAttention rule).
 
 The reference is computed in float64; PyTorch's own op runs in the test dtype. The kernel's largest
 error against the reference may be at most ``factor`` times PyTorch's (2 for outputs, 3 for gradients)

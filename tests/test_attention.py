@@ -1,4 +1,4 @@
-"""scaled_dot_product_attention: parity (DESIGN.md §4), masks, GQA, dropout, edge numerics,
+"""scaled_dot_product_attention: parity (docs/design.md §4), masks, GQA, dropout, edge numerics,
 registration, errors.
 
 Every parity check runs lightllm in the test dtype, the reference in float64 (the oracle) and

@@ -1,10 +1,10 @@
-"""The native CPU path (DESIGN.md §3): CPU tensors without the interpreter run lightllm's C++
+"""The native CPU path (docs/design.md §3): CPU tensors without the interpreter run lightllm's C++
 kernels (LayerNorm, Add & Norm, softmax) or PyTorch's native ops (attention, the matmuls) behind
 lightllm's validation and edge semantics — never the eager reference.
 
 Every test here runs with the interpreter switched off for CPU tensors (``_dispatch.native_cpu``),
 so the suite checks the path a user without a GPU gets, bfloat16 included, beside the interpreted
-kernels the other files check. Parity is by the tolerance rule of DESIGN.md §4 (the checks of the
+kernels the other files check. Parity is by the tolerance rule of docs/design.md §4 (the checks of the
 op's own test file, on CPU tensors).
 """
 

@@ -1,4 +1,4 @@
-"""CUDA-graph capture (DESIGN.md §3 host cost): every CUDA path runs inside ``torch.cuda.graph``
+"""CUDA-graph capture (docs/design.md §3 host cost): every CUDA path runs inside ``torch.cuda.graph``
 with no host synchronisation, ``.item()`` or per-call CPU tensor, and a replay equals eager.
 
 All of these need an NVIDIA GPU (marked ``cuda``); on the CPU machine they are skipped.

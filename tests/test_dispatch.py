@@ -1,4 +1,4 @@
-"""Dispatch (DESIGN.md §3): which path serves an input, the one-time warnings of the fallbacks, and
+"""Dispatch (docs/design.md §3): which path serves an input, the one-time warnings of the fallbacks, and
 the two routes to a kernel — the launcher called directly in plain eager mode, the custom op under
 torch.compile or a dispatch mode — which must agree bit for bit, gradients included."""
 

@@ -1,4 +1,4 @@
-"""feed_forward and lightllm.nn.FeedForward: parity of the output and every gradient (DESIGN.md §4),
+"""feed_forward and lightllm.nn.FeedForward: parity of the output and every gradient (docs/design.md §4),
 residual, strides, registration, the TransformerEncoderLayer drop-in, dropout, errors.
 
 Each case runs three interpreted matmuls (two forward, dPre in the backward), so the default shapes

@@ -1,4 +1,4 @@
-"""Every Triton launch keeps CUDA's grid limits (DESIGN.md §3 "Launch limits"), shown without a GPU.
+"""Every Triton launch keeps CUDA's grid limits (docs/design.md §3 "Launch limits"), shown without a GPU.
 
 CUDA refuses a launch whose grid has x >= 2^31 or y, z > 65535 ("invalid argument"); the interpreter
 does not enforce that. Here the public functions run under ``lightllm.testing.stub_launches``: no

@@ -1,4 +1,4 @@
-"""LayerNorm and Add & Norm: parity (DESIGN.md §4), edge numerics, modules, registration, errors."""
+"""LayerNorm and Add & Norm: parity (docs/design.md §4), edge numerics, modules, registration, errors."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """The C++ CPU kernels of LayerNorm and Add & Norm (``torch.ops.lightllm.layer_norm_fwd_cpu`` /
-``layer_norm_bwd_cpu`` in lightllm._C): parity with float64 by the rule of DESIGN.md §4, statistics,
+``layer_norm_bwd_cpu`` in lightllm._C): parity with float64 by the rule of docs/design.md §4, statistics,
 determinism, edge numerics, bad input, opcheck, and each compiled instruction set."""
 
 import os

@@ -1,4 +1,4 @@
-"""linear_gelu: parity (DESIGN.md §4) of the forward and dX/dW/db, odd shapes, strides, edge
+"""linear_gelu: parity (docs/design.md §4) of the forward and dX/dW/db, odd shapes, strides, edge
 numerics, registration, errors. The feed-forward and its module are in test_feed_forward.py.
 
 Interpreter cost grows with K x N (x the number of row tiles): the default set keeps every

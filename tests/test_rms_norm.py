@@ -1,4 +1,4 @@
-"""RMSNorm and Add & RMSNorm: parity (DESIGN.md §4) on both routes — the Triton kernels (CUDA, or
+"""RMSNorm and Add & RMSNorm: parity (docs/design.md §4) on both routes — the Triton kernels (CUDA, or
 the interpreter on CPU) and the native CPU path's C++ kernels — LlamaRMSNorm's casting order, edge
 numerics, modules, registration, the kernels proven to run, and bad input."""
 

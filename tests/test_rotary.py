@@ -1,4 +1,4 @@
-"""Rotary position embedding: parity (DESIGN.md §4) with transformers' apply_rotary_pos_emb on both
+"""Rotary position embedding: parity (docs/design.md §4) with transformers' apply_rotary_pos_emb on both
 routes (Triton: CUDA or the interpreter; native CPU), gradients, layouts, the cos/sin tables,
 the in-place form, edge numerics, registration, launch limits and bad input."""
 

@@ -1,4 +1,4 @@
-"""Softmax and scaled + masked softmax on the C++/CUDA extension lightllm._C: parity (DESIGN.md §4),
+"""Softmax and scaled + masked softmax on the C++/CUDA extension lightllm._C: parity (docs/design.md §4),
 masks, edge numerics, layouts, registration, errors, the module.
 
 Tests run on every device in ``DEVICES``: the CPU kernel here, the CUDA kernels on a GPU machine

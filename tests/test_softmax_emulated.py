@@ -1,5 +1,5 @@
 """The CUDA softmax kernels of csrc/softmax_kernels.cuh run on the CPU under an emulation of the
-CUDA built-ins, so that their logic is checked on machines without a GPU (DESIGN.md §4 rules).
+CUDA built-ins, so that their logic is checked on machines without a GPU (docs/design.md §4 rules).
 
 The emulation (``EMULATION`` below, compiled with g++ once per session) runs each block of a launch
 after the previous one, each CUDA thread of it as an OS thread: ``__syncthreads`` is a barrier of

@@ -1,4 +1,4 @@
-"""linear_swiglu, swiglu_feed_forward and lightllm.nn.SwiGLU: parity (DESIGN.md §4) of the output
+"""linear_swiglu, swiglu_feed_forward and lightllm.nn.SwiGLU: parity (docs/design.md §4) of the output
 and every gradient, odd shapes, biases, residual, strides, the gated TMA and pointer kernels, the
 native CPU path, registration, the transformers LlamaMLP drop-in, edge numerics, errors.
 
