@@ -106,7 +106,10 @@ setup(
     # no __init__.py, so it never shadows an installed top-level `kernels`); wheels and sdists hold
     # the files themselves. docs/design.md, "Layout", says why.
     packages=["lightllm", "lightllm.ops", "lightllm.nn", "lightllm.reference",
-              "lightllm.integrations", "lightllm.models", "lightllm.kernels"],
+              "lightllm.integrations", "lightllm.integrations.kernel_repository", "lightllm.models",
+              "lightllm.kernels"],
+    # The local layer repository of Hugging Face's kernels package (lightllm.integrations.kernel_hub).
+    package_data={"lightllm.integrations.kernel_repository": ["metadata.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -32,9 +32,9 @@ def test_installed_kernels_package_wins_in_the_test_process():
     """pytest puts the root first on sys.path (pyproject's pythonpath), as a user's `python -m`
     from the root does: `kernels` must still be Hugging Face's, and transformers' hub integration,
     which imports names from it, must load."""
+    import kernels
     import transformers.integrations.hub_kernels  # noqa: F401
 
-    import kernels
     import lightllm.kernels.attention
 
     assert str(ROOT) in [os.path.abspath(p or ".") for p in sys.path]
@@ -157,6 +157,7 @@ def test_wheel_and_sdist_hold_the_kernels(tmp_path):
         with zipfile.ZipFile(wheel) as zf:
             names = set(zf.namelist())
         assert {f"lightllm/kernels/{n}" for n in KERNEL_FILES} <= names, wheel.name
+        assert "lightllm/integrations/kernel_repository/metadata.json" in names, wheel.name
         assert not any(n.startswith("kernels/") for n in names), wheel.name
         python = _clean_env_with(wheel, tmp_path / f"env{i}")
         out = _run([str(python), "-c", IMPORT_EVERY_KERNEL, ",".join(KERNEL_FILES)],

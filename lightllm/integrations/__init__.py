@@ -1,5 +1,7 @@
 """What ``lightllm.patch`` knows how to swap, one file per ecosystem: ``torch_nn`` (PyTorch's own
-modules) and ``hugging_face`` (transformers models, imported only once transformers is).
+modules) and ``hugging_face`` (transformers models, imported only once transformers is), with
+``kernel_hub`` offering the same Hugging Face knowledge through transformers' own kernel mechanism
+(imported only on request).
 
 ``install()`` (called by ``import lightllm``) registers the ``"lightllm"`` attention implementation
 with transformers: at once if transformers is already imported, else right after it is, through

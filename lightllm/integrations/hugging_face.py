@@ -238,7 +238,7 @@ _FORMS = {
 _SUGGESTIVE = ("Norm", "MLP", "FFN", "FeedForward", "Intermediate")
 
 
-def _body(fn) -> str | None:
+def source_form(fn) -> str | None:
     """The statements of ``fn`` (docstring dropped) as a syntax-tree dump, or None."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
@@ -262,7 +262,7 @@ def _templates() -> dict[str, str]:
     out = {}
     for form, (model, cls, *_) in _FORMS.items():
         module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
-        out[form] = _body(getattr(module, cls).forward)
+        out[form] = source_form(getattr(module, cls).forward)
     return out
 
 
@@ -271,7 +271,7 @@ def _form_of(cls: type) -> str | None:
     forward = cls.__dict__.get("forward")
     if forward is None:
         return None
-    body = _body(forward)
+    body = source_form(forward)
     return next((form for form, tpl in _templates().items() if tpl is not None and body == tpl),
                 None)
 
