@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="on a CPU, also time the torch.compile providers (slow to build)")
     parser.add_argument("--time-limit", type=float, default=0, help="seconds: cases that would "
                         "start later are recorded as skipped and the reports written (gpu-check)")
+    parser.add_argument("--cpu-seconds", type=float, default=0.5, help="without a GPU: at least "
+                        "this many seconds of timed calls per measurement (and at least five calls)")
     parser.add_argument("--no-traffic", action="store_true", help="skip the traffic model")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
         for case in cases:
             bar.set_postfix_str(f"{case.op} {case.label}"[:60])
             payload["results"] += harness.run_case(case, ceilings, args.only, args.compile,
-                                                   progress=bar.update, deadline=deadline)
+                                                   progress=bar.update, deadline=deadline,
+                                                   cpu_seconds=args.cpu_seconds)
             report.write_json(results_json, payload)  # a run cut short keeps what it measured
     for module in measures:
         name = module.__name__.removeprefix("benchmarks.bench_")

@@ -234,10 +234,10 @@ def jobs(case: Case, only: Sequence[str] = ()) -> list[tuple[str, str]]:
 
 def run_case(case: Case, ceilings: dict[str, Any] | None, only: Sequence[str] = (),
              compile_on_cpu: bool = False, progress: Callable[[], None] | None = None,
-             deadline: float = math.inf) -> list[dict]:
+             deadline: float = math.inf, cpu_seconds: float = 0.5) -> list[dict]:
     """Time every provider on every mode of ``case``; one result row each (``progress`` is
     called after each; a job that would start after ``deadline``, a ``time.monotonic()`` value,
-    is recorded as skipped)."""
+    is recorded as skipped; on a CPU each timing runs at least ``cpu_seconds`` of calls)."""
     device = torch.device(DEVICE)
     sets = None
     rows = []
@@ -262,7 +262,7 @@ def run_case(case: Case, ceilings: dict[str, Any] | None, only: Sequence[str] = 
                     row.update(status="ok", median_ms=p50, p20_ms=p20, p80_ms=p80,
                                peak_mib=_peak_mib(call))
                 else:
-                    p50, p20, p80 = cpu_bench(call)
+                    p50, p20, p80 = cpu_bench(call, min_seconds=cpu_seconds)
                     row.update(status="ok", median_ms=p50, p20_ms=p20, p80_ms=p80)
                 add_rates(row, case.bytes.get(mode), case.flops.get(mode), ceilings)
             except Exception as e:  # a provider that cannot run this case is reported, not fatal

@@ -38,9 +38,13 @@ SKIP = 77  # the script's exit status when it cannot compile for NVIDIA GPUs at 
 
 # With a GPU the rest of the suite compiles and runs every kernel for real; this check is for the
 # machines without one (and leans on Triton internals that other Triton versions may rename).
-pytestmark = pytest.mark.skipif(
-    __import__("torch").cuda.is_available(), reason="a GPU is present: the kernels compile for real"
-)
+# One xdist group: the module's tests share one compile table (a fixture per process), so they
+# must run in one process or the minutes of compiling happen once per worker.
+pytestmark = [
+    pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                       reason="a GPU is present: the kernels compile for real"),
+    pytest.mark.xdist_group("sm90"),
+]
 
 
 @pytest.fixture(scope="module")
