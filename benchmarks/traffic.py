@@ -56,6 +56,7 @@ if __name__ == "__main__":  # before lightllm's kernels are defined: Triton deci
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -72,9 +73,8 @@ import lightllm  # noqa: E402
 import lightllm.functional as LF  # noqa: E402
 from benchmarks.counting import Counter, Launch, Tally  # noqa: E402
 from lightllm import _dispatch  # noqa: E402
+from lightllm.kernels import _device as kernel_device  # noqa: E402
 from lightllm.kernels import _utils as kernel_utils  # noqa: E402
-from lightllm.kernels import attention_decode as decode_kernels  # noqa: E402
-from lightllm.kernels import layer_norm as norm_kernels  # noqa: E402
 from lightllm.kernels import linear_gelu as linear_kernels  # noqa: E402
 from lightllm.reference import linear_gelu as linear_reference  # noqa: E402
 from lightllm.reference import softmax as softmax_reference  # noqa: E402
@@ -483,18 +483,11 @@ def _real_outputs():
         kernel_utils.POISON_OUTPUTS = saved
 
 
-@contextlib.contextmanager
 def _gpu_plans():
-    """Launch plans of a GPU (an H200's SMs) for the kernels whose plans depend on it."""
-    modules = (norm_kernels, linear_kernels, decode_kernels)
-    saved = [m.sm_count for m in modules]
-    for m in modules:
-        m.sm_count = lambda t: H200_SMS
-    try:
-        yield
-    finally:
-        for m, fn in zip(modules, saved):
-            m.sm_count = fn
+    """Launch plans of a GPU (an H200's SMs) for the kernels whose plans depend on it; the copy
+    engine stays as the interpreter has it, so the counted loads and stores are the pointer path's
+    for attention."""
+    return kernel_device.pretend(dataclasses.replace(kernel_device.INTERPRETER, sms=H200_SMS))
 
 
 def count(fn: Callable, inputs: tuple, mode: str, *, dry: bool = False,

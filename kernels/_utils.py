@@ -9,7 +9,6 @@ installed package of that name first (Hugging Face's ``kernels``, which transfor
 
 from __future__ import annotations
 
-import functools
 import os
 
 if __package__ != "lightllm.kernels":
@@ -69,18 +68,6 @@ def autotune(configs: list[triton.Config], key: list[str], **kwargs):
         return tuner
 
     return decorate
-
-
-@functools.cache
-def num_sms(device_index: int) -> int:
-    """Streaming multiprocessors on a CUDA device (a fixed small number under the interpreter)."""
-    if INTERPRET or not torch.cuda.is_available():
-        return 4
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(t: torch.Tensor) -> int:
-    return num_sms(t.device.index or 0) if t.is_cuda else num_sms(-1)
 
 
 # Host arithmetic is plain integer work: ``triton.cdiv`` and ``triton.next_power_of_2`` go through

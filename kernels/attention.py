@@ -70,6 +70,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import _device
 from ._utils import INTERPRET, autotune, cdiv, empty, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -129,8 +130,9 @@ def tuned(interpreter: triton.Config, gpu: list[triton.Config],
     same kernel loading through tensor descriptors, only when the launcher passed them).
 
     On a GPU the configs for which ``suits(config, meta)`` holds (meta: the constexprs plus ITEM,
-    the element size of Q) are all timed, or only the first with LIGHTLLM_AUTOTUNE=0
-    (``_utils.autotune``): the first pointer config stays the default. Under the interpreter,
+    the element size of Q, and SMEM, the shared memory a program may stage in) are all timed, or
+    only the first with LIGHTLLM_AUTOTUNE=0 (``_utils.autotune``): the first pointer config stays
+    the default. Under the interpreter,
     ``interpreter`` runs, or its TMA twin when descriptors were passed (and ``tma`` is not empty).
     """
     if INTERPRET:
@@ -146,7 +148,9 @@ def tuned(interpreter: triton.Config, gpu: list[triton.Config],
         use_tma = isinstance(named_args.get("QDesc"), TensorDescriptor)
         if INTERPRET:
             return [c for c in configs if _uses_tma(c) == use_tma]
-        meta = {**kwargs, "ITEM": named_args["Q"].element_size()}
+        q = named_args["Q"]
+        meta = {**kwargs, "ITEM": q.element_size(),
+                "SMEM": _device.facts(q.device).smem_per_block - _SMEM_RESERVE}
         return gpu_candidates(configs, use_tma, meta, suits)
 
     return {"configs": configs, "prune_configs_by": {"early_config_prune": prune}}
@@ -161,12 +165,13 @@ def gpu_candidates(configs: list[triton.Config], use_tma: bool, meta: dict,
     return fit or [c for c in candidates if not _uses_tma(c)][-1:]
 
 
-_SMEM_LIMIT = 224 * 1024  # of the 227 KiB an H100 SM gives one program
+_SMEM_RESERVE = 3 * 1024  # of a program's shared memory, left to the compiler (224 of 227 KiB)
 
 
-def _fits_smem(c: triton.Config, per_stage: int, fixed: int, item: int) -> bool:
+def _fits_smem(c: triton.Config, per_stage: int, fixed: int, meta: dict) -> bool:
     # Compiling for sm_90 shows fp32 dots staging ~15 % more (layout conversions): keep headroom.
-    return (c.num_stages * per_stage + fixed) * (1.15 if item == 4 else 1.0) <= _SMEM_LIMIT
+    item = meta["ITEM"]
+    return (c.num_stages * per_stage + fixed) * (1.15 if item == 4 else 1.0) <= meta["SMEM"]
 
 
 def _wide(meta: dict) -> bool:
@@ -182,7 +187,7 @@ def _row_tiles_suit(c: triton.Config, meta: dict, resident: int) -> bool:
     heads = meta["BLOCK_D"] + meta["BLOCK_DV"]
     small = bm * bn <= (128 * 64 if item == 2 else 64 * 32) and c.num_stages <= 2
     return (small or not _wide(meta)) and _fits_smem(c, bn * heads * item, bm * resident * item,
-                                                     item)
+                                                     meta)
 
 
 def _fwd_suits(c: triton.Config, meta: dict) -> bool:
@@ -198,7 +203,7 @@ def _key_tiles_suit(c: triton.Config, meta: dict) -> bool:
     bm, bn, item = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], meta["ITEM"]
     heads = meta["BLOCK_D"] + meta["BLOCK_DV"]
     small = bn <= 64 and c.num_stages <= 2
-    return (small or not _wide(meta)) and _fits_smem(c, bm * heads * item, bn * heads * item, item)
+    return (small or not _wide(meta)) and _fits_smem(c, bm * heads * item, bn * heads * item, meta)
 
 
 # Each GPU list starts with its default for 16-bit head dims <= 128; the first entry that suits a
@@ -876,12 +881,11 @@ def mask_args(mask: torch.Tensor | None, fallback: torch.Tensor):
     return (mask.view(torch.uint8) if is_bool else mask), strides, is_bool
 
 
-@functools.cache
 def _has_tma(device: torch.device) -> bool:
-    """Tensor descriptors (the copy engine) on Hopper and later. The interpreter emulates them,
-    but there the default stays the pointer path (what LIGHTLLM_AUTOTUNE=0 runs on a GPU): tests
-    ask for descriptors explicitly."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether launches take tensor descriptors (the copy engine) by default: where the device
+    has them, but not under the interpreter, which emulates them: there the default stays the
+    pointer path (what LIGHTLLM_AUTOTUNE=0 runs on a GPU), and tests ask for descriptors."""
+    return not INTERPRET and _device.facts(device).tma
 
 
 def _descriptor(t: torch.Tensor) -> TensorDescriptor | None:

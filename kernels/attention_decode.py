@@ -23,9 +23,10 @@ The split count S (``wave_splits``): the split kernel's P·S programs (P = B·Hk
 in waves of ``slots`` = SMs × the programs one SM holds at once, which ``ctas_per_sm`` derives from
 the config's resources: its threads against the register file at ptxas' ceiling of 255 registers
 a thread (the binding limit of the 8-warp default, which compiles to 128-212 registers), and its
-(stages - 1) × BLOCK_N × (BLOCK_D + BLOCK_DV) staged K/V elements against 227 KiB of shared
-memory. Chunks take about equally long, so a grid runs for ceil(P·S / slots) waves and keeps
-P·S / (ceil(P·S / slots) · slots) of the slots busy (its wave efficiency); S is the count, among
+(stages - 1) × BLOCK_N × (BLOCK_D + BLOCK_DV) staged K/V elements against a program's shared
+memory (227 KiB on Hopper), both from the device's facts (``_device``). Chunks take about
+equally long, so a grid runs for ceil(P·S / slots) waves and keeps P·S / (ceil(P·S / slots) ·
+slots) of the slots busy (its wave efficiency); S is the count, among
 those ``_chunking`` realises up to one chunk per SPLIT_ALIGN keys, of the best efficiency, the
 fewest chunks within WAVE_SLACK of it (less scratch and combine work), and never below one full
 wave of programs when the keys allow one (the HBM stream needs programs in flight, not only busy
@@ -58,7 +59,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune, cdiv, empty, next_pow2, sm_count
+from . import _device
+from ._device import DeviceFacts
+from ._utils import autotune, cdiv, empty, next_pow2
 from .attention import (
     LOG2E,
     _load_tile,
@@ -73,13 +76,6 @@ from .attention import (
 DECODE_MAX_Q = 16  # longest query the split-KV path serves
 DECODE_MIN_K = 256  # shortest key sequence worth splitting
 SPLIT_ALIGN = 256  # chunk lengths are multiples of this, so every BLOCK_N below divides them
-# What bounds the split programs resident on one Hopper SM (H100/H200): its register file, at
-# ptxas' ceiling of 255 registers a thread (allocated as 256: the 8-warp defaults compile to
-# 128-212 on sm_90a and, with their shared memory, hold an SM alone), and its shared memory.
-# Its 64 warps and 32 programs bind later than those registers at any warp count.
-SM_REGS = 64 * 1024
-REGS_PER_THREAD = 256
-SM_SMEM = 227 * 1024
 WAVE_SLACK = 0.01  # efficiencies this close count as equal: the fewer chunks win
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -229,12 +225,18 @@ def _chunking(blocks: int, splits: int) -> tuple[int, int]:
     return cdiv(blocks, per_chunk), per_chunk * SPLIT_ALIGN
 
 
-def ctas_per_sm(config: triton.Config, meta: dict) -> int:
-    """Split programs of ``config`` resident at once on one SM (meta: BLOCK_D, BLOCK_DV, ITEM)."""
+def ctas_per_sm(config: triton.Config, meta: dict, device: DeviceFacts) -> int:
+    """Split programs of ``config`` resident at once on one SM of ``device`` (meta: BLOCK_D,
+    BLOCK_DV, ITEM): its register file at ptxas' ceiling a thread (the 8-warp defaults compile to
+    128-212 registers on sm_90a and, with their shared memory, hold an SM alone) and the staged
+    tiles in a program's shared memory; an SM's warp and program limits bind later than those
+    registers at any warp count."""
     threads = config.num_warps * 32
+    regs_per_thread = cdiv(device.max_regs_per_thread, 8) * 8  # allocated in units of 8
     smem = (config.num_stages - 1) * config.kwargs["BLOCK_N"] * (
         meta["BLOCK_D"] + meta["BLOCK_DV"]) * meta["ITEM"]
-    return max(1, min(SM_REGS // (threads * REGS_PER_THREAD), SM_SMEM // max(smem, 1)))
+    return max(1, min(device.regs_per_sm // (threads * regs_per_thread),
+                      device.smem_per_block // max(smem, 1)))
 
 
 def default_config(meta: dict) -> triton.Config:
@@ -263,7 +265,8 @@ def wave_splits(programs: int, slots: int, blocks: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(batch: int, heads: int, kv_heads: int, n_q: int, blocks: int, d: int, dv: int,
-          item: int, sms: int, num_splits: int | None) -> tuple[int, int, int, int, dict, dict]:
+          item: int, device: DeviceFacts, num_splits: int | None
+          ) -> tuple[int, int, int, int, dict, dict]:
     """(num_splits, chunk, BLOCK_M, row blocks, constexprs of the split kernel, of the combine):
     the split count of ``wave_splits`` for the programs the default config keeps on an SM unless
     ``num_splits`` forces a count. Keys count as their ``blocks`` of SPLIT_ALIGN, so a decode
@@ -275,7 +278,7 @@ def _plan(batch: int, heads: int, kv_heads: int, n_q: int, blocks: int, d: int, 
                       BLOCK_M=block_m)
     if num_splits is None:
         meta = {**split_meta, "ITEM": item}
-        slots = sms * ctas_per_sm(default_config(meta), meta)
+        slots = device.sms * ctas_per_sm(default_config(meta), meta, device)
         num_splits = wave_splits(batch * kv_heads * row_blocks, slots, blocks)
     num_splits, chunk = _chunking(blocks, num_splits)
     combine_meta = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, next_pow2(num_splits)),
@@ -290,7 +293,8 @@ def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = N
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     num_splits, chunk, _, row_blocks, split_meta, combine_meta = _plan(
-        B, Hq, Hkv, Nq, cdiv(Nk, SPLIT_ALIGN), D, Dv, q.element_size(), sm_count(q), num_splits)
+        B, Hq, Hkv, Nq, cdiv(Nk, SPLIT_ALIGN), D, Dv, q.element_size(), _device.facts(q.device),
+        num_splits)
     dev = q.device
     out = empty((B, Hq, Nq, Dv), dtype=q.dtype, device=dev)
     lse = empty((B, Hq, Nq), dtype=torch.float32, device=dev)

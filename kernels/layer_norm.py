@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import sm_count
 from ._utils import (
     autotune,
     autotune_configs,
@@ -66,7 +67,6 @@ from ._utils import (
     empty,
     next_pow2,
     row_block,
-    sm_count,
     warps_for_block,
 )
 

@@ -84,13 +84,13 @@ Offsets are 64-bit (row offsets are cast before multiplying by strides, K steps 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import _device
+from ._device import sm_count
 from ._utils import (
     INTERPRET,
     autotune,
@@ -98,7 +98,6 @@ from ._utils import (
     cdiv,
     empty,
     next_pow2,
-    sm_count,
 )
 
 # ACTIVATION codes; the ops name them by the strings of ACTIVATIONS.
@@ -274,7 +273,9 @@ def _set_tma_blocks(nargs) -> None:
     nargs["B2Desc"].block_shape = nargs["BDesc"].block_shape  # the same object unless GATED
 
 
-_SMEM_BYTES = 200 * 1024  # stay under the H100's 227 KiB per block with room for the epilogue
+# Shared memory a config's pipelined operand tiles may take: a program's share less room for the
+# epilogue (200 KiB of an H100's 227).
+_EPILOGUE_SMEM = 27 * 1024
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -294,12 +295,13 @@ def _prune_configs(configs, named_args, **kwargs):
         tiles = _GATED_HALF_TILES if gated and tma else _GATED_HALF_TILES_SMALL
     b_tiles = 2 if gated else 1
     m_bucket, max_split = named_args["M_BUCKET"], named_args["MAX_SPLIT_K"]
-    sms = sm_count(named_args["Out"])
+    device = _device.facts(named_args["Out"].device)
+    sms, smem_budget = device.sms, device.smem_per_block - _EPILOGUE_SMEM
     kept = []
     for c in configs:
         bm, bn, bk, _, stages = _tile_of(c)[:5]
         smem = (bm * bk + b_tiles * bk * bn) * esize * stages
-        if _tile_of(c) not in tiles or smem > _SMEM_BYTES:
+        if _tile_of(c) not in tiles or smem > smem_budget:
             continue
         if bm > max(16, 2 * m_bucket) or c.kwargs["SPLIT_K"] > max_split:
             continue
@@ -651,12 +653,10 @@ def _linear_gelu_bwd(
 # ------------------------------------------------------------------------------------------------
 
 
-@functools.cache
 def _has_tma(device: torch.device) -> bool:
-    """TMA (host tensor descriptors) on Hopper and later; the interpreter emulates it."""
-    if device.type != "cuda":
-        return INTERPRET
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    """The copy engine's tensor descriptors: on Hopper and later, and emulated by the interpreter
+    (whose tests run the TMA kernel for aligned fp16 as a GPU does)."""
+    return _device.facts(device).tma
 
 
 def _tma_view(t: torch.Tensor) -> bool:

@@ -180,10 +180,11 @@ def capturing(capture: Capture):
 
 
 def pretend_h100():
-    """The one device property the launchers read: the SM count (grid and split sizes)."""
-    from lightllm.kernels import _utils
+    """The launchers read the device from one table (lightllm.kernels._device): an H100's."""
+    from lightllm.kernels import _device
 
-    _utils.num_sms = lambda device_index: H100_SMS
+    assert _device.HOPPER.sms == H100_SMS
+    _device.facts = lambda device: _device.HOPPER  # for the whole process
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +255,6 @@ def scenario_linear_gelu(mod, cap: Capture):
     training forward), its persistent candidates (M = 1024: past one wave of tiles) and the
     fp32 pointer tiles. Default configs must not spill, nor may any
     fp32 tile (that list is sized for it), nor the GeLU backward on contiguous inputs."""
-    mod._has_tma = lambda device: True  # an H100: TMA descriptors are available
 
     m, k, n = 256, 1024, 4096  # M = 256 keeps every row tile (pruning drops tiles above 2 M)
     for dt, configs in (("bfloat16", "all"), ("float16", "default")):
@@ -381,7 +381,6 @@ def scenario_attention(mod, cap: Capture):
     backward's spills, and those of other configs, are reported."""
     import torch
 
-    mod._has_tma = lambda device: True  # an H100: fp16/bf16 launches also offer the TMA configs
     mod.TMA_MIN_WORK = 0  # at the scenarios' small sizes too
 
     def run(note, dt, d, *, causal=False, mask=None, dropout=0.0, configs="defaults", bwd=True,

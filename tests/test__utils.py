@@ -4,6 +4,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from conftest import DEVICE
 
 from lightllm.kernels import _utils
 
@@ -81,5 +82,20 @@ def test_empty_poisons_float_outputs_only_when_asked(monkeypatch, poison):
     assert ints.dtype == torch.int32
 
 
-def test_sm_count_is_positive():
-    assert _utils.sm_count(torch.empty(1)) > 0
+def test_device_facts():
+    """One table: the driver's facts on a GPU, Hopper's limits with a few SMs elsewhere (the
+    interpreter), and `pretend` swaps it for every launcher at once."""
+    import dataclasses
+
+    from lightllm.kernels import _device
+
+    t = torch.empty(1, device=DEVICE)
+    facts = _device.facts(t.device)
+    assert _device.sm_count(t) == facts.sms > 0
+    assert facts.smem_per_block <= facts.smem_per_sm and facts.regs_per_sm >= 32 * 1024
+    if not t.is_cuda:
+        assert facts == dataclasses.replace(_device.HOPPER, name=facts.name, sms=4)
+    big = dataclasses.replace(_device.HOPPER, sms=1000)
+    with _device.pretend(big):
+        assert _device.sm_count(t) == 1000 and _device.facts(t.device) is big
+    assert _device.facts(t.device) == facts

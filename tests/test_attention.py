@@ -18,6 +18,7 @@ import lightllm.functional as LF
 from lightllm import _dispatch
 from lightllm.kernels import attention as kernel
 from lightllm.kernels import attention_decode as kernel_decode
+from lightllm.kernels._device import HOPPER
 from lightllm.ops import attention as op
 from lightllm.reference import attention as reference
 from lightllm.testing import assert_parity
@@ -527,8 +528,8 @@ def test_tuning_keeps_the_configs_that_suit_the_head_dim():
     tma = [kernel._cfg(128, 64, 8, 3, tma=True), kernel._cfg(64, 32, 4, 2, tma=True)]
 
     def kept(use_tma, item, **heads):
-        return kernel.gpu_candidates([*gpu, *tma], use_tma, {"ITEM": item, **heads},
-                                     kernel._fwd_suits)
+        meta = {"ITEM": item, "SMEM": HOPPER.smem_per_block - kernel._SMEM_RESERVE, **heads}
+        return kernel.gpu_candidates([*gpu, *tma], use_tma, meta, kernel._fwd_suits)
 
     small, large = dict(BLOCK_D=128, BLOCK_DV=64), dict(BLOCK_D=256, BLOCK_DV=256)
     assert kept(False, 2, **small) == gpu
@@ -537,7 +538,7 @@ def test_tuning_keeps_the_configs_that_suit_the_head_dim():
     # fp32 dots hold fp32 operands in registers: the smallest tiles only
     assert kept(False, 4, **small) == gpu[2:]
     # nothing suits: the last pointer config, never a TMA one
-    assert kernel.gpu_candidates([*gpu, *tma], True, {"ITEM": 4, **small},
+    assert kernel.gpu_candidates([*gpu, *tma], True, {"ITEM": 4, "SMEM": 0, **small},
                                  lambda c, meta: False) == gpu[-1:]
     # LIGHTLLM_AUTOTUNE=0 keeps the first of these: kernels._utils.autotune (tests/test__utils.py)
 

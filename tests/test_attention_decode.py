@@ -7,6 +7,7 @@ forced split counts, including chunks where nothing is visible. Routing: what th
 serve goes to the main kernel.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from test_attention import _qkv, check_sdpa
 import lightllm.functional as LF
 from lightllm.kernels import attention as kernel
 from lightllm.kernels import attention_decode as decode
+from lightllm.kernels._device import HOPPER
 
 
 @pytest.fixture
@@ -113,7 +115,7 @@ def test_forced_split_counts_match_the_main_kernel(splits):
 
 def _slots(sms, d, item):
     meta = dict(BLOCK_D=d, BLOCK_DV=d, BLOCK_M=16, ITEM=item)
-    return sms * decode.ctas_per_sm(decode.default_config(meta), meta)
+    return sms * decode.ctas_per_sm(decode.default_config(meta), meta, HOPPER)
 
 
 def _blocks(nk):
@@ -121,7 +123,8 @@ def _blocks(nk):
 
 
 def _plan(b, hq, hkv, nq, nk, d, item=2, sms=132, num_splits=None):
-    return decode._plan(b, hq, hkv, nq, _blocks(nk), d, d, item, sms, num_splits)
+    return decode._plan(b, hq, hkv, nq, _blocks(nk), d, d, item,
+                        dataclasses.replace(HOPPER, sms=sms), num_splits)
 
 
 def _two_wave_splits(programs, sms, nk):
@@ -133,11 +136,12 @@ def test_programs_per_sm_from_the_config():
     """Registers at 256 a thread: one 8-warp or two 4-warp programs; else shared memory."""
     meta = dict(BLOCK_D=128, BLOCK_DV=128, BLOCK_M=16, ITEM=2)
     assert decode.default_config(meta).num_warps == 8
-    assert decode.ctas_per_sm(decode.default_config(meta), meta) == 1
-    assert decode.ctas_per_sm(decode._cfg(64, 4, 2), meta) == 2  # 32 KiB staged
-    assert decode.ctas_per_sm(decode._cfg(128, 4, 3), meta) == 1  # 128 KiB staged
-    assert decode.ctas_per_sm(decode._cfg(64, 1, 2), dict(meta, BLOCK_D=64, BLOCK_DV=64)) == 8
-    assert decode.ctas_per_sm(decode._cfg(64, 1, 3), meta) == 3  # 64 KiB staged of 227
+    assert decode.ctas_per_sm(decode.default_config(meta), meta, HOPPER) == 1
+    assert decode.ctas_per_sm(decode._cfg(64, 4, 2), meta, HOPPER) == 2  # 32 KiB staged
+    assert decode.ctas_per_sm(decode._cfg(128, 4, 3), meta, HOPPER) == 1  # 128 KiB staged
+    narrow = dict(meta, BLOCK_D=64, BLOCK_DV=64)
+    assert decode.ctas_per_sm(decode._cfg(64, 1, 2), narrow, HOPPER) == 8
+    assert decode.ctas_per_sm(decode._cfg(64, 1, 3), meta, HOPPER) == 3  # 64 KiB staged of 227
 
 
 def test_wave_splits_on_an_h200():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA, dtype_params
 
 import lightllm.functional as LF
+from lightllm.kernels import _device
 from lightllm.kernels import linear_gelu as kernel
 from lightllm.reference import linear_gelu as reference
 from lightllm.testing import assert_parity, grads, leaves
@@ -463,7 +464,7 @@ def test_persistent_parity(epilogue):
 def test_persistent_candidates_only_past_one_wave(monkeypatch):
     """Persistent tiles come after today's (the default is unchanged), are timed only when the
     output has more tiles than the GPU has SMs, and never for the gated (SwiGLU) product."""
-    monkeypatch.setattr(kernel, "sm_count", lambda t: 132)
+    monkeypatch.setattr(_device, "facts", lambda device: _device.HOPPER)  # 132 SMs
     configs = [kernel._config(t, kernel._set_tma_blocks) for t in kernel._TMA_TILES]
     persistent = [kernel.PERSISTENT in t for t in kernel._HALF_TILES]
     assert any(persistent) and persistent == sorted(persistent)

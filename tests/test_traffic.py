@@ -10,6 +10,7 @@ import triton.language as tl
 
 from benchmarks import traffic
 from benchmarks.counting import Counter, distinct_bytes
+from lightllm.kernels import layer_norm as norm_kernels
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="counts lightllm's kernels in Triton's interpreter (CPU)")
@@ -127,7 +128,7 @@ def test_formula_equals_count_pointer_matmul_and_long_rows():
     # fp16 rows of 23 elements are not 16-byte aligned: the pointer kernel (wrapped rows read).
     _check_formulas(traffic._linear_case("linear_gelu", 5, 23, 40))
     # Rows past MAX_FUSED_BWD / MAX_FUSED_FWD take the two-pass paths.
-    _check_formulas(traffic._norm_case("add_layer_norm", 2, traffic.norm_kernels.MAX_FUSED_FWD + 3))
+    _check_formulas(traffic._norm_case("add_layer_norm", 2, norm_kernels.MAX_FUSED_FWD + 3))
 
 
 def test_keys_per_query_block_by_hand():
