@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.harness import DEVICE, HAS_CUDA
 from lightllm.models import GPT
-from lightllm.testing import gpt_eager_reference
+from lightllm.testing import reference_backend
 
 OPS = ("generate",)  # the op names of its cases
 
@@ -79,7 +79,7 @@ def _providers(hf, ours):
         return ours.generate(ids, n)
 
     def eager_gen(ids, n):
-        with gpt_eager_reference():
+        with reference_backend(ours):
             return ours.generate(ids, n, cuda_graph=False)
 
     def torch_gen(ids, n):

@@ -7,7 +7,7 @@ Cases:
   embedding and output head are negligible) in the GPT-2 layout (LayerNorm, GeLU-tanh feed-forward,
   learned positions) and the Llama layout (RMSNorm, SwiGLU, rotary, grouped-query attention):
   ``lightllm`` beside ``eager`` (the same model with every lightllm op replaced by its eager
-  reference, ``lightllm.testing.gpt_eager_reference``) and ``compile`` (torch.compile of that).
+  reference, ``lightllm.testing.reference_backend``) and ``compile`` (torch.compile of that).
 * ``transformer_encoder`` — ``torch.nn.TransformerEncoder`` (``torch``; its inference fast path in
   the forward) against the same model after ``lightllm.patch`` (``lightllm``).
 
@@ -29,7 +29,7 @@ import torch
 import lightllm
 from benchmarks.harness import DEVICE, HAS_CUDA, Case, compiled
 from lightllm.models import GPT, GPTConfig
-from lightllm.testing import gpt_eager_reference
+from lightllm.testing import reference_backend
 
 OPS = ("block", "transformer_encoder")  # the op names of its cases
 
@@ -66,7 +66,7 @@ def _block_case(layout: str, d: int, heads: int, kv_heads: int, d_ff: int, batch
         return model(ids)
 
     def eager(ids):
-        with gpt_eager_reference():
+        with reference_backend(model):
             return model(ids)
 
     def make(device):

@@ -170,37 +170,15 @@ class DispatchedOps(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def gpt_eager_reference():
-    """``lightllm.models.GPT`` with every lightllm op replaced by its eager reference (plain
-    PyTorch) while active: the oracle model of the convergence test and the "eager" provider of
-    the generation benchmark."""
-    import types
-
-    from lightllm.models import gpt
-    from lightllm.reference import attention, layer_norm, linear_gelu, rms_norm, rotary, swiglu
-
-    ops = types.SimpleNamespace(
-        layer_norm=layer_norm.layer_norm, add_layer_norm=layer_norm.add_layer_norm,
-        rms_norm=rms_norm.rms_norm, add_rms_norm=rms_norm.add_rms_norm,
-        scaled_dot_product_attention=attention.scaled_dot_product_attention,
-        swiglu_feed_forward=swiglu.swiglu_feed_forward,
-        rotary_embedding=rotary.rotary_embedding, rotary_cos_sin=rotary.rotary_cos_sin)
-
-    def feed_forward_block(x, linear1, linear2, dropout, training, activation="gelu",
-                           approximate="none", residual=None):
-        h = linear_gelu.activate(torch.nn.functional.linear(x, linear1.weight, linear1.bias),
-                                 "gelu_tanh" if activation == "gelu" and approximate == "tanh"
-                                 else activation)
-        y = torch.nn.functional.linear(torch.nn.functional.dropout(h, dropout, training),
-                                       linear2.weight, linear2.bias)
-        return y if residual is None else y + residual
-
-    saved = gpt.LF, gpt.feed_forward_block
-    gpt.LF, gpt.feed_forward_block = ops, feed_forward_block
+def reference_backend(model: torch.nn.Module):
+    """lightllm's ``GPT`` on its ``"reference"`` backend while active (every op its eager
+    reference, plain PyTorch, on the same parameters): the oracle model of the convergence test
+    and the "eager" provider of the generation and block benchmarks."""
+    saved, model.backend = model.backend, "reference"
     try:
-        yield
+        yield model
     finally:
-        gpt.LF, gpt.feed_forward_block = saved
+        model.backend = saved
 
 
 def patched_three_way(model: torch.nn.Module, forward, inputs=(), *, grad: bool = False,

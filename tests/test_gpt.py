@@ -12,7 +12,7 @@ from conftest import DEVICE, HAS_CUDA
 
 from lightllm import _dispatch
 from lightllm.models import GPT, ByteTokenizer, GPTConfig
-from lightllm.testing import DispatchedOps, assert_parity, gpt_eager_reference
+from lightllm.testing import DispatchedOps, assert_parity, reference_backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -198,7 +198,7 @@ def test_training_converges_like_the_eager_reference(family, steps, native):
     rows, seq = (4, 32) if native or DEVICE != "cpu" else (2, 12)
     runs = []
     ours_route = _dispatch.native_cpu if native else contextlib.nullcontext
-    for model, route in ((ours, ours_route), (theirs, gpt_eager_reference)):
+    for model, route in ((ours, ours_route), (theirs, lambda: reference_backend(theirs))):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(1)
         losses = []

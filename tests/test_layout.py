@@ -177,10 +177,10 @@ MAY_IMPORT = {
     "_dispatch": set(),
     "ops": {"kernels", "reference", "_dispatch", "_validation", "_C"},
     "functional": {"ops"},
-    "nn": {"ops", "functional", "_dispatch", "_validation"},
+    "nn": {"ops", "functional", "reference", "_dispatch", "_validation"},
     "integrations": {"nn", "ops", "functional", "_dispatch", "_validation"},
     "patch": {"integrations", "nn", "ops", "functional", "_dispatch"},
-    "models": {"nn", "ops", "functional", "_dispatch", "_validation"},
+    "models": {"nn", "ops", "functional", "reference", "_dispatch", "_validation"},
     "generate": {"models", "nn", "ops", "functional", "_dispatch"},
     # The entry points and the test helpers see everything.
     "__init__": None, "env": None, "testing": None,

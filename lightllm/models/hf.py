@@ -74,7 +74,7 @@ def _from_gpt2(cls, model):
         w, b = h.attn.c_attn.weight, h.attn.c_attn.bias  # (D, 3D), (3D,)
         for i, proj in enumerate((block.attn.q_proj, block.attn.k_proj, block.attn.v_proj)):
             _share(proj, w[:, i * d:(i + 1) * d].t(), b[i * d:(i + 1) * d])
-        _share(block.attn.o_proj, h.attn.c_proj.weight.t(), h.attn.c_proj.bias)
+        _share(block.attn.out_proj, h.attn.c_proj.weight.t(), h.attn.c_proj.bias)
         _share(block.mlp.fc, h.mlp.c_fc.weight.t(), h.mlp.c_fc.bias)
         _share(block.mlp.proj, h.mlp.c_proj.weight.t(), h.mlp.c_proj.bias)
     _share_norm(gpt.norm_f, t.ln_f)
@@ -118,9 +118,10 @@ def _from_llama(cls, model):
     for block, layer in zip(gpt.blocks, inner.layers):
         _share_norm(block.norm_attn, layer.input_layernorm)
         _share_norm(block.norm_mlp, layer.post_attention_layernorm)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            src = getattr(layer.self_attn, name)
-            _share(getattr(block.attn, name), src.weight, src.bias)
+        for ours, theirs in (("q_proj",) * 2, ("k_proj",) * 2, ("v_proj",) * 2,
+                             ("out_proj", "o_proj")):
+            src = getattr(layer.self_attn, theirs)
+            _share(getattr(block.attn, ours), src.weight, src.bias)
         for name in ("gate_proj", "up_proj", "down_proj"):
             src = getattr(layer.mlp, name)
             _share(getattr(block.mlp, name), src.weight, src.bias)

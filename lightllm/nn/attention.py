@@ -6,22 +6,29 @@
   lightllm's fused kernel. ``need_weights=True`` (PyTorch's default) asks for the ``(L, S)``
   probability matrix, which a flash kernel never forms: that call returns PyTorch's own computation
   with a one-time warning. Pass ``need_weights=False`` for the fast path.
-- :class:`KVCache` and :class:`CausalSelfAttention` serve decoder models: causal self-attention with
-  separate q/k/v/out projections, grouped-query attention (``num_kv_heads < num_heads``, passed to the
-  kernel as ``enable_gqa`` so K/V are never repeated in memory), and an optional preallocated cache
-  written in place for incremental decoding.
+- :class:`KVCache` and :class:`CausalSelfAttention` serve decoder models (lightllm's GPT is built
+  from them): causal self-attention with separate q/k/v/out projections, grouped-query attention
+  (``num_kv_heads < num_heads``, passed to the kernel as ``enable_gqa`` so K/V are never repeated in
+  memory), rotary embeddings, padding masks (:func:`decoder_mask`), and an optional preallocated
+  cache written in place for incremental decoding.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
+from .. import functional as LF
 from .._dispatch import triton_runs_on, warn_once
 from .._validation import check_same, check_tensor
 from ..ops.attention import scaled_dot_product_attention as _sdpa
+from ..reference import functional as reference_functional
+
+# What a module's ``backend`` names: lightllm's ops, or their eager references (plain PyTorch, the
+# oracle of the tests and the "eager" provider of the benchmarks). Both have the same functions.
+BACKENDS = {"lightllm": LF, "reference": reference_functional}
 
 _MHA = "lightllm.nn.MultiheadAttention"
 _CSA = "lightllm.nn.CausalSelfAttention"
@@ -256,14 +263,42 @@ def chunk_causal_mask(n_q: int, n_k: int, device=None):
     return torch.arange(n_k, device=device) <= rows + (n_k - n_q)
 
 
+def decoder_mask(batch: int, seq: int, start_pos: int | Tensor, key_mask: Tensor | None,
+                 cached: bool, device=None) -> tuple[Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` for ``seq`` new queries of a decoder at ``start_pos``, one mask
+    for every layer.
+
+    Without padding a fresh prefix is causal (``is_causal``), one new token over a cache needs no
+    mask, and a chunk over a cache is causal aligned to the last key (:func:`chunk_causal_mask`: a
+    kernel flag, no mask tensor, outside torch.compile). ``key_mask`` (batch, keys: True for real
+    positions) folds padding into a boolean (batch, 1, seq, keys) mask. A tensor ``start_pos`` is
+    the CUDA-graph decode step over a whole static cache: ``key_mask`` then marks its written
+    slots."""
+    if isinstance(start_pos, Tensor):
+        return key_mask[:, None, None, :], False
+    if key_mask is None:
+        if start_pos == 0 or not cached:
+            return None, seq > 1
+        if seq == 1:
+            return None, False
+        return chunk_causal_mask(seq, start_pos + seq, device), False
+    keys = start_pos + seq if cached else seq
+    q_pos = torch.arange(start_pos, start_pos + seq, device=device)[:, None]
+    causal = torch.arange(keys, device=device)[None, :] <= q_pos  # (seq, keys)
+    return causal & key_mask[:, None, None, :keys], False
+
+
 class KVCache(nn.Module):
     """Preallocated key/value buffers ``(batch_size, num_kv_heads, max_seq_len, head_dim)``.
 
     ``update(k, v, start_pos)`` writes ``k``/``v`` of shape ``(B, num_kv_heads, T, head_dim)``
     (``B <= batch_size``) at positions ``start_pos .. start_pos+T-1`` in place and returns views of
-    the filled prefix ``[:B, :, :start_pos+T]``. The buffers are non-persistent (not in the
-    ``state_dict``) and follow ``.to()``. Meant for inference: run decoding under ``torch.no_grad()``
-    (writes into the buffers are recorded by autograd like any in-place copy otherwise).
+    the filled prefix ``[:B, :, :start_pos+T]``. A one-element int64 tensor ``start_pos`` (a
+    CUDA-graph decode step, whose position changes between replays) writes the whole batch's
+    single token there and returns the whole buffers: the caller's mask hides the unwritten
+    slots. The buffers are non-persistent (not in the ``state_dict``) and follow ``.to()``. Meant
+    for inference: run decoding under ``torch.no_grad()`` (writes into the buffers are recorded by
+    autograd like any in-place copy otherwise).
     """
 
     def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
@@ -293,8 +328,13 @@ class KVCache(nn.Module):
     def head_dim(self) -> int:
         return self.k.shape[3]
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor,
+               start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache_k, cache_v = self._buffers["k"], self._buffers["v"]
+        if isinstance(start_pos, torch.Tensor):
+            cache_k.index_copy_(2, start_pos, k)
+            cache_v.index_copy_(2, start_pos, v)
+            return cache_k, cache_v
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
             check_tensor("k", k, op=_CACHE)
             check_tensor("v", v, op=_CACHE)
@@ -329,39 +369,52 @@ class KVCache(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Causal self-attention for decoder models, with grouped-query attention and a KV cache.
+    """Causal self-attention for decoder models, with grouped-query attention, rotary embeddings
+    and a KV cache.
 
-    Parameters: ``q_proj`` (E -> E), ``k_proj`` and ``v_proj`` (E -> num_kv_heads * head_dim),
-    ``out_proj`` (E -> E), each an ``nn.Linear`` with ``bias``. ``forward(x, kv_cache=None,
-    start_pos=0)`` takes ``x`` of shape ``(B, T, E)`` and returns ``(B, T, E)``. Without a cache it
-    is causal self-attention over ``x``. With a cache, the new keys/values are written at
-    ``start_pos`` and token ``i`` of ``x`` (absolute position ``start_pos + i``) attends keys
-    ``0 .. start_pos + i``.
+    Parameters: ``q_proj`` (E -> num_heads * head_dim), ``k_proj`` and ``v_proj`` (E ->
+    num_kv_heads * head_dim), ``out_proj`` (num_heads * head_dim -> E), each an ``nn.Linear``;
+    ``bias`` for the q/k/v projections, ``out_bias`` (default ``bias``) for ``out_proj``;
+    ``head_dim`` defaults to E // num_heads. ``forward(x, kv_cache=None, start_pos=0, *,
+    rope=None, mask=None)`` takes ``x`` of shape ``(B, T, E)`` and returns ``(B, T, E)``. Without
+    a cache it is causal self-attention over ``x``. With a cache, the new keys/values are written
+    at ``start_pos`` and token ``i`` of ``x`` (absolute position ``start_pos + i``) attends keys
+    ``0 .. start_pos + i``. ``rope`` is ``(cos, sin)`` of ``lightllm.functional.rotary_cos_sin``
+    for the new tokens, applied to q and k before the cache write. ``mask`` is the
+    ``(attn_mask, is_causal)`` of :func:`decoder_mask` (padding, a CUDA-graph decode step), which a
+    model computes once for all its layers; it replaces the rule above. ``backend`` is
+    ``"lightllm"`` (the kernels) or ``"reference"`` (the eager references, see ``BACKENDS``).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
-                 bias: bool = True, dropout: float = 0.0, device=None, dtype=None) -> None:
+                 bias: bool = True, dropout: float = 0.0, device=None, dtype=None, *,
+                 head_dim: int | None = None, out_bias: bool | None = None) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if not isinstance(num_heads, int) or num_heads <= 0:
             raise ValueError(f"{_CSA}: num_heads must be a positive int, got {num_heads!r}")
-        if not isinstance(embed_dim, int) or embed_dim <= 0 or embed_dim % num_heads:
+        if head_dim is None and (not isinstance(embed_dim, int) or embed_dim <= 0
+                                 or embed_dim % num_heads):
             raise ValueError(f"{_CSA}: embed_dim must be a positive multiple of num_heads "
                              f"({num_heads}), got {embed_dim!r}")
+        if head_dim is not None and (not isinstance(head_dim, int) or head_dim <= 0):
+            raise ValueError(f"{_CSA}: head_dim must be a positive int, got {head_dim!r}")
         if not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"{_CSA}: num_kv_heads must be a positive divisor of num_heads "
                              f"({num_heads}), got {num_kv_heads!r}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"{_CSA}: dropout must be in [0, 1], got {dropout}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.dropout = dropout
+        self.backend = "lightllm"
         factory = {"device": device, "dtype": dtype}
-        kv_dim = num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, q_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(q_dim, embed_dim, bias=bias if out_bias is None else out_bias,
+                                  **factory)
 
     def make_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         """A cache matching this module's heads, dtype and device."""
@@ -369,7 +422,9 @@ class CausalSelfAttention(nn.Module):
         return KVCache(batch_size, max_seq_len, self.num_kv_heads, self.head_dim, dtype=w.dtype,
                        device=w.device)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                start_pos: int | torch.Tensor = 0, *, rope: tuple[Tensor, Tensor] | None = None,
+                mask: tuple[Tensor | None, bool] | None = None) -> torch.Tensor:
         check_tensor("x", x, op=_CSA)
         weight = self.q_proj.weight
         if x.dtype is not weight.dtype or x.device != weight.device:
@@ -378,7 +433,7 @@ class CausalSelfAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"{_CSA}: x must have shape (batch, seq, {self.embed_dim}), got "
                              f"{tuple(x.shape)}")
-        if kv_cache is None and start_pos != 0:
+        if kv_cache is None and not (isinstance(start_pos, int) and start_pos == 0):
             raise ValueError(f"{_CSA}: start_pos={start_pos!r} needs a kv_cache holding the "
                              "earlier positions")
         if kv_cache is not None:
@@ -390,26 +445,25 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError(f"{_CSA}: kv_cache holds {kv_cache.num_kv_heads} heads of dim "
                                  f"{kv_cache.head_dim}; this module needs {self.num_kv_heads} of "
                                  f"dim {self.head_dim}")
+        ops = BACKENDS[self.backend]
         batch, seq, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         # (B, T, E) -> (B, heads, T, D): strided views, read in place by the kernel
         q = self.q_proj(x).view(batch, seq, heads, head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
-
-        mask, causal = None, True
+        if rope is not None:
+            q, k = ops.rotary_embedding(q, k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)
-            if seq == 1:  # one new token sees every cached key
-                causal = False
-            elif start_pos > 0:
-                # SDPA's is_causal aligns top-left; the new tokens sit at the bottom-right of the
-                # (T, start_pos + T) score matrix: query i may attend keys 0 .. start_pos + i.
-                mask, causal = chunk_causal_mask(seq, start_pos + seq, x.device), False
-        out = _sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                    is_causal=causal, enable_gqa=kv_heads != heads)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.embed_dim))
+        attn_mask, causal = mask if mask is not None else decoder_mask(
+            batch, seq, start_pos, None, kv_cache is not None, x.device)
+        attend = _sdpa if self.backend == "lightllm" else ops.scaled_dot_product_attention
+        out = attend(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                     is_causal=causal, enable_gqa=kv_heads != heads)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, heads * head_dim))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}")
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"dropout={self.dropout}")

@@ -42,6 +42,16 @@ def feed_forward(x, w1, b1, w2, b2, approximate: str = "none", residual=None,
     return y if residual is None else y + residual
 
 
+def feed_forward_block(x, linear1, linear2, dropout: float, training: bool,
+                       activation: str = "gelu", approximate: str = "none", residual=None):
+    """Mirror of ``lightllm.nn.feed_forward.feed_forward_block``: ``linear2(dropout(act(linear1(x))))
+    (+ residual)`` on two ``nn.Linear`` modules' weights."""
+    act = "relu" if activation == "relu" else ("gelu_tanh" if approximate == "tanh" else "gelu")
+    h = F.dropout(activate(F.linear(x, linear1.weight, linear1.bias), act), dropout, training)
+    y = F.linear(h, linear2.weight, linear2.bias)
+    return y if residual is None else y + residual
+
+
 def linear_act_fwd(x, weight, bias, activation: str, save_pre: bool):
     """Mirror of ``lightllm.kernels.linear_gelu.linear_act_fwd``."""
     pre = F.linear(x, weight, bias)
