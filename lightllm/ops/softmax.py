@@ -121,7 +121,7 @@ if HAS_EXTENSION:
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
-def _runs_extension(op: str, x: Tensor) -> bool:
+def _kernel_serves(op: str, x: Tensor) -> bool:
     """True when the extension serves ``x``; otherwise warn once and use the reference."""
     if x.dtype not in FLOAT_DTYPES:
         warn_once(f"{op}:{x.dtype}", f"{op}: {x.dtype} has no kernel (fp32 arithmetic); running "
@@ -162,7 +162,7 @@ def softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tenso
         # The native CPU path: PyTorch's own softmax, measured at 0.64-1.03x of it for the C++
         # kernel on the 2-core CPU machine (README). The C++ kernel stays what the tests check.
         return torch.softmax(x, dim)
-    if not _runs_extension(op, x):
+    if not _kernel_serves(op, x):
         return reference.softmax(x, dim)
     if x.dim() == 0:
         return _call("softmax_fwd", x.reshape(1)).reshape(())
@@ -202,6 +202,6 @@ def scaled_masked_softmax(
                             f"{x.dtype}, got {mask.dtype}")
         check_same(op, "device", x=x, mask=mask)
         check_broadcastable(op, "mask", mask, x.shape)
-    if not _runs_extension(op, x):
+    if not _kernel_serves(op, x):
         return reference.scaled_masked_softmax(x, mask, float(scale), is_causal)
     return _call("scaled_masked_softmax_fwd", x, mask, float(scale), is_causal, mask=mask)
