@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import lightllm.functional as LF
 from benchmarks import peers
 from benchmarks.harness import HAS_CUDA, Case, compiled
-from lightllm.kernels import attention as kernel
+from lightllm.kernels import _attention as common
 from lightllm.reference import attention as reference
 
 OPS = ("attention",)  # the op names of its cases
@@ -89,11 +89,11 @@ def _pointer_configs(fn):
     """``fn`` with the TMA configs out of reach (no tensor descriptors are built)."""
 
     def call(*args):
-        saved, kernel.TMA_MIN_WORK = kernel.TMA_MIN_WORK, float("inf")
+        saved, common.TMA_MIN_WORK = common.TMA_MIN_WORK, float("inf")
         try:
             return fn(*args)
         finally:
-            kernel.TMA_MIN_WORK = saved
+            common.TMA_MIN_WORK = saved
 
     return call
 

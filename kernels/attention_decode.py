@@ -49,6 +49,9 @@ Supported here (``use_split_kv``): 1 <= Nq <= DECODE_MAX_Q, Nk >= DECODE_MIN_K, 
 tile skipping already serves in one tile; a KV-cache caller passes an explicit mask instead), no
 dropout. Masks (boolean or additive, broadcast through stride 0), GQA, different head dims of Q/K
 and V, any strides. Everything else goes to the main kernel.
+
+The tiles, ``tuned`` and the launch helpers come from ``_attention.py``, shared with the main
+kernel (``attention.py``).
 """
 
 from __future__ import annotations
@@ -60,18 +63,18 @@ import triton
 import triton.language as tl
 
 from . import _device
-from ._device import DeviceFacts
-from ._utils import autotune, cdiv, empty, next_pow2
-from .attention import (
+from ._attention import (
     LOG2E,
-    _load_tile,
-    _score_tile,
     dot_precision,
     head_block,
+    load_tile,
     mask_args,
+    score_tile,
     seq_bucket,
     tuned,
 )
+from ._device import DeviceFacts
+from ._utils import autotune, cdiv, empty, next_pow2
 
 DECODE_MAX_Q = 16  # longest query the split-KV path serves
 DECODE_MIN_K = 256  # shortest key sequence worth splitting
@@ -98,7 +101,7 @@ def _fits(c: triton.Config, meta: dict) -> bool:
     return staged * meta["ITEM"] <= 160 * 1024 and scores <= 1024 * c.num_warps
 
 
-# Memory-bound: the GPU default keeps 2 x 128 keys in flight per program; see attention.tuned.
+# Memory-bound: the GPU default keeps 2 x 128 keys in flight per program; see _attention.tuned.
 _SPLIT_CONFIGS = [
     _cfg(128, 8, 3), _cfg(64, 4, 3), _cfg(64, 4, 4), _cfg(128, 4, 2), _cfg(128, 4, 3),
     _cfg(256, 8, 2), _cfg(64, 4, 2),
@@ -141,8 +144,8 @@ def _attention_decode_split(
     dv_ok = offs_dv < HEAD_DIM_V
 
     q_rows = off_b * stride_qb + off_h * stride_qh + tok * stride_qm
-    q = _load_tile(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, row_ok, d_ok, True,
-                   BLOCK_D != HEAD_DIM)
+    q = load_tile(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, row_ok, d_ok, True,
+                  BLOCK_D != HEAD_DIM)
 
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_k)
@@ -161,16 +164,16 @@ def _attention_decode_split(
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        s, _ = _score_tile(q, k_ptrs, mask_ptrs, cols, cols, row_ok, col_ok, d_ok, qk_scale,
-                           True, False, HAS_MASK, MASK_IS_BOOL, BLOCK_D != HEAD_DIM,
-                           INPUT_PRECISION)
+        s, _ = score_tile(q, k_ptrs, mask_ptrs, cols, cols, row_ok, col_ok, d_ok, qk_scale,
+                          True, False, HAS_MASK, MASK_IS_BOOL, BLOCK_D != HEAD_DIM,
+                          INPUT_PRECISION)
         mask_ptrs += BLOCK_N * stride_mn
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs, col_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V)
+        v = load_tile(v_ptrs, col_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
@@ -241,7 +244,7 @@ def ctas_per_sm(config: triton.Config, meta: dict, device: DeviceFacts) -> int:
 
 def default_config(meta: dict) -> triton.Config:
     """The config a GPU launch takes with LIGHTLLM_AUTOTUNE=0: the first that fits (else the
-    last, as ``attention.tuned`` prunes)."""
+    last, as ``_attention.tuned`` prunes)."""
     return next((c for c in _SPLIT_CONFIGS if _fits(c, meta)), _SPLIT_CONFIGS[-1])
 
 
