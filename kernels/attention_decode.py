@@ -44,11 +44,12 @@ pairs, with the most row blocks (32: 16 tokens of a 128-head group) 2^34 cached 
 K alone at D = 16 in fp16. The combine's B·Hq·Nq is the number of query rows: 2^31 of them need
 136 GiB of scratch at S = 1, Dv = 16. Both outgrow a GPU: not guarded.
 
-Supported here (``use_split_kv``): 1 <= Nq <= DECODE_MAX_Q, Nk >= DECODE_MIN_K, no ``is_causal``
-(PyTorch's top-left causal alignment lets query i see only keys 0..i, which the main kernel's causal
-tile skipping already serves in one tile; a KV-cache caller passes an explicit mask instead), no
-dropout. Masks (boolean or additive, broadcast through stride 0), GQA, different head dims of Q/K
-and V, any strides. Everything else goes to the main kernel.
+Served (the op layer decides: ``use_split_kv`` in lightllm/ops/attention.py): 1 <= Nq <=
+DECODE_MAX_Q, Nk >= DECODE_MIN_K, no ``is_causal`` (PyTorch's top-left causal alignment lets query
+i see only keys 0..i, which the main kernel's causal tile skipping already serves in one tile; a
+KV-cache caller passes an explicit mask instead), no dropout. Masks (boolean or additive, broadcast
+through stride 0), GQA, different head dims of Q/K and V, any strides. Everything else goes to the
+main kernel.
 
 The tiles, ``tuned`` and the launch helpers come from ``_attention.py``, shared with the main
 kernel (``attention.py``).
@@ -76,16 +77,9 @@ from ._attention import (
 from ._device import DeviceFacts
 from ._utils import autotune, cdiv, empty, next_pow2
 
-DECODE_MAX_Q = 16  # longest query the split-KV path serves
-DECODE_MIN_K = 256  # shortest key sequence worth splitting
 SPLIT_ALIGN = 256  # chunk lengths are multiples of this, so every BLOCK_N below divides them
 WAVE_SLACK = 0.01  # efficiencies this close count as equal: the fewer chunks win
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def use_split_kv(n_q: int, n_k: int, is_causal: bool, dropout_p: float) -> bool:
-    """Whether the forward of these lengths and flags runs the split-KV decode path."""
-    return 1 <= n_q <= DECODE_MAX_Q and n_k >= DECODE_MIN_K and not is_causal and dropout_p == 0.0
 
 
 def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:

@@ -19,6 +19,7 @@ import lightllm.functional as LF
 from lightllm.kernels import attention as kernel
 from lightllm.kernels import attention_decode as decode
 from lightllm.kernels._device import HOPPER
+from lightllm.ops import attention as op
 
 
 @pytest.fixture
@@ -234,8 +235,8 @@ def test_forced_split_counts_bypass_the_wave_rule():
     ],
 )
 def test_routing(nq, nk, kwargs, decodes, decode_calls):
-    assert decode.use_split_kv(nq, nk, kwargs.get("is_causal", False),
-                               kwargs.get("dropout_p", 0.0)) == decodes
+    assert op.use_split_kv(nq, nk, kwargs.get("is_causal", False),
+                           kwargs.get("dropout_p", 0.0)) == decodes
     q, k, v = _qkv(1, 1, 1, nq, nk, 16)
     LF.scaled_dot_product_attention(q, k, v, **kwargs)
     assert bool(decode_calls) == decodes
