@@ -265,7 +265,7 @@ def _mask_4d(mask: Tensor, batch: tuple, rank: int) -> Tensor:
     return mask.expand(*batch, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
 
 
-def _runs_kernel(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> bool:
+def _kernel_serves(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> bool:
     if not _dispatch.runs_triton(query):
         return False
     if query.dtype is torch.float64:
@@ -318,7 +318,7 @@ def scaled_dot_product_attention(
         attn_mask, is_causal, lower_right = _causal_bias(bias, query, key, is_causal)
     batch, hq, hkv, rank = _check(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                   enable_gqa)
-    if not _runs_kernel(query, key, value, attn_mask):
+    if not _kernel_serves(query, key, value, attn_mask):
         if lower_right:  # PyTorch's op takes the bias object only without enable_gqa: a mask
             attn_mask, is_causal = bias._materialize(query.device), False
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
