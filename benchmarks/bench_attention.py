@@ -11,7 +11,7 @@ Providers: "eager" (the reference: the N x N score matrix in memory), "torch-fla
 backend with ``torch.nn.attention.sdpa_kernel``; a backend that cannot serve a case is reported as an
 error row), "compile" (torch.compile of the reference), "lightllm" (its autotuner choosing among
 the pointer and, on Hopper, the TMA configs), "lightllm-pointer" (CUDA: the pointer configs alone,
-the load path before the TMA configs existed), and the peers "flash-attn" and "xformers"
+without tensor descriptors), and the peers "flash-attn" and "xformers"
 (``benchmarks/peers.py``; listed as not installed when missing). The O(N²)-memory
 providers (eager, compile, torch-math) are left out above 4096.
 

@@ -44,11 +44,11 @@ Load paths (one kernel source, chosen by the config's ``USE_TMA`` constexpr):
     dim) boxes. Rows past N and head-dim columns past D arrive as zeros and stores are clipped,
     so no address arithmetic or bounds masks live in registers: compiled for sm_90a the forward
     at head dim 128 takes 142 registers against the pointer default's 211
-    (``tests/sm90_compile.py``). They are added beside the pointer configs and timed with them;
-    the pointer configs stay the defaults until GPU timings say otherwise.
-  Warp specialization (``tl.range(..., warp_specialize=True)``) was tried on the TMA forward and
-  left out: for sm_90a, triton 3.6 and 3.8 fail to compile it at 4 warps and leave the loop
-  unspecialized at 8.
+    (``tests/sm90_compile.py``). They are timed beside the pointer configs, which are the
+    defaults.
+  Warp specialization (``tl.range(..., warp_specialize=True)``) is not used on the TMA forward:
+  for sm_90a, triton 3.6 and 3.8 fail to compile it at 4 warps and leave the loop unspecialized
+  at 8.
 
 All offsets that can pass 2^31 (batch/head bases, row offsets) are 64-bit; loops advance 64-bit
 pointers by one tile stride at a time; descriptor coordinates are 32-bit (batch, head, row < 2^31).
@@ -131,7 +131,7 @@ def _key_tiles_suit(c: triton.Config, meta: dict) -> bool:
 
 # Each GPU list starts with its default for 16-bit head dims <= 128; the first entry that suits a
 # wider head (or fp32) is its default there, and the last (one stage, 32 x 32) fits anything up to
-# fp32 x 256. Registers and shared memory of each were checked by compiling for sm_90 offline
+# fp32 x 256. Registers and shared memory of each are checked by compiling for sm_90 without a GPU
 # (tests/sm90_compile.py).
 _FWD = tuned(config(128, 64, 4, 2), [
     config(128, 64, 8, 3), config(128, 64, 8, 2), config(128, 128, 8, 2), config(128, 128, 8, 3),

@@ -30,8 +30,8 @@ slots) of the slots busy (its wave efficiency); S is the count, among
 those ``_chunking`` realises up to one chunk per SPLIT_ALIGN keys, of the best efficiency, the
 fewest chunks within WAVE_SLACK of it (less scratch and combine work), and never below one full
 wave of programs when the keys allow one (the HBM stream needs programs in flight, not only busy
-SMs). The previous rule, about 2 × SMs programs whatever a program holds and whatever the last
-wave, ran batch 3 × 8 kv heads over 4096 keys on 132 SMs as 8 chunks: 192 programs of 512 keys in
+SMs). A rule of about 2 × SMs programs, whatever a program holds and whatever the last wave,
+would run batch 3 × 8 kv heads over 4096 keys on 132 SMs as 8 chunks: 192 programs of 512 keys in
 2 waves (73 % busy); 16 chunks run 384 of 256 keys in 3 waves (97 %), 3/4 of the time. S sets
 the grid and the scratch, so it is decided on the host before the autotuner picks a config: from
 the resources of the config a launch takes with LIGHTLLM_AUTOTUNE=0 (the first that fits);
