@@ -11,7 +11,7 @@ Providers: "eager" (the reference: the N x N score matrix in memory), "torch-fla
 backend with ``torch.nn.attention.sdpa_kernel``; a backend that cannot serve a case is reported as an
 error row), "compile" (torch.compile of the reference), "lightllm" (its autotuner choosing among
 the pointer and, on Hopper, the TMA configs), "lightllm-pointer" (CUDA: the pointer configs alone,
-the load path before the TMA configs existed), and the peers "flash-attn" and "xformers"
+without tensor descriptors), and the peers "flash-attn" and "xformers"
 (``benchmarks/peers.py``; listed as not installed when missing). The O(N²)-memory
 providers (eager, compile, torch-math) are left out above 4096.
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import lightllm.functional as LF
 from benchmarks import peers
 from benchmarks.harness import HAS_CUDA, Case, compiled
-from lightllm.kernels import attention as kernel
+from lightllm.kernels import _attention as common
 from lightllm.reference import attention as reference
 
 OPS = ("attention",)  # the op names of its cases
@@ -89,11 +89,11 @@ def _pointer_configs(fn):
     """``fn`` with the TMA configs out of reach (no tensor descriptors are built)."""
 
     def call(*args):
-        saved, kernel.TMA_MIN_WORK = kernel.TMA_MIN_WORK, float("inf")
+        saved, common.TMA_MIN_WORK = common.TMA_MIN_WORK, float("inf")
         try:
             return fn(*args)
         finally:
-            kernel.TMA_MIN_WORK = saved
+            common.TMA_MIN_WORK = saved
 
     return call
 

@@ -30,8 +30,8 @@ slots) of the slots busy (its wave efficiency); S is the count, among
 those ``_chunking`` realises up to one chunk per SPLIT_ALIGN keys, of the best efficiency, the
 fewest chunks within WAVE_SLACK of it (less scratch and combine work), and never below one full
 wave of programs when the keys allow one (the HBM stream needs programs in flight, not only busy
-SMs). The previous rule, about 2 × SMs programs whatever a program holds and whatever the last
-wave, ran batch 3 × 8 kv heads over 4096 keys on 132 SMs as 8 chunks: 192 programs of 512 keys in
+SMs). A rule of about 2 × SMs programs, whatever a program holds and whatever the last wave,
+would run batch 3 × 8 kv heads over 4096 keys on 132 SMs as 8 chunks: 192 programs of 512 keys in
 2 waves (73 % busy); 16 chunks run 384 of 256 keys in 3 waves (97 %), 3/4 of the time. S sets
 the grid and the scratch, so it is decided on the host before the autotuner picks a config: from
 the resources of the config a launch takes with LIGHTLLM_AUTOTUNE=0 (the first that fits);
@@ -44,11 +44,15 @@ pairs, with the most row blocks (32: 16 tokens of a 128-head group) 2^34 cached 
 K alone at D = 16 in fp16. The combine's B·Hq·Nq is the number of query rows: 2^31 of them need
 136 GiB of scratch at S = 1, Dv = 16. Both outgrow a GPU: not guarded.
 
-Supported here (``use_split_kv``): 1 <= Nq <= DECODE_MAX_Q, Nk >= DECODE_MIN_K, no ``is_causal``
-(PyTorch's top-left causal alignment lets query i see only keys 0..i, which the main kernel's causal
-tile skipping already serves in one tile; a KV-cache caller passes an explicit mask instead), no
-dropout. Masks (boolean or additive, broadcast through stride 0), GQA, different head dims of Q/K
-and V, any strides. Everything else goes to the main kernel.
+Served (the op layer decides: ``use_split_kv`` in lightllm/ops/attention.py): 1 <= Nq <=
+DECODE_MAX_Q, Nk >= DECODE_MIN_K, no ``is_causal`` (PyTorch's top-left causal alignment lets query
+i see only keys 0..i, which the main kernel's causal tile skipping already serves in one tile; a
+KV-cache caller passes an explicit mask instead), no dropout. Masks (boolean or additive, broadcast
+through stride 0), GQA, different head dims of Q/K and V, any strides. Everything else goes to the
+main kernel.
+
+The tiles, ``tuned`` and the launch helpers come from ``_attention.py``, shared with the main
+kernel (``attention.py``).
 """
 
 from __future__ import annotations
@@ -60,29 +64,22 @@ import triton
 import triton.language as tl
 
 from . import _device
-from ._device import DeviceFacts
-from ._utils import autotune, cdiv, empty, next_pow2
-from .attention import (
+from ._attention import (
     LOG2E,
-    _load_tile,
-    _score_tile,
     dot_precision,
     head_block,
+    load_tile,
     mask_args,
+    score_tile,
     seq_bucket,
     tuned,
 )
+from ._device import DeviceFacts
+from ._utils import autotune, cdiv, empty, next_pow2
 
-DECODE_MAX_Q = 16  # longest query the split-KV path serves
-DECODE_MIN_K = 256  # shortest key sequence worth splitting
 SPLIT_ALIGN = 256  # chunk lengths are multiples of this, so every BLOCK_N below divides them
 WAVE_SLACK = 0.01  # efficiencies this close count as equal: the fewer chunks win
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def use_split_kv(n_q: int, n_k: int, is_causal: bool, dropout_p: float) -> bool:
-    """Whether the forward of these lengths and flags runs the split-KV decode path."""
-    return 1 <= n_q <= DECODE_MAX_Q and n_k >= DECODE_MIN_K and not is_causal and dropout_p == 0.0
 
 
 def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:
@@ -98,7 +95,7 @@ def _fits(c: triton.Config, meta: dict) -> bool:
     return staged * meta["ITEM"] <= 160 * 1024 and scores <= 1024 * c.num_warps
 
 
-# Memory-bound: the GPU default keeps 2 x 128 keys in flight per program; see attention.tuned.
+# Memory-bound: the GPU default keeps 2 x 128 keys in flight per program; see _attention.tuned.
 _SPLIT_CONFIGS = [
     _cfg(128, 8, 3), _cfg(64, 4, 3), _cfg(64, 4, 4), _cfg(128, 4, 2), _cfg(128, 4, 3),
     _cfg(256, 8, 2), _cfg(64, 4, 2),
@@ -141,8 +138,8 @@ def _attention_decode_split(
     dv_ok = offs_dv < HEAD_DIM_V
 
     q_rows = off_b * stride_qb + off_h * stride_qh + tok * stride_qm
-    q = _load_tile(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, row_ok, d_ok, True,
-                   BLOCK_D != HEAD_DIM)
+    q = load_tile(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, row_ok, d_ok, True,
+                  BLOCK_D != HEAD_DIM)
 
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_k)
@@ -161,16 +158,16 @@ def _attention_decode_split(
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        s, _ = _score_tile(q, k_ptrs, mask_ptrs, cols, cols, row_ok, col_ok, d_ok, qk_scale,
-                           True, False, HAS_MASK, MASK_IS_BOOL, BLOCK_D != HEAD_DIM,
-                           INPUT_PRECISION)
+        s, _ = score_tile(q, k_ptrs, mask_ptrs, cols, cols, row_ok, col_ok, d_ok, qk_scale,
+                          True, False, HAS_MASK, MASK_IS_BOOL, BLOCK_D != HEAD_DIM,
+                          INPUT_PRECISION)
         mask_ptrs += BLOCK_N * stride_mn
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs, col_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V)
+        v = load_tile(v_ptrs, col_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
@@ -241,7 +238,7 @@ def ctas_per_sm(config: triton.Config, meta: dict, device: DeviceFacts) -> int:
 
 def default_config(meta: dict) -> triton.Config:
     """The config a GPU launch takes with LIGHTLLM_AUTOTUNE=0: the first that fits (else the
-    last, as ``attention.tuned`` prunes)."""
+    last, as ``_attention.tuned`` prunes)."""
     return next((c for c in _SPLIT_CONFIGS if _fits(c, meta)), _SPLIT_CONFIGS[-1])
 
 

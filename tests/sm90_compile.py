@@ -381,7 +381,9 @@ def scenario_attention(mod, cap: Capture):
     backward's spills, and those of other configs, are reported."""
     import torch
 
-    mod.TMA_MIN_WORK = 0  # at the scenarios' small sizes too
+    from lightllm.kernels import _attention
+
+    _attention.TMA_MIN_WORK = 0  # at the scenarios' small sizes too
 
     def run(note, dt, d, *, causal=False, mask=None, dropout=0.0, configs="defaults", bwd=True,
             **shape):

@@ -16,6 +16,7 @@ from conftest import DEVICE, dtype_params
 
 import lightllm.functional as LF
 from lightllm import _dispatch
+from lightllm.kernels import _attention as common
 from lightllm.kernels import attention as kernel
 from lightllm.kernels import attention_decode as kernel_decode
 from lightllm.kernels._device import HOPPER
@@ -403,13 +404,13 @@ def test_causal_bias_errors():
 def tma(monkeypatch):
     """fp16/bf16 launches take tensor descriptors as on Hopper; yields a check that every kernel
     of the last call really ran a TMA config."""
-    monkeypatch.setattr(kernel, "_has_tma", lambda device: True)
-    monkeypatch.setattr(kernel, "TMA_MIN_WORK", 0)
+    monkeypatch.setattr(common, "has_tma", lambda device: True)
+    monkeypatch.setattr(common, "TMA_MIN_WORK", 0)
     # On a GPU the pruning keeps the pointer configs too (first, the default): time only the TMA
     # ones (the interpreter already runs the TMA twin alone).
-    kept = kernel.gpu_candidates
-    monkeypatch.setattr(kernel, "gpu_candidates", lambda configs, use_tma, meta, suits: [
-        c for c in kept(configs, use_tma, meta, suits) if kernel._uses_tma(c)])
+    kept = common.gpu_candidates
+    monkeypatch.setattr(common, "gpu_candidates", lambda configs, use_tma, meta, suits: [
+        c for c in kept(configs, use_tma, meta, suits) if common.uses_tma(c)])
 
     def ran(*kernels):
         return all(k.best_config.kwargs["USE_TMA"] for k in kernels)
@@ -458,7 +459,7 @@ def test_tma_dropout_equals_the_pointer_path(tma, monkeypatch):
     dout = torch.randn(2, 2, 70, 32, device=DEVICE, dtype=torch.float16)
     results = []
     for use_tma in (False, True):
-        monkeypatch.setattr(kernel, "_has_tma", lambda device, use_tma=use_tma: use_tma)
+        monkeypatch.setattr(common, "has_tma", lambda device, use_tma=use_tma: use_tma)
         torch.manual_seed(5)
         leaves = _leaves(q, k, v)
         out = LF.scaled_dot_product_attention(*leaves, dropout_p=0.3, is_causal=True)
@@ -472,17 +473,17 @@ def test_tma_only_where_the_copy_engine_can_address_the_tensors():
     """Descriptors need a unit-stride head dim and 16-byte aligned base and strides; a size-1
     dimension's stride does not matter. Anything else keeps the pointer configs."""
     x = torch.randn(2, 3, 5, 64, dtype=torch.float16)
-    assert all(isinstance(t, kernel.TensorDescriptor) for t in kernel.descriptors(True, x, x))
-    assert kernel.descriptors(False, x) == (x,)
+    assert all(isinstance(t, common.TensorDescriptor) for t in common.descriptors(True, x, x))
+    assert common.descriptors(False, x) == (x,)
     odd = torch.randn(2, 3, 5, 36, dtype=torch.float16)  # rows of 72 bytes
     shifted = torch.randn(2, 3, 5, 72, dtype=torch.float16)[..., 8:]  # base 16 B in, rows 144 B
     misaligned = torch.randn(2, 3, 5, 65, dtype=torch.float16)[..., 1:]  # base 2 bytes in
     stride0 = torch.ones(()).to(torch.float16).expand(2, 3, 5, 64)  # the gradient of out.sum()
     for bad in (odd, misaligned, stride0, x.transpose(2, 3)):
-        assert kernel.descriptors(True, x, bad) == (x, bad)
+        assert common.descriptors(True, x, bad) == (x, bad)
     one = torch.randn(1, 3, 1, 64, dtype=torch.float16).as_strided((1, 3, 1, 64), (7, 64, 3, 1))
-    desc = kernel.descriptors(True, shifted, one)
-    assert [type(d) for d in desc] == [kernel.TensorDescriptor] * 2
+    desc = common.descriptors(True, shifted, one)
+    assert [type(d) for d in desc] == [common.TensorDescriptor] * 2
     assert desc[1].strides == [192, 64, 64, 1]
 
 
@@ -524,12 +525,12 @@ def test_mask_requiring_grad_falls_back_and_gets_its_gradient():
 def test_tuning_keeps_the_configs_that_suit_the_head_dim():
     """On a GPU: every suitable config is timed (LIGHTLLM_AUTOTUNE=0: the first suitable), the TMA
     configs only when the launcher passed descriptors."""
-    gpu = [kernel._cfg(128, 64, 8, 3), kernel._cfg(128, 64, 8, 2), kernel._cfg(64, 32, 4, 2)]
-    tma = [kernel._cfg(128, 64, 8, 3, tma=True), kernel._cfg(64, 32, 4, 2, tma=True)]
+    gpu = [common.config(128, 64, 8, 3), common.config(128, 64, 8, 2), common.config(64, 32, 4, 2)]
+    tma = [common.config(128, 64, 8, 3, tma=True), common.config(64, 32, 4, 2, tma=True)]
 
     def kept(use_tma, item, **heads):
-        meta = {"ITEM": item, "SMEM": HOPPER.smem_per_block - kernel._SMEM_RESERVE, **heads}
-        return kernel.gpu_candidates([*gpu, *tma], use_tma, meta, kernel._fwd_suits)
+        meta = {"ITEM": item, "SMEM": HOPPER.smem_per_block - common.SMEM_RESERVE, **heads}
+        return common.gpu_candidates([*gpu, *tma], use_tma, meta, kernel._fwd_suits)
 
     small, large = dict(BLOCK_D=128, BLOCK_DV=64), dict(BLOCK_D=256, BLOCK_DV=256)
     assert kept(False, 2, **small) == gpu
@@ -538,7 +539,7 @@ def test_tuning_keeps_the_configs_that_suit_the_head_dim():
     # fp32 dots hold fp32 operands in registers: the smallest tiles only
     assert kept(False, 4, **small) == gpu[2:]
     # nothing suits: the last pointer config, never a TMA one
-    assert kernel.gpu_candidates([*gpu, *tma], True, {"ITEM": 4, "SMEM": 0, **small},
+    assert common.gpu_candidates([*gpu, *tma], True, {"ITEM": 4, "SMEM": 0, **small},
                                  lambda c, meta: False) == gpu[-1:]
     # LIGHTLLM_AUTOTUNE=0 keeps the first of these: kernels._utils.autotune (tests/test__utils.py)
 

@@ -19,6 +19,7 @@ import lightllm.functional as LF
 from lightllm.kernels import attention as kernel
 from lightllm.kernels import attention_decode as decode
 from lightllm.kernels._device import HOPPER
+from lightllm.ops import attention as op
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def _plan(b, hq, hkv, nq, nk, d, item=2, sms=132, num_splits=None):
 
 
 def _two_wave_splits(programs, sms, nk):
-    """The split count of the rule before wave efficiency: about 2 x SMs programs."""
+    """The split count of the two-wave rule: about 2 x SMs programs."""
     return decode._chunking(_blocks(nk), max(1, min(math.ceil(2 * sms / programs), _blocks(nk))))[0]
 
 
@@ -195,7 +196,7 @@ def test_wave_splits_are_realised_exactly(nk):
 
 def test_wave_efficiency_at_least_the_two_wave_rule():
     """On a grid of decode shapes and GPUs the chosen split count keeps at least as many slots
-    busy as the previous rule, and strictly more on some."""
+    busy as the two-wave rule, and strictly more on some."""
     better = same = 0
     for sms in (132, 114, 78):
         for d, item in ((64, 2), (128, 2), (128, 4)):
@@ -207,12 +208,12 @@ def test_wave_efficiency_at_least_the_two_wave_rule():
                             splits, _, _, row_blocks, _, _ = _plan(
                                 b, hkv * group, hkv, nq, nk, d, item, sms)
                             programs = b * hkv * row_blocks
-                            new = decode.wave_efficiency(programs * splits, slots)
-                            old = decode.wave_efficiency(
+                            chosen = decode.wave_efficiency(programs * splits, slots)
+                            two_wave = decode.wave_efficiency(
                                 programs * _two_wave_splits(programs, sms, nk), slots)
-                            assert new >= old - 1e-12, (sms, d, item, b, hkv, group, nq, nk)
-                            better += new > old + 1e-12
-                            same += new <= old + 1e-12
+                            assert chosen >= two_wave - 1e-12, (sms, d, item, b, hkv, group, nq, nk)
+                            better += chosen > two_wave + 1e-12
+                            same += chosen <= two_wave + 1e-12
     assert better > 1000 and same > 1000
 
 
@@ -234,8 +235,8 @@ def test_forced_split_counts_bypass_the_wave_rule():
     ],
 )
 def test_routing(nq, nk, kwargs, decodes, decode_calls):
-    assert decode.use_split_kv(nq, nk, kwargs.get("is_causal", False),
-                               kwargs.get("dropout_p", 0.0)) == decodes
+    assert op.use_split_kv(nq, nk, kwargs.get("is_causal", False),
+                           kwargs.get("dropout_p", 0.0)) == decodes
     q, k, v = _qkv(1, 1, 1, nq, nk, 16)
     LF.scaled_dot_product_attention(q, k, v, **kwargs)
     assert bool(decode_calls) == decodes

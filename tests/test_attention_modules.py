@@ -18,9 +18,9 @@ from conftest import DEVICE, dtype_params
 
 import lightllm
 import lightllm._dispatch as dispatch
-from lightllm.kernels.attention_decode import use_split_kv
 from lightllm.nn import CausalSelfAttention, KVCache, MultiheadAttention
 from lightllm.nn import attention as attention_module
+from lightllm.ops.attention import use_split_kv
 from lightllm.testing import assert_parity
 
 # PyTorch's own module warns when key_padding_mask and attn_mask differ in kind; ours accepts that.

@@ -14,10 +14,10 @@ generator of that device (so a CUDA graph replay draws a fresh one), from which 
 ``lower_right`` aligns ``is_causal``'s diagonal to the last key (PyTorch's ``causal_lower_right``
 bias: query i sees keys up to i + Nk - Nq), which a chunk of queries over a KV cache needs.
 
-The forward picks its kernel by shape: 1-16 queries over at least 256 keys without ``is_causal`` or
-dropout run the split-KV decode kernel (``kernels/attention_decode.py``), everything else the
-flash-style kernel (``kernels/attention.py``). Both return the same (out, lse), so the backward is
-the same either way.
+The forward picks its kernel by shape (``use_split_kv``): 1-16 queries over at least 256 keys
+without ``is_causal`` or dropout run the split-KV decode kernel (``kernels/attention_decode.py``),
+everything else the flash-style kernel (``kernels/attention.py``). Both return the same (out,
+lse), so the backward is the same either way.
 
 Dispatch happens once, in the public function. Inputs the kernels serve run them: in plain eager
 mode the launchers are called directly (through an ``autograd.Function`` when a gradient is needed),
@@ -45,15 +45,22 @@ from lightllm.kernels import attention_decode as decode
 _OP = "scaled_dot_product_attention"
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
 MAX_HEAD_DIM = kernel.MAX_HEAD_DIM
+DECODE_MAX_Q = 16  # longest query the split-KV path serves
+DECODE_MIN_K = 256  # shortest key sequence worth splitting
 
 # ------------------------------------------------------------------------------------------------
 # Launchers, custom ops and autograd
 # ------------------------------------------------------------------------------------------------
 
 
+def use_split_kv(n_q: int, n_k: int, is_causal: bool, dropout_p: float) -> bool:
+    """Whether the forward of these lengths and flags runs the split-KV decode path."""
+    return 1 <= n_q <= DECODE_MAX_Q and n_k >= DECODE_MIN_K and not is_causal and dropout_p == 0.0
+
+
 def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right):
     """(out, lse) from the split-KV decode kernel or the flash kernel, by shape."""
-    if decode.use_split_kv(q.shape[2], k.shape[2], is_causal, dropout_p):
+    if use_split_kv(q.shape[2], k.shape[2], is_causal, dropout_p):
         return decode.attention_decode_fwd(q, k, v, attn_mask, scale)
     return kernel.attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed,
                                 lower_right)
@@ -258,7 +265,7 @@ def _mask_4d(mask: Tensor, batch: tuple, rank: int) -> Tensor:
     return mask.expand(*batch, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
 
 
-def _runs_kernel(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> bool:
+def _kernel_serves(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> bool:
     if not _dispatch.runs_triton(query):
         return False
     if query.dtype is torch.float64:
@@ -311,7 +318,7 @@ def scaled_dot_product_attention(
         attn_mask, is_causal, lower_right = _causal_bias(bias, query, key, is_causal)
     batch, hq, hkv, rank = _check(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                   enable_gqa)
-    if not _runs_kernel(query, key, value, attn_mask):
+    if not _kernel_serves(query, key, value, attn_mask):
         if lower_right:  # PyTorch's op takes the bias object only without enable_gqa: a mask
             attn_mask, is_causal = bias._materialize(query.device), False
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,

@@ -85,7 +85,3 @@ def scaled_dot_product_attention(
         value = _repeat_kv(value, query.size(-3))
     return (probs @ value.to(probs.dtype)).to(query.dtype)
 
-
-def attention_lse(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """The natural-log log-sum-exp of each query row's scores (-inf for a row with no key)."""
-    return torch.logsumexp(attention_scores(query, key, attn_mask, is_causal, scale, enable_gqa), -1)
