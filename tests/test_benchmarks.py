@@ -39,7 +39,7 @@ def test_block_flops_count_every_matmul():
 
 
 def test_layer_norm_bytes_are_the_ideal_traffic():
-    from benchmarks.bench_layer_norm import build_cases
+    from benchmarks.bench_norm import build_cases
 
     for case in build_cases(quick=True):
         m, n, e = case.params["M"], case.params["N"], case.dtype.itemsize

@@ -1,13 +1,13 @@
 """RMSNorm and Add & RMSNorm: validation, dispatch, autograd and torch.library registration.
 
-The kernels are LayerNorm's, with their RMS flag (``IS_RMS`` in kernels/layer_norm.py, ``kRms`` in
-csrc/layer_norm.cpp): fp32 statistics, no mean, no bias, rstd saved for the backward. Three custom
+The kernels are LayerNorm's, with their RMS flag (``IS_RMS`` in kernels/norm.py, ``kRms`` in
+csrc/norm.cpp): fp32 statistics, no mean, no bias, rstd saved for the backward. Three custom
 ops carry the work on 2-D (rows, features) views:
   lightllm::rms_norm_fwd(x, weight?, eps, cast_before_weight)               -> (y, rstd)
   lightllm::add_rms_norm_fwd(x, residual, weight?, eps, cast_before_weight) -> (y, s, rstd)
   lightllm::rms_norm_bwd(dy, x, weight?, rstd, ds?, need_dw)                -> (dx, dw)
 Dispatch and the two routes (the launcher called directly in plain eager mode, the custom op under
-torch.compile or a dispatch mode, one autograd for both) are exactly lightllm.ops.layer_norm's, whose
+torch.compile or a dispatch mode, one autograd for both) are exactly lightllm.ops.norm's, whose
 checks and helpers this module shares. float64, empty inputs and float64 weights run PyTorch's own
 ``F.rms_norm``.
 
@@ -29,8 +29,8 @@ from torch import Tensor
 
 from lightllm import _dispatch
 from lightllm._validation import tensor_error
-from lightllm.kernels import layer_norm as kernel
-from lightllm.ops import layer_norm as _ln
+from lightllm.kernels import norm as kernel
+from lightllm.ops import norm as _ln
 
 _F32_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps=None for float32/float16/bfloat16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightllm.ops.layer_norm import add_layer_norm, layer_norm
+from lightllm.ops.norm import add_layer_norm, layer_norm
 
 
 class LayerNorm(torch.nn.LayerNorm):

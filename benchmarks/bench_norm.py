@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import lightllm.functional as LF
 from benchmarks import peers
 from benchmarks.harness import HAS_CUDA, Case, compiled
-from lightllm.reference import layer_norm as reference
+from lightllm.reference import norm as reference
 
 OPS = ("layer_norm", "add_layer_norm")  # the op names of its cases
 

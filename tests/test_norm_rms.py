@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BF16_ON_CPU, DEVICE, HAS_CUDA
-from test_layer_norm import BACKWARD_CANDIDATES, launching
+from test_norm import BACKWARD_CANDIDATES, launching
 
 import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
-from lightllm.kernels import layer_norm as kernel
+from lightllm.kernels import norm as kernel
 from lightllm.ops import rms_norm as rms_op
 from lightllm.reference import rms_norm as reference
 from lightllm.testing import DispatchedOps, assert_parity, grads, leaves
@@ -151,7 +151,7 @@ def test_long_rows(hidden, route, dtype):
 @pytest.mark.skipif(not TRITON_HERE, reason="the Triton kernels do not run here")
 def test_backward_candidates(hidden, config, dtype, monkeypatch):
     """Each backward candidate the GPU's autotuner may pick (the interpreter runs only the
-    default; test_layer_norm.py lists them): dx, dresidual (the ds path), dweight on 37 rows."""
+    default; test_norm.py lists them): dx, dresidual (the ds path), dweight on 37 rows."""
     calls = launching(monkeypatch, kernel, "rms_norm_bwd", config)
     x = torch.randn(37, hidden, device=DEVICE, dtype=dtype)
     w = torch.randn(hidden, device=DEVICE, dtype=dtype)

@@ -6,7 +6,7 @@ Three custom ops carry the work on 2-D (rows, features) views:
   lightllm::layer_norm_bwd(dy, x, weight?, mean, rstd, ds?, need_dw, need_db) -> (dx, dw, db)
 ``mean``/``rstd`` are fp32 statistics saved for the backward; unused gradients come back empty.
 
-Each op has two launchers with one signature: the Triton kernels (``lightllm.kernels.layer_norm``:
+Each op has two launchers with one signature: the Triton kernels (``lightllm.kernels.norm``:
 CUDA, and CPU under the interpreter) and the C++ CPU kernels of ``lightllm._C``
 (``layer_norm_{fwd,bwd}_cpu``). The public functions pick one per call and, in plain eager mode,
 call it directly (through an ``autograd.Function`` when a gradient is needed); under
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lightllm import _dispatch
 from lightllm._validation import FLOAT_DTYPES, dtype_error, shape_error, tensor_error
-from lightllm.kernels import layer_norm as kernel
+from lightllm.kernels import norm as kernel
 
 # ------------------------------------------------------------------------------------------------
 # Launchers: the Triton kernels, or the C++ CPU kernels
