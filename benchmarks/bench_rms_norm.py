@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import lightllm.functional as LF
 from benchmarks import peers
 from benchmarks.harness import HAS_CUDA, Case, compiled
-from lightllm.reference import rms_norm as reference
+from lightllm.reference import norm as reference
 
 OPS = ("rms_norm", "add_rms_norm")  # the op names of its cases
 

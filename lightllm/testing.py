@@ -177,11 +177,11 @@ def gpt_eager_reference():
     import types
 
     from lightllm.models import gpt
-    from lightllm.reference import attention, linear_gelu, norm, rms_norm, rotary, swiglu
+    from lightllm.reference import attention, linear_gelu, norm, rotary, swiglu
 
     ops = types.SimpleNamespace(
         layer_norm=norm.layer_norm, add_layer_norm=norm.add_layer_norm,
-        rms_norm=rms_norm.rms_norm, add_rms_norm=rms_norm.add_rms_norm,
+        rms_norm=norm.rms_norm, add_rms_norm=norm.add_rms_norm,
         scaled_dot_product_attention=attention.scaled_dot_product_attention,
         swiglu_feed_forward=swiglu.swiglu_feed_forward,
         rotary_embedding=rotary.rotary_embedding, rotary_cos_sin=rotary.rotary_cos_sin)

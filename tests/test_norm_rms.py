@@ -17,12 +17,12 @@ import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
 from lightllm.kernels import norm as kernel
-from lightllm.ops import rms_norm as rms_op
-from lightllm.reference import rms_norm as reference
+from lightllm.ops import norm as norm_op
+from lightllm.reference import norm as reference
 from lightllm.testing import DispatchedOps, assert_parity, grads, leaves
 
 F32_EPS = torch.finfo(torch.float32).eps
-HAS_CPP = rms_op._ln.HAS_CPU_KERNELS
+HAS_CPP = norm_op.HAS_CPU_KERNELS
 TRITON_HERE = _dispatch.triton_runs_on(torch.device(DEVICE))
 ROWS = [1, 7, 97]
 HIDDEN = [1, 7, 1023, 1500, 4096]
@@ -317,7 +317,7 @@ def test_float64_runs_pytorchs_own_op():
 def test_launchers_run(route, dtype, monkeypatch):
     """The Triton launchers on the Triton route, the C++ ones on the native path; never PyTorch's."""
     calls = []
-    target = kernel if route == "triton" else rms_op._CPU
+    target = kernel if route == "triton" else norm_op._CPU
     for name in ("rms_norm_fwd", "rms_norm_bwd"):
         real = getattr(target, name)
         monkeypatch.setattr(target, name, lambda *a, real=real, name=name: calls.append(name) or
