@@ -90,8 +90,10 @@ def collect(quick: bool, ops: set[str] = frozenset(), dtypes: set[str] = frozens
             measures.append(module)
             continue
         whole_file = not ops or name.removeprefix("bench_") in ops
+        # A file's GROUPS: an op name that also selects others of the file (rms_norm: add_rms_norm).
+        wanted = ops.union(*(getattr(module, "GROUPS", {}).get(op, ()) for op in ops))
         for case in module.build_cases(quick):
-            if (whole_file or case.op in ops) and (not dtypes or case.dtype_name in dtypes):
+            if (whole_file or case.op in wanted) and (not dtypes or case.dtype_name in dtypes):
                 cases.append(case)
     return cases, measures
 

@@ -331,10 +331,7 @@ def _randn(device, dtype, *shape):
 
 
 def _norm_case(op: str, m: int, n: int) -> Case:
-    if op in ("layer_norm", "add_layer_norm"):
-        from benchmarks.bench_layer_norm import _providers
-    else:
-        from benchmarks.bench_rms_norm import _providers
+    from benchmarks.bench_norm import _providers
 
     def make(device, dtype):
         x = _randn(device, dtype, m, n)

@@ -4,7 +4,7 @@
 //
 // Included once per instruction set, each time inside a `#pragma GCC target` region and a
 // namespace of its own, with LIGHTLLM_VEC_ISA set to 512 (AVX-512 F/BW/DQ/VL), 2 (AVX2 + FMA +
-// F16C) or 0 (the x86-64 baseline); the kernel picks one at run time (see layer_norm.cpp). So the
+// F16C) or 0 (the x86-64 baseline); the kernel picks one at run time (see norm.cpp). So the
 // extension needs no -m flags, loads on any x86-64 CPU and still runs AVX-512 where it exists. No
 // include guard on purpose, and no #include: the includer includes <immintrin.h>, <cstdint>,
 // <cstring>, <type_traits>, <utility> and c10's Half and BFloat16 first.

@@ -10,7 +10,7 @@ list. Each is compiled with Triton's CUDA backend for ``GPUTarget("cuda", 90, 32
 gives registers and spill stores (and, with the shared memory, the programs an SM holds at once),
 the PTX shows wgmma / mma.sync and TMA / cp.async.
 
-    .venv/bin/python tests/sm90_compile.py [kernels/layer_norm.py ...] [--jobs 2] [--json out.json]
+    .venv/bin/python tests/sm90_compile.py [kernels/norm.py ...] [--jobs 2] [--json out.json]
                                            [--only REGEX]
 
 prints one line per compiled specialization and exits 1 when a kernel fails to compile, a
@@ -199,7 +199,7 @@ def _t(*shape, dtype):
     return torch.randn(*shape, dtype=getattr(torch, dtype))
 
 
-def scenario_layer_norm(mod, cap: Capture):
+def scenario_norm(mod, cap: Capture):
     """Rows in registers up to 16384 (forward) / 8192 (backward) elements, the widest block in
     every dtype (the most registers per thread), the two-pass path beyond, a row of 1023 (not
     16-byte aligned); flags as the ops pass them: Add & Norm, LayerNorm with and without affine,
@@ -461,7 +461,7 @@ def scenario_rotary(mod, cap: Capture):
 SCENARIOS = {
     "attention": scenario_attention,
     "attention_decode": scenario_attention_decode,
-    "layer_norm": scenario_layer_norm,
+    "norm": scenario_norm,
     "linear_gelu": scenario_linear_gelu,
     "rotary": scenario_rotary,
 }

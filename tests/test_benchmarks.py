@@ -38,12 +38,13 @@ def test_block_flops_count_every_matmul():
         by_hand - 2 * tokens * d * ff + attention)
 
 
-def test_layer_norm_bytes_are_the_ideal_traffic():
-    from benchmarks.bench_layer_norm import build_cases
+def test_norm_bytes_are_the_ideal_traffic():
+    from benchmarks.bench_norm import build_cases
 
     for case in build_cases(quick=True):
         m, n, e = case.params["M"], case.params["N"], case.dtype.itemsize
-        reads_writes = {"layer_norm": (2, 3), "add_layer_norm": (4, 4)}[case.op]
+        reads_writes = {"layer_norm": (2, 3), "add_layer_norm": (4, 4), "rms_norm": (2, 3),
+                        "add_rms_norm": (4, 4)}[case.op]
         assert case.bytes["fwd"] == reads_writes[0] * m * n * e
         assert case.bytes["bwd"] == reads_writes[1] * m * n * e
 

@@ -13,19 +13,19 @@ import torch
 import torch.nn.functional as F
 from test_attention import check_sdpa
 from test_feed_forward import check_feed_forward
-from test_layer_norm import check_add_layer_norm, check_layer_norm
 from test_linear_gelu import check_linear_gelu
+from test_norm import check_add_layer_norm, check_layer_norm
 
 import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
 from lightllm import reference as reference_pkg
 from lightllm.ops import attention as attention_op
-from lightllm.ops import layer_norm as layer_norm_op
 from lightllm.ops import linear_gelu as linear_gelu_op
+from lightllm.ops import norm as norm_op
 
 DTYPES = [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.float16, torch.bfloat16)]
-needs_cpp = pytest.mark.skipif(not layer_norm_op.HAS_CPU_KERNELS,
+needs_cpp = pytest.mark.skipif(not norm_op.HAS_CPU_KERNELS,
                                reason="lightllm._C was built without its CPU LayerNorm kernels")
 
 
@@ -87,7 +87,7 @@ def test_layer_norm_strides_and_stride0_gradient():
 
 @needs_cpp
 def test_layer_norm_runs_the_cpp_kernels(monkeypatch):
-    counts = _calls(monkeypatch, layer_norm_op._CPU, "layer_norm_fwd", "layer_norm_bwd")
+    counts = _calls(monkeypatch, norm_op._CPU, "layer_norm_fwd", "layer_norm_bwd")
     x = torch.randn(5, 64, requires_grad=True)
     r = torch.randn(5, 64, requires_grad=True)
     w = torch.randn(64, requires_grad=True)
@@ -202,8 +202,8 @@ def test_native_path_never_runs_the_reference(monkeypatch):
     # Each op's user-level reference (the slow oracle) is forbidden; the launcher mirrors that
     # reference modules share with the native path (linear_act_fwd, act_bwd, ...) are PyTorch's
     # ops by design.
-    for module in (reference_pkg.attention, reference_pkg.layer_norm, reference_pkg.linear_gelu,
-                   reference_pkg.softmax, reference_pkg.rms_norm, reference_pkg.swiglu):
+    for module in (reference_pkg.attention, reference_pkg.norm, reference_pkg.linear_gelu,
+                   reference_pkg.softmax, reference_pkg.swiglu):
         for name in dir(module):
             if hasattr(LF, name) and callable(getattr(module, name)):
                 monkeypatch.setattr(module, name, forbidden)

@@ -230,11 +230,11 @@ def test_no_layer_imports_upwards():
 
 def test_the_layer_check_sees_a_wrong_import(tmp_path):
     """The check above can fail: an op importing a module is caught."""
-    bad = ROOT / "lightllm" / "ops" / "layer_norm.py"
+    bad = ROOT / "lightllm" / "ops" / "norm.py"
     source = bad.read_text() + "\nfrom lightllm.nn import LayerNorm\nfrom ..models import GPT\n"
-    fake = tmp_path / "layer_norm.py"
+    fake = tmp_path / "norm.py"
     fake.write_text(source)
-    targets = set(_imported(fake, "lightllm.ops.layer_norm"))
+    targets = set(_imported(fake, "lightllm.ops.norm"))
     assert {"lightllm.nn", "lightllm.models"} <= targets
     assert not {_layer(t) for t in targets if t.startswith("lightllm")} <= MAY_IMPORT["ops"] | {"ops"}
 

@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICE
 
 import lightllm
-from lightllm.kernels import layer_norm as layer_norm_kernel
+from lightllm.kernels import norm as norm_kernel
 
 
 class MyNorm(torch.nn.LayerNorm):
@@ -54,8 +54,8 @@ def test_patch_swaps_in_place_and_keeps_parameters(monkeypatch):
     assert "left alone (1):" in text and "own_norm: MyNorm subclasses" in text
 
     launches = []
-    real = layer_norm_kernel.layer_norm_fwd
-    monkeypatch.setattr(layer_norm_kernel, "layer_norm_fwd",
+    real = norm_kernel.layer_norm_fwd
+    monkeypatch.setattr(norm_kernel, "layer_norm_fwd",
                         lambda *a: launches.append(1) or real(*a))
     out = _forward(model, x)
     assert len(launches) == 3  # the encoder's two norms (one in the fused Add & Norm), head_norm

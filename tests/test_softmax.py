@@ -350,7 +350,7 @@ def test_torch_compile(device):
 
 def test_namespace_shared_with_python_ops():
     """TORCH_LIBRARY(lightllm) and the Python custom ops (fragments of the namespace) coexist."""
-    import lightllm.ops.layer_norm  # noqa: F401  (torch.library.custom_op("lightllm::..."))
+    import lightllm.ops.norm  # noqa: F401  (torch.library.custom_op("lightllm::..."))
 
     assert hasattr(torch.ops.lightllm, "layer_norm_fwd")
     assert hasattr(torch.ops.lightllm, "softmax_fwd")

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from benchmarks import traffic
 from benchmarks.counting import Counter, distinct_bytes
-from lightllm.kernels import layer_norm as norm_kernels
+from lightllm.kernels import norm as norm_kernels
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="counts lightllm's kernels in Triton's interpreter (CPU)")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.layer_norm import add_layer_norm, layer_norm
+from ..ops.norm import add_layer_norm, layer_norm
 from .feed_forward import feed_forward_block
 
 

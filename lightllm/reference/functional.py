@@ -2,9 +2,8 @@
 whose ``backend`` is ``"reference"`` (lightllm's GPT, ``lightllm.nn.CausalSelfAttention``) runs, so
 that the same model code computes on plain PyTorch."""
 from .attention import scaled_dot_product_attention  # noqa: F401
-from .layer_norm import add_layer_norm, layer_norm  # noqa: F401
 from .linear_gelu import feed_forward, feed_forward_block, linear_gelu, linear_relu  # noqa: F401
-from .rms_norm import add_rms_norm, rms_norm  # noqa: F401
+from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: F401
 from .rotary import rotary_cos_sin, rotary_embedding  # noqa: F401
 from .softmax import scaled_masked_softmax, softmax  # noqa: F401
 from .swiglu import linear_swiglu, swiglu_feed_forward  # noqa: F401

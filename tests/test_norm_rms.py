@@ -11,18 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BF16_ON_CPU, DEVICE, HAS_CUDA
-from test_layer_norm import BACKWARD_CANDIDATES, launching
+from test_norm import BACKWARD_CANDIDATES, launching
 
 import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
-from lightllm.kernels import layer_norm as kernel
-from lightllm.ops import rms_norm as rms_op
-from lightllm.reference import rms_norm as reference
+from lightllm.kernels import norm as kernel
+from lightllm.ops import norm as norm_op
+from lightllm.reference import norm as reference
 from lightllm.testing import DispatchedOps, assert_parity, grads, leaves
 
 F32_EPS = torch.finfo(torch.float32).eps
-HAS_CPP = rms_op._ln.HAS_CPU_KERNELS
+HAS_CPP = norm_op.HAS_CPU_KERNELS
 TRITON_HERE = _dispatch.triton_runs_on(torch.device(DEVICE))
 ROWS = [1, 7, 97]
 HIDDEN = [1, 7, 1023, 1500, 4096]
@@ -151,7 +151,7 @@ def test_long_rows(hidden, route, dtype):
 @pytest.mark.skipif(not TRITON_HERE, reason="the Triton kernels do not run here")
 def test_backward_candidates(hidden, config, dtype, monkeypatch):
     """Each backward candidate the GPU's autotuner may pick (the interpreter runs only the
-    default; test_layer_norm.py lists them): dx, dresidual (the ds path), dweight on 37 rows."""
+    default; test_norm.py lists them): dx, dresidual (the ds path), dweight on 37 rows."""
     calls = launching(monkeypatch, kernel, "rms_norm_bwd", config)
     x = torch.randn(37, hidden, device=DEVICE, dtype=dtype)
     w = torch.randn(hidden, device=DEVICE, dtype=dtype)
@@ -317,7 +317,7 @@ def test_float64_runs_pytorchs_own_op():
 def test_launchers_run(route, dtype, monkeypatch):
     """The Triton launchers on the Triton route, the C++ ones on the native path; never PyTorch's."""
     calls = []
-    target = kernel if route == "triton" else rms_op._CPU
+    target = kernel if route == "triton" else norm_op._CPU
     for name in ("rms_norm_fwd", "rms_norm_bwd"):
         real = getattr(target, name)
         monkeypatch.setattr(target, name, lambda *a, real=real, name=name: calls.append(name) or

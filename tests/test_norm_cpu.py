@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import dtype_params
 
-import lightllm.ops.layer_norm  # noqa: F401  (registers the ops' fake tensors, for opcheck)
-from lightllm.reference import layer_norm as reference
+import lightllm.ops.norm  # noqa: F401  (registers the ops' fake tensors, for opcheck)
+from lightllm.reference import norm as reference
 from lightllm.testing import assert_parity, grads, leaves
 
 try:

@@ -1,5 +1,5 @@
 // LayerNorm and RMSNorm row kernels for one instruction set; the template flag kRms selects
-// RMSNorm. layer_norm.cpp includes this file once per ISA, each time inside a `#pragma GCC target`
+// RMSNorm. norm.cpp includes this file once per ISA, each time inside a `#pragma GCC target`
 // region and a namespace of its own, after defining FwdArgs / BwdArgs and LIGHTLLM_VEC_ISA: no
 // include guard on purpose (see cpu_vec.h).
 

@@ -1,18 +1,34 @@
-"""LayerNorm and Add & Norm: validation, dispatch, autograd and torch.library registration.
+"""LayerNorm, RMSNorm and their Add & Norm: validation, dispatch, autograd and torch.library
+registration.
 
-Three custom ops carry the work on 2-D (rows, features) views:
+Six custom ops carry the work on 2-D (rows, features) views:
   lightllm::layer_norm_fwd(x, weight?, bias?, eps)               -> (y, mean, rstd)
   lightllm::add_layer_norm_fwd(x, residual, weight?, bias?, eps) -> (y, s, mean, rstd)
   lightllm::layer_norm_bwd(dy, x, weight?, mean, rstd, ds?, need_dw, need_db) -> (dx, dw, db)
+  lightllm::rms_norm_fwd(x, weight?, eps, cast_before_weight)               -> (y, rstd)
+  lightllm::add_rms_norm_fwd(x, residual, weight?, eps, cast_before_weight) -> (y, s, rstd)
+  lightllm::rms_norm_bwd(dy, x, weight?, rstd, ds?, need_dw)                -> (dx, dw)
 ``mean``/``rstd`` are fp32 statistics saved for the backward; unused gradients come back empty.
 
-Each op has two launchers with one signature: the Triton kernels (``lightllm.kernels.layer_norm``:
+One set of kernels serves both norms, RMSNorm by its RMS flag (``IS_RMS`` in kernels/norm.py,
+``kRms`` in csrc/norm.cpp): fp32 statistics, no mean, no bias, rstd saved for the backward.
+
+Each op has two launchers with one signature: the Triton kernels (``lightllm.kernels.norm``:
 CUDA, and CPU under the interpreter) and the C++ CPU kernels of ``lightllm._C``
-(``layer_norm_{fwd,bwd}_cpu``). The public functions pick one per call and, in plain eager mode,
-call it directly (through an ``autograd.Function`` when a gradient is needed); under
-``torch.compile`` or a dispatch mode they call the custom ops, whose bodies pick the same launcher.
-The autograd functions are shared by both routes. Inputs neither serves (float64, empty tensors, a
-build without the extension) run PyTorch's own ``F.layer_norm``.
+(``layer_norm_{fwd,bwd}_cpu``, ``rms_norm_{fwd,bwd}_cpu``). The public functions pick one per call
+and, in plain eager mode, call it directly (through an ``autograd.Function`` when a gradient is
+needed); under ``torch.compile`` or a dispatch mode they call the custom ops, whose bodies pick the
+same launcher. The autograd functions are shared by both routes. Inputs neither serves (float64,
+empty tensors, a float64 weight beside a narrower input for RMSNorm, a build without the
+extension) run PyTorch's own ``F.layer_norm`` / ``F.rms_norm``.
+
+RMSNorm's casting order. ``F.rms_norm`` (torch 2.14.1, CPU and CUDA alike) multiplies the fp32
+normalised value by the weight and rounds once, to the input's dtype. Hugging Face's
+``LlamaRMSNorm`` (and Mistral's, Qwen's, ...) rounds the normalised value to the input dtype first
+and then multiplies by the weight, in ``torch.result_type(weight, input)``: up to one ulp apart in
+float16/bfloat16, and a float32 output beside a float32 weight. ``rms_norm`` follows
+``F.rms_norm``; ``cast_before_weight=True`` gives LlamaRMSNorm's order, bit for bit, for the
+integrations.
 """
 
 from __future__ import annotations
@@ -26,10 +42,10 @@ from torch import Tensor
 
 from lightllm import _dispatch
 from lightllm._validation import FLOAT_DTYPES, dtype_error, shape_error, tensor_error
-from lightllm.kernels import layer_norm as kernel
+from lightllm.kernels import norm as kernel
 
 # ------------------------------------------------------------------------------------------------
-# Launchers: the Triton kernels, or the C++ CPU kernels
+# Launchers: the Triton kernels, or the C++ CPU kernels (the same signature)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -50,18 +66,38 @@ HAS_CPU_KERNELS = _has_cpu_kernels()
 _CPU_HALF_KERNELS = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _cpu_fwd(x, residual, weight, bias, eps: float):
+def _cpu_layer_norm_fwd(x, residual, weight, bias, eps: float):
     y, s, mean, rstd = torch.ops.lightllm.layer_norm_fwd_cpu(x, residual, weight, bias, eps)
     return y, (s if residual is not None else None), mean, rstd
 
 
-def _cpu_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
+def _cpu_layer_norm_bwd(dy, x, weight, mean, rstd, ds, need_dw: bool, need_db: bool):
     dx, dw, db = torch.ops.lightllm.layer_norm_bwd_cpu(dy, x, weight, mean, rstd, ds, need_dw,
                                                        need_db)
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
-_CPU = SimpleNamespace(layer_norm_fwd=_cpu_fwd, layer_norm_bwd=_cpu_bwd)
+def _out_dtype(x: Tensor, weight: Tensor | None, cast_before_weight: bool) -> torch.dtype:
+    if cast_before_weight and weight is not None:
+        return torch.promote_types(x.dtype, weight.dtype)
+    return x.dtype
+
+
+def _cpu_rms_norm_fwd(x, residual, weight, eps: float, cast_before_weight: bool, out_dtype):
+    # The C++ op derives the output dtype itself (promote(x, weight) when casting before the weight).
+    y, s, rstd = torch.ops.lightllm.rms_norm_fwd_cpu(x, residual, weight, eps, cast_before_weight)
+    return y, (s if residual is not None else None), rstd
+
+
+def _cpu_rms_norm_bwd(dy, x, weight, rstd, ds, need_dw: bool):
+    if dy.dtype is not x.dtype:  # a float32 output beside a half input (cast before the weight)
+        dy = dy.to(x.dtype)
+    dx, dw = torch.ops.lightllm.rms_norm_bwd_cpu(dy, x, weight, rstd, ds, need_dw)
+    return dx, (dw if need_dw else None)
+
+
+_CPU = SimpleNamespace(layer_norm_fwd=_cpu_layer_norm_fwd, layer_norm_bwd=_cpu_layer_norm_bwd,
+                       rms_norm_fwd=_cpu_rms_norm_fwd, rms_norm_bwd=_cpu_rms_norm_bwd)
 
 if HAS_CPU_KERNELS:
     @torch.library.register_fake("lightllm::layer_norm_fwd_cpu")
@@ -76,6 +112,17 @@ if HAS_CPU_KERNELS:
         n = x.shape[1]
         return (x.new_empty(x.shape), x.new_empty((n if need_dw else 0,), dtype=torch.float32),
                 x.new_empty((n if need_db else 0,), dtype=torch.float32))
+
+    @torch.library.register_fake("lightllm::rms_norm_fwd_cpu")
+    def _(x, residual, weight, eps, cast_before_weight):
+        s = x.new_empty(x.shape if residual is not None else (0,))
+        return (x.new_empty(x.shape, dtype=_out_dtype(x, weight, cast_before_weight)), s,
+                x.new_empty((x.shape[0],), dtype=torch.float32))
+
+    @torch.library.register_fake("lightllm::rms_norm_bwd_cpu")
+    def _(dy, x, weight, rstd, ds, need_dw):
+        return x.new_empty(x.shape), x.new_empty((x.shape[1] if need_dw else 0,),
+                                                 dtype=torch.float32)
 
 
 def _launcher(x: Tensor):
@@ -139,12 +186,54 @@ def _(dy, x, weight, mean, rstd, ds, need_dw, need_db):
             x.new_empty((n if need_db else 0,), dtype=torch.float32))
 
 
+@torch.library.custom_op("lightllm::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(
+    x: Tensor, weight: Tensor | None, eps: float, cast_before_weight: bool
+) -> tuple[Tensor, Tensor]:
+    y, _, rstd = _launcher(x).rms_norm_fwd(x, None, weight, eps, cast_before_weight,
+                                           _out_dtype(x, weight, cast_before_weight))
+    return y, rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, eps, cast_before_weight):
+    return (x.new_empty(x.shape, dtype=_out_dtype(x, weight, cast_before_weight)),
+            x.new_empty((x.shape[0],), dtype=torch.float32))
+
+
+@torch.library.custom_op("lightllm::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, cast_before_weight: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _launcher(x).rms_norm_fwd(x, residual, weight, eps, cast_before_weight,
+                                     _out_dtype(x, weight, cast_before_weight))
+
+
+@_add_rms_norm_fwd.register_fake
+def _(x, residual, weight, eps, cast_before_weight):
+    return (x.new_empty(x.shape, dtype=_out_dtype(x, weight, cast_before_weight)),
+            x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32))
+
+
+@torch.library.custom_op("lightllm::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, ds: Tensor | None, need_dw: bool
+) -> tuple[Tensor, Tensor]:
+    dx, dw = _launcher(x).rms_norm_bwd(dy, x, weight, rstd, ds, need_dw)
+    return dx, _empty_grad(x) if dw is None else dw
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, ds, need_dw):
+    return x.new_empty(x.shape), x.new_empty((x.shape[1] if need_dw else 0,), dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # Autograd, shared by the custom ops and the eager autograd.Functions
 # ------------------------------------------------------------------------------------------------
 
 
-def _backward(ctx, dy, ds):
+def _layer_norm_grads(ctx, dy, ds):
     src, weight, mean, rstd = ctx.saved_tensors
     args = (dy, src, weight, mean, rstd, ds, ctx.need_dw, ctx.need_db)
     if _dispatch.direct(src):
@@ -155,7 +244,7 @@ def _backward(ctx, dy, ds):
             db.to(ctx.bias_dtype) if ctx.need_db else None)
 
 
-def _setup(ctx, src: Tensor, weight, bias, mean, rstd, weight_index: int):
+def _layer_norm_save(ctx, src: Tensor, weight, bias, mean, rstd, weight_index: int):
     ctx.save_for_backward(src, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
     ctx.weight_dtype = weight.dtype if weight is not None else None
@@ -167,22 +256,22 @@ def _setup(ctx, src: Tensor, weight, bias, mean, rstd, weight_index: int):
 def _layer_norm_setup(ctx, inputs, output):
     x, weight, bias, _ = inputs
     _, mean, rstd = output
-    _setup(ctx, x, weight, bias, mean, rstd, weight_index=1)
+    _layer_norm_save(ctx, x, weight, bias, mean, rstd, weight_index=1)
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    dx, dw, db = _backward(ctx, dy, None)
+    dx, dw, db = _layer_norm_grads(ctx, dy, None)
     return dx, dw, db, None
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
     _, _, weight, bias, _ = inputs
     _, s, mean, rstd = output
-    _setup(ctx, s, weight, bias, mean, rstd, weight_index=2)
+    _layer_norm_save(ctx, s, weight, bias, mean, rstd, weight_index=2)
 
 
 def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
-    dx, dw, db = _backward(ctx, dy, ds)
+    dx, dw, db = _layer_norm_grads(ctx, dy, ds)
     return dx, dx, dw, db, None
 
 
@@ -205,12 +294,72 @@ _AddLayerNorm = _dispatch.autograd_function("add_layer_norm", _add_layer_norm_ea
                                             _add_layer_norm_setup, _add_layer_norm_backward)
 
 
+def _rms_norm_grads(ctx, dy, ds):
+    src, weight, rstd = ctx.saved_tensors
+    args = (dy, src, weight, rstd, ds, ctx.need_dw)
+    if _dispatch.direct(src):
+        dx, dw = _launcher(src).rms_norm_bwd(*args)
+    else:
+        dx, dw = _rms_norm_bwd(*args)
+    return dx, dw.to(ctx.weight_dtype) if ctx.need_dw else None
+
+
+def _rms_norm_save(ctx, src: Tensor, weight, rstd, weight_index: int):
+    ctx.save_for_backward(src, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.weight_dtype = weight.dtype if weight is not None else None
+    ctx.need_dw = weight is not None and ctx.needs_input_grad[weight_index]
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _rms_norm_save(ctx, x, weight, output[1], weight_index=1)
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    dx, dw = _rms_norm_grads(ctx, dy, None)
+    return dx, dw, None, None
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    _, _, weight, _, _ = inputs
+    _, s, rstd = output
+    _rms_norm_save(ctx, s, weight, rstd, weight_index=2)
+
+
+def _add_rms_norm_backward(ctx, dy, ds, _drstd):
+    dx, dw = _rms_norm_grads(ctx, dy, ds)
+    return dx, dx, dw, None, None
+
+
+_rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+_add_rms_norm_fwd.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
+
+
+def _rms_norm_eager(x, weight, eps, cast_before_weight):
+    y, _, rstd = _launcher(x).rms_norm_fwd(x, None, weight, eps, cast_before_weight,
+                                           _out_dtype(x, weight, cast_before_weight))
+    return y, rstd
+
+
+def _add_rms_norm_eager(x, residual, weight, eps, cast_before_weight):
+    return _launcher(x).rms_norm_fwd(x, residual, weight, eps, cast_before_weight,
+                                     _out_dtype(x, weight, cast_before_weight))
+
+
+_RMSNorm = _dispatch.autograd_function("rms_norm", _rms_norm_eager, _rms_norm_setup,
+                                       _rms_norm_backward)
+_AddRMSNorm = _dispatch.autograd_function("add_rms_norm", _add_rms_norm_eager,
+                                          _add_rms_norm_setup, _add_rms_norm_backward)
+
+
 # ------------------------------------------------------------------------------------------------
 # Public functions
 # ------------------------------------------------------------------------------------------------
 
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
+_F32_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps=None for float32/float16/bfloat16
 
 
 def _normalized_shape(op: str, normalized_shape) -> tuple[int, ...]:
@@ -280,8 +429,12 @@ def _check(op: str, x, normalized_shape, weight, bias, residual=None,
     return shape
 
 
-def _served(op: str, x: Tensor) -> bool:
-    """True when lightllm's kernels (Triton or C++) serve ``x``; else PyTorch's own op runs."""
+def _kernel_serves(op: str, x: Tensor, weight: Tensor | None = None) -> bool:
+    """True when lightllm's kernels (Triton or C++) serve ``x``; else PyTorch's own op runs.
+    ``weight``: RMSNorm's (of any float dtype); a float64 weight beside a narrower input is
+    multiplied in float64 by PyTorch, which the fp32 kernels do not do."""
+    if weight is not None and weight.dtype is torch.float64 and x.dtype is not torch.float64:
+        return False
     if x.dtype is torch.float64:
         if _dispatch.triton_runs_on(x.device):
             _dispatch.warn_once(f"{op}:float64", f"{op}: float64 has no kernel (statistics are "
@@ -305,6 +458,13 @@ def _flat(p: Tensor | None, n: int) -> Tensor | None:
     return p if p is None or p.dim() == 1 else p.reshape(n)
 
 
+def _torch_rms_norm(x, shape, weight, eps, cast_before_weight: bool) -> Tensor:
+    """PyTorch's own op, in the requested casting order (LlamaRMSNorm's: weight * normed)."""
+    if cast_before_weight and weight is not None:
+        return weight * F.rms_norm(x, shape, None, eps)
+    return F.rms_norm(x, shape, weight, eps)
+
+
 def layer_norm(
     input: Tensor,
     normalized_shape: int | tuple[int, ...] | list[int] | torch.Size,
@@ -319,7 +479,7 @@ def layer_norm(
     dtype. float64 and empty inputs run PyTorch's own op.
     """
     shape = _check("layer_norm", input, normalized_shape, weight, bias)
-    if not _served("layer_norm", input):
+    if not _kernel_serves("layer_norm", input):
         return F.layer_norm(input, shape, weight, bias, eps)
     n, flat = _rows_of(input, shape)
     x2d = input.reshape(-1, n) if flat else input
@@ -349,7 +509,7 @@ def add_layer_norm(
     if not isinstance(residual, Tensor):  # None would read as "no residual" below
         raise tensor_error("add_layer_norm", "residual", residual)
     shape = _check("add_layer_norm", input, normalized_shape, weight, bias, residual)
-    if not _served("add_layer_norm", input):
+    if not _kernel_serves("add_layer_norm", input):
         s = input + residual
         return F.layer_norm(s, shape, weight, bias, eps), s
     n, flat = _rows_of(input, shape)
@@ -361,4 +521,72 @@ def add_layer_norm(
         y, s, _, _ = _AddLayerNorm.apply(x2d, r2d, w, b, eps)
     else:
         y, s, _, _ = _launcher(input).layer_norm_fwd(x2d, r2d, w, b, eps)
+    return (y.view(input.shape), s.view(input.shape)) if flat else (y, s)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | tuple[int, ...] | list[int] | torch.Size,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    cast_before_weight: bool = False,
+) -> Tensor:
+    """``torch.nn.functional.rms_norm`` on lightllm's fused kernels (forward and backward).
+
+    Statistics in fp32 whatever the input dtype; ``eps=None`` is float32's machine epsilon (float64
+    inputs: float64's), as in PyTorch. The weight may have any float dtype; the output has the
+    input's dtype. ``cast_before_weight=True``: Hugging Face LlamaRMSNorm's casting order,
+    ``weight * normed.to(input.dtype)``, whose output dtype is ``torch.result_type(weight, input)``.
+    float64 and empty inputs run PyTorch's own op.
+    """
+    shape = _check("rms_norm", input, normalized_shape, weight, None, any_float_params=True)
+    cast = cast_before_weight and weight is not None  # without a weight the orders agree
+    if not _kernel_serves("rms_norm", input, weight):
+        return _torch_rms_norm(input, shape, weight, eps, cast)
+    n, flat = _rows_of(input, shape)
+    x2d = input.reshape(-1, n) if flat else input
+    w = _flat(weight, n)
+    eps = _F32_EPS if eps is None else float(eps)
+    if not _dispatch.direct(input):
+        y = _rms_norm_fwd(x2d, w, eps, cast)[0]
+    elif _dispatch.needs_grad(input, weight):
+        y = _RMSNorm.apply(x2d, w, eps, cast)[0]
+    else:
+        y = _launcher(input).rms_norm_fwd(x2d, None, w, eps, cast, _out_dtype(input, w, cast))[0]
+    return y.view(input.shape) if flat else y
+
+
+def add_rms_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: int | tuple[int, ...] | list[int] | torch.Size,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    cast_before_weight: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Add & RMSNorm: ``(rms_norm(input + residual), input + residual)`` in one pass.
+
+    Each input is read once and each output written once; the sum is rounded to the input dtype and
+    that rounded sum is what gets normalised, exactly as the unfused PyTorch code does.
+    """
+    if not isinstance(residual, Tensor):  # None would read as "no residual" below
+        raise tensor_error("add_rms_norm", "residual", residual)
+    shape = _check("add_rms_norm", input, normalized_shape, weight, None, residual,
+                   any_float_params=True)
+    cast = cast_before_weight and weight is not None
+    if not _kernel_serves("add_rms_norm", input, weight):
+        s = input + residual
+        return _torch_rms_norm(s, shape, weight, eps, cast), s
+    n, flat = _rows_of(input, shape)
+    x2d, r2d = (input.reshape(-1, n), residual.reshape(-1, n)) if flat else (input, residual)
+    w = _flat(weight, n)
+    eps = _F32_EPS if eps is None else float(eps)
+    if not _dispatch.direct(input):
+        y, s, _ = _add_rms_norm_fwd(x2d, r2d, w, eps, cast)
+    elif _dispatch.needs_grad(input, residual, weight):
+        y, s, _ = _AddRMSNorm.apply(x2d, r2d, w, eps, cast)
+    else:
+        y, s, _ = _launcher(input).rms_norm_fwd(x2d, r2d, w, eps, cast, _out_dtype(input, w, cast))
     return (y.view(input.shape), s.view(input.shape)) if flat else (y, s)

@@ -1,5 +1,5 @@
 // LayerNorm, RMSNorm and their Add & Norm for lightllm._C: the TORCH_LIBRARY schemas, input checks
-// and the CPU kernels. They compute exactly what the Triton launchers of kernels/layer_norm.py
+// and the CPU kernels. They compute exactly what the Triton launchers of kernels/norm.py
 // compute; one set of row kernels serves both norms (the template flag kRms).
 //
 // Ops (namespace lightllm; fake tensors and autograd are registered from Python):
@@ -31,7 +31,7 @@
 // chunks by a rule that depends on (M, N) only, and the chunks' fp32 partials are summed in chunk
 // order, so dw and db have the same bits whatever the thread count.
 //
-// The row kernels (layer_norm_cpu.h, on the vectors of cpu_vec.h) are compiled three times, for
+// The row kernels (norm_cpu.h, on the vectors of cpu_vec.h) are compiled three times, for
 // AVX-512, AVX2 and the x86-64 baseline, and the best one the CPU supports runs (the environment
 // variable LIGHTLLM_CPU_ISA=avx2|baseline caps it, for tests). Their results can differ in the
 // last bit (FMA contraction), never with the thread count.
@@ -187,7 +187,7 @@ struct BwdArgs {
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
 #define LIGHTLLM_VEC_ISA 512
 namespace lightllm::avx512 {
-#include "layer_norm_cpu.h"
+#include "norm_cpu.h"
 }  // namespace lightllm::avx512
 #undef LIGHTLLM_VEC_ISA
 #pragma GCC pop_options
@@ -196,14 +196,14 @@ namespace lightllm::avx512 {
 #pragma GCC target("avx2,fma,f16c")
 #define LIGHTLLM_VEC_ISA 2
 namespace lightllm::avx2 {
-#include "layer_norm_cpu.h"
+#include "norm_cpu.h"
 }  // namespace lightllm::avx2
 #undef LIGHTLLM_VEC_ISA
 #pragma GCC pop_options
 
 #define LIGHTLLM_VEC_ISA 0
 namespace lightllm::baseline {
-#include "layer_norm_cpu.h"
+#include "norm_cpu.h"
 }  // namespace lightllm::baseline
 #undef LIGHTLLM_VEC_ISA
 

@@ -39,10 +39,10 @@ the flags and the dtypes, over candidates for short rows that keep more rows in 
       loaded asynchronously while this row is reduced.
 Long rows keep the default alone: their partials are zero-filled and accumulated in place, so more
 programs would make every call zero more, and timed runs would add into each other's sums.
-The first candidate (ROW_SPLIT 1, warps_for_block's warps, no ROW_STAGES) is the kernel as it was
-before tuning, instruction for instruction (its sm_90a PTX differs only in the parameter list):
-ROW_SPLIT 1 and ROW_STAGES None generate nothing, and rows_per_program stays a host-planned
-argument (computing it in the kernel, or pipelining by default, costs registers and occupancy).
+The first candidate (ROW_SPLIT 1, warps_for_block's warps, no ROW_STAGES) is the default, the
+plain row loop: ROW_SPLIT 1 and ROW_STAGES None generate no instructions, and rows_per_program
+stays a host-planned argument (computing it in the kernel, or pipelining by default, costs
+registers and occupancy).
 It is what the interpreter and LIGHTLLM_AUTOTUNE=0 run; tests launch the others through the
 launchers' ``config`` argument.
 
@@ -262,15 +262,15 @@ def _bwd_config(row_split: int, warps: int, row_stages: int | None = None) -> tr
 
 
 # Every candidate the pruning may keep; the first is the interpreter's (its warps do not matter
-# there). _bwd_offered picks and orders those of a launch, today's kernel first.
+# there). _bwd_offered picks and orders those of a launch, the default first.
 BWD_CONFIGS = [_bwd_config(split, warps, stages) for split in ROW_SPLITS for stages in (None, 2)
                for warps in (1, 2, 4, 8, 16)]
 
 
 def _bwd_warps(block: int) -> list[int]:
     """warps_for_block's warps for ``block``, then half and double of them (in 1..16)."""
-    today = warps_for_block(block)
-    return list(dict.fromkeys(max(1, min(16, w)) for w in (today, today // 2, today * 2)))
+    default = warps_for_block(block)
+    return list(dict.fromkeys(max(1, min(16, w)) for w in (default, default // 2, default * 2)))
 
 
 def _bwd_offered(configs, block: int, single: bool, rows_per_program: int) -> list[triton.Config]:

@@ -7,8 +7,8 @@ from conftest import DEVICE, HAS_CUDA, dtype_params
 
 import lightllm
 import lightllm.functional as LF
-from lightllm.kernels import layer_norm as kernel
-from lightllm.reference import layer_norm as reference
+from lightllm.kernels import norm as kernel
+from lightllm.reference import norm as reference
 from lightllm.testing import assert_parity, grads, leaves
 
 ROWS = [1, 7, 97]
