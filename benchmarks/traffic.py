@@ -75,7 +75,7 @@ from benchmarks.counting import Counter, Launch, Tally  # noqa: E402
 from lightllm import _dispatch  # noqa: E402
 from lightllm.kernels import _device as kernel_device  # noqa: E402
 from lightllm.kernels import _utils as kernel_utils  # noqa: E402
-from lightllm.kernels import linear_gelu as linear_kernels  # noqa: E402
+from lightllm.kernels import fused_linear as fused_linear_kernels  # noqa: E402
 from lightllm.reference import linear_gelu as linear_reference  # noqa: E402
 from lightllm.reference import softmax as softmax_reference  # noqa: E402
 
@@ -151,11 +151,11 @@ def _epilogue_bytes(a: dict, m: int, n: int, row_tiles: int) -> tuple[int, int]:
     # the output(s).
     read = row_tiles * n * (_e(a["Bias"]) * a["HAS_BIAS"] + _e(a["Bias2"]) * a["HAS_BIAS2"])
     written = m * n * _e(a["Out"])
-    if a["AUX"] == linear_kernels.AUX_STORE_PRE:
+    if a["AUX"] == fused_linear_kernels.AUX_STORE_PRE:
         written += m * n * (_e(a["Aux"]) + _e(a["Aux2"]) * a["GATED"])
-    elif a["AUX"] == linear_kernels.AUX_ACT_GRAD:
+    elif a["AUX"] == fused_linear_kernels.AUX_ACT_GRAD:
         read += m * n * _e(a["Aux"])
-    elif a["AUX"] == linear_kernels.AUX_GATE_GRAD:
+    elif a["AUX"] == fused_linear_kernels.AUX_GATE_GRAD:
         read += m * n * (_e(a["Aux"]) + _e(a["Aux2"]))
         written += m * n * _e(a["Out2"])
     read += m * n * _e(a["Res"]) * a["HAS_RESIDUAL"]

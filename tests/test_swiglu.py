@@ -17,7 +17,7 @@ from conftest import DEVICE, HAS_CUDA, dtype_params
 import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
-from lightllm.kernels import linear_gelu as kernel
+from lightllm.kernels import fused_linear as kernel
 from lightllm.ops import swiglu as swiglu_op
 from lightllm.reference import swiglu as reference
 from lightllm.testing import assert_parity, grads, leaves, stub_launches

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from lightllm import _dispatch
 from lightllm._validation import check_broadcastable, dtype_error, shape_error, tensor_error
-from lightllm.kernels import linear_gelu as kernel
+from lightllm.kernels import fused_linear as kernel
 from lightllm.reference import linear_gelu as reference
 
 ACTIVATIONS = tuple(kernel.ACTIVATIONS)
