@@ -25,7 +25,7 @@ import torch
 
 import lightllm.functional as LF
 from benchmarks.harness import HAS_CUDA, Case, compiled
-from lightllm.reference import linear_gelu as reference
+from lightllm.reference import fused_linear as reference
 
 OPS = ("linear_gelu", "feed_forward")  # the op names of its cases
 

@@ -76,7 +76,7 @@ from lightllm import _dispatch  # noqa: E402
 from lightllm.kernels import _device as kernel_device  # noqa: E402
 from lightllm.kernels import _utils as kernel_utils  # noqa: E402
 from lightllm.kernels import fused_linear as fused_linear_kernels  # noqa: E402
-from lightllm.reference import linear_gelu as linear_reference  # noqa: E402
+from lightllm.reference import fused_linear as fused_linear_reference  # noqa: E402
 from lightllm.reference import softmax as softmax_reference  # noqa: E402
 
 cdiv = kernel_utils.cdiv
@@ -358,7 +358,7 @@ def _linear_case(op: str, m: int, k: int, n: int) -> Case:
         # On a CPU the bench's "torch" is the eager reference (addmm, then GeLU).
         providers = {"lightllm": providers["lightllm"], "eager": providers.get("eager", providers["torch"])}
     else:
-        providers = {"lightllm": LF.linear_relu, "eager": linear_reference.linear_relu}
+        providers = {"lightllm": LF.linear_relu, "eager": fused_linear_reference.linear_relu}
     return Case(op, f"{m}x{k}->{n}", {"M": m, "K": k, "N": n}, make, providers)
 
 

@@ -177,7 +177,8 @@ def gpt_eager_reference():
     import types
 
     from lightllm.models import gpt
-    from lightllm.reference import attention, layer_norm, linear_gelu, rms_norm, rotary, swiglu
+    from lightllm.reference import attention, layer_norm, rms_norm, rotary, swiglu
+    from lightllm.reference import fused_linear as linear_gelu
 
     ops = types.SimpleNamespace(
         layer_norm=layer_norm.layer_norm, add_layer_norm=layer_norm.add_layer_norm,

@@ -14,7 +14,7 @@ from conftest import DEVICE, HAS_CUDA, dtype_params
 import lightllm.functional as LF
 from lightllm.kernels import _device
 from lightllm.kernels import fused_linear as kernel
-from lightllm.reference import linear_gelu as reference
+from lightllm.reference import fused_linear as reference
 from lightllm.testing import assert_parity, grads, leaves
 
 # (M, K, N)

@@ -44,7 +44,7 @@ from torch import Tensor
 from lightllm import _dispatch
 from lightllm._validation import check_broadcastable, dtype_error, shape_error, tensor_error
 from lightllm.kernels import fused_linear as kernel
-from lightllm.reference import linear_gelu as reference
+from lightllm.reference import fused_linear as reference
 
 ACTIVATIONS = tuple(kernel.ACTIVATIONS)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
