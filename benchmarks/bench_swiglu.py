@@ -24,7 +24,7 @@ import torch
 import lightllm.functional as LF
 from benchmarks import peers
 from benchmarks.harness import HAS_CUDA, Case, compiled
-from lightllm.reference import swiglu as reference
+from lightllm.reference import fused_linear as reference
 
 OPS = ("linear_swiglu", "swiglu_feed_forward")  # the op names of its cases
 

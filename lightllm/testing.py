@@ -177,8 +177,9 @@ def gpt_eager_reference():
     import types
 
     from lightllm.models import gpt
-    from lightllm.reference import attention, layer_norm, rms_norm, rotary, swiglu
+    from lightllm.reference import attention, layer_norm, rms_norm, rotary
     from lightllm.reference import fused_linear as linear_gelu
+    from lightllm.reference import fused_linear as swiglu
 
     ops = types.SimpleNamespace(
         layer_norm=layer_norm.layer_norm, add_layer_norm=layer_norm.add_layer_norm,

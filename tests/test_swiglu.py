@@ -19,7 +19,7 @@ import lightllm.functional as LF
 from lightllm import _dispatch
 from lightllm.kernels import fused_linear as kernel
 from lightllm.ops import swiglu as swiglu_op
-from lightllm.reference import swiglu as reference
+from lightllm.reference import fused_linear as reference
 from lightllm.testing import assert_parity, grads, leaves, stub_launches
 
 # (tokens, d_model, d_ff)

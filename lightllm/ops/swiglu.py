@@ -58,7 +58,7 @@ from lightllm.ops.linear_gelu import (
     _none,
     _rows,
 )
-from lightllm.reference import swiglu as reference
+from lightllm.reference import fused_linear as reference
 
 # ------------------------------------------------------------------------------------------------
 # Launchers: the Triton kernels (lightllm.kernels.linear_gelu), or PyTorch's native ops
