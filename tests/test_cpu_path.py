@@ -21,8 +21,8 @@ import lightllm.functional as LF
 from lightllm import _dispatch
 from lightllm import reference as reference_pkg
 from lightllm.ops import attention as attention_op
+from lightllm.ops import fused_linear as fused_linear_op
 from lightllm.ops import layer_norm as layer_norm_op
-from lightllm.ops import linear_gelu as linear_gelu_op
 
 DTYPES = [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.float16, torch.bfloat16)]
 needs_cpp = pytest.mark.skipif(not layer_norm_op.HAS_CPU_KERNELS,
@@ -219,4 +219,4 @@ def test_native_path_never_runs_the_reference(monkeypatch):
                 LF.linear_swiglu(x, w, w), LF.swiglu_feed_forward(x, w, w, w.t())]
         sum((o.float() * torch.randn(o.shape)).sum() for o in outs).backward()
         assert all(torch.isfinite(t.grad).all() for t in (x, w, q))
-    assert linear_gelu_op._launcher(x) is linear_gelu_op._NATIVE
+    assert fused_linear_op.launchers(x) is fused_linear_op._NATIVE

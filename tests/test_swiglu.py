@@ -337,7 +337,7 @@ def test_native_cpu_path(monkeypatch, dtype):
             y = LF.swiglu_feed_forward(x, wg, wu, wd, bg, bu, bd, r)
         torch.testing.assert_close(h, reference.linear_swiglu(x, wg, wu, bg, bu))
         torch.testing.assert_close(y, reference.swiglu_feed_forward(x, wg, wu, wd, bg, bu, bd, r))
-        assert swiglu_op._launcher(x, swiglu_op._NATIVE) is swiglu_op._NATIVE
+        assert swiglu_op.launchers(x, swiglu_op._NATIVE) is swiglu_op._NATIVE
 
 
 def test_float64_runs_pytorch_ops_with_one_warning():

@@ -2,9 +2,9 @@
 ``(silu(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd (+ residual)``: validation, dispatch, autograd,
 torch.library registration.
 
-A file of its own beside ``lightllm/ops/linear_gelu.py`` (four more custom ops would make that one
+A file of its own beside ``lightllm/ops/fused_linear.py`` (four more custom ops would make that one
 hard to read), but not a copy of it: the kernels are that file's matmul with its GATED epilogue
-(``lightllm.kernels.linear_gelu``), and the checks, the launcher choice, the row flattening and
+(``lightllm.kernels.fused_linear``), and the checks, the launcher choice, the row flattening and
 the residual handling are its helpers. ``w_gate`` and ``w_up`` stay separate (the ``nn.Linear``
 layouts of ``gate_proj``/``up_proj``): the gated matmul reads both, never a concatenated copy.
 
@@ -20,7 +20,7 @@ Four custom ops carry the work on 2-D (rows, features) views:
                        -> (dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down)
 ``g``/``u`` (and the feed-forward's ``h``) come back only when a backward will need them (else
 empty; a backward reached anyway recomputes them) and are marked non-differentiable; unneeded
-gradients come back empty. Dispatch and the eager-direct route are those of linear_gelu: Triton
+gradients come back empty. Dispatch and the eager-direct route are those of fused_linear: Triton
 launchers on CUDA and under the interpreter, PyTorch's ops on the native CPU path (two addmm's and
 silu applied in place when no backward needs the pre-activations) and for float64.
 
@@ -50,18 +50,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightllm import _dispatch
-from lightllm.ops.linear_gelu import (
-    _check_weight,
-    _check_x,
-    _launcher,
-    _native_linear_fwd,
-    _none,
-    _rows,
+from lightllm.ops.fused_linear import (
+    check_weight,
+    check_x,
+    empty,
+    launchers,
+    native_linear_fwd,
+    rows,
 )
 from lightllm.reference import fused_linear as reference
 
 # ------------------------------------------------------------------------------------------------
-# Launchers: the Triton kernels (lightllm.kernels.linear_gelu), or PyTorch's native ops
+# Launchers: the Triton kernels (lightllm.kernels.fused_linear), or PyTorch's native ops
 # ------------------------------------------------------------------------------------------------
 
 
@@ -74,7 +74,7 @@ def _native_linear_swiglu_fwd(x, w_gate, w_up, b_gate, b_up, save: bool):
 
 
 _NATIVE = SimpleNamespace(
-    linear_swiglu_fwd=_native_linear_swiglu_fwd, linear_fwd=_native_linear_fwd,
+    linear_swiglu_fwd=_native_linear_swiglu_fwd, linear_fwd=native_linear_fwd,
     matmul_swiglu_grad=reference.matmul_swiglu_grad, swiglu_bwd=reference.swiglu_bwd,
 )
 _WHAT = "SwiGLU"
@@ -82,9 +82,9 @@ _WHAT = "SwiGLU"
 
 def _input_grads(x, w_gate, w_up, dg, du, need_dx, need_dwg, need_dwu):
     """dX = dG Wg + dU Wu, dWg = dG^T X, dWu = dU^T X (cuBLAS), empty where not needed."""
-    dx = torch.matmul(dg, w_gate).addmm_(du, w_up) if need_dx else _none(x)
-    dwg = torch.matmul(dg.t(), x) if need_dwg else _none(x)
-    dwu = torch.matmul(du.t(), x) if need_dwu else _none(x)
+    dx = torch.matmul(dg, w_gate).addmm_(du, w_up) if need_dx else empty(x)
+    dwg = torch.matmul(dg.t(), x) if need_dwg else empty(x)
+    dwu = torch.matmul(du.t(), x) if need_dwu else empty(x)
     return dx, dwg, dwu
 
 
@@ -94,16 +94,16 @@ def _input_grads(x, w_gate, w_up, dg, du, need_dx, need_dwg, need_dwu):
 
 
 def _linear_swiglu_fwd_impl(x, w_gate, w_up, b_gate, b_up, save):
-    h, g, u = _launcher(x, _NATIVE, _WHAT).linear_swiglu_fwd(x, w_gate, w_up, b_gate, b_up, save)
-    return (h, g, u) if save else (h, _none(x), _none(x))
+    h, g, u = launchers(x, _NATIVE, _WHAT).linear_swiglu_fwd(x, w_gate, w_up, b_gate, b_up, save)
+    return (h, g, u) if save else (h, empty(x), empty(x))
 
 
 def _linear_swiglu_bwd_impl(dh, x, w_gate, w_up, g, u, need_dx, need_dwg, need_dwu, need_dbg,
                             need_dbu):
-    dg, du, dbg, dbu = _launcher(g, _NATIVE, _WHAT).swiglu_bwd(dh, g, u, need_dbg or need_dbu)
+    dg, du, dbg, dbu = launchers(g, _NATIVE, _WHAT).swiglu_bwd(dh, g, u, need_dbg or need_dbu)
     dx, dwg, dwu = _input_grads(x, w_gate, w_up, dg, du, need_dx, need_dwg, need_dwu)
-    return (dx, dwg, dwu, dbg.to(g.dtype) if need_dbg else _none(x),
-            dbu.to(g.dtype) if need_dbu else _none(x))
+    return (dx, dwg, dwu, dbg.to(g.dtype) if need_dbg else empty(x),
+            dbu.to(g.dtype) if need_dbu else empty(x))
 
 
 @torch.library.custom_op("lightllm::linear_swiglu_fwd", mutates_args=())
@@ -178,22 +178,22 @@ _LinearSwiGLU = _dispatch.autograd_function("linear_swiglu", _linear_swiglu_fwd_
 
 
 def _swiglu_ff_fwd_impl(x, w_gate, w_up, w_down, b_gate, b_up, b_down, residual, save):
-    launcher = _launcher(x, _NATIVE, _WHAT)
+    launcher = launchers(x, _NATIVE, _WHAT)
     h, g, u = launcher.linear_swiglu_fwd(x, w_gate, w_up, b_gate, b_up, save)
     y = launcher.linear_fwd(h, w_down, b_down, residual)
     if not save:
-        return y, _none(x), _none(x), _none(x)
+        return y, empty(x), empty(x), empty(x)
     return y, h, g, u
 
 
 def _swiglu_ff_bwd_impl(dy, x, w_gate, w_up, w_down, h, g, u, need_dx, need_dwg, need_dwu,
                         need_dwd, need_dbg, need_dbu, need_dbd):
-    dwd = torch.matmul(dy.t(), h) if need_dwd else _none(x)
-    dbd = dy.sum(0) if need_dbd else _none(x)
+    dwd = torch.matmul(dy.t(), h) if need_dwd else empty(x)
+    dbd = dy.sum(0) if need_dbd else empty(x)
     # distinct empties: op outputs may not alias each other
-    dx, dwg, dwu, dbg, dbu = _none(x), _none(x), _none(x), _none(x), _none(x)
+    dx, dwg, dwu, dbg, dbu = empty(x), empty(x), empty(x), empty(x), empty(x)
     if need_dx or need_dwg or need_dwu or need_dbg or need_dbu:
-        dg, du = _launcher(x, _NATIVE, _WHAT).matmul_swiglu_grad(dy, w_down, g, u)
+        dg, du = launchers(x, _NATIVE, _WHAT).matmul_swiglu_grad(dy, w_down, g, u)
         dx, dwg, dwu = _input_grads(x, w_gate, w_up, dg, du, need_dx, need_dwg, need_dwu)
         if need_dbg:
             dbg = dg.sum(0)
@@ -272,13 +272,13 @@ _SwiGLUFeedForward = _dispatch.autograd_function("swiglu_feed_forward", _swiglu_
 
 def _check_gate_up(op: str, x: Tensor, w_gate, w_up, b_gate, b_up) -> None:
     """w_gate (d_ff, d_model) and w_up of the same shape, their biases (d_ff,), all like x."""
-    _check_x(op, x)
-    _check_weight(op, "w_gate", w_gate, "b_gate", b_gate, x, x.shape[-1])
+    check_x(op, x)
+    check_weight(op, "w_gate", w_gate, "b_gate", b_gate, x, x.shape[-1])
     # Before w_up's own checks: a w_up of another d_ff is named as such, not by its bias.
     if isinstance(w_up, Tensor) and w_up.dim() == 2 and w_up.shape[0] != w_gate.shape[0]:
         raise ValueError(f"{op}: w_up must have w_gate's shape {tuple(w_gate.shape)}, got "
                          f"{tuple(w_up.shape)}")
-    _check_weight(op, "w_up", w_up, "b_up", b_up, x, x.shape[-1])
+    check_weight(op, "w_up", w_up, "b_up", b_up, x, x.shape[-1])
 
 
 def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None = None,
@@ -304,7 +304,7 @@ def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None
     elif _dispatch.needs_grad(x, w_gate, w_up, b_gate, b_up):
         h = _LinearSwiGLU.apply(x2d, w_gate, w_up, b_gate, b_up, True)[0]
     else:
-        h = _launcher(x, _NATIVE, _WHAT).linear_swiglu_fwd(x2d, w_gate, w_up, b_gate, b_up,
+        h = launchers(x, _NATIVE, _WHAT).linear_swiglu_fwd(x2d, w_gate, w_up, b_gate, b_up,
                                                            False)[0]
     return h.view(*x.shape[:-1], w_gate.shape[0]) if flat else h
 
@@ -323,10 +323,10 @@ def swiglu_feed_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
     """
     op = "swiglu_feed_forward"
     _check_gate_up(op, x, w_gate, w_up, b_gate, b_up)
-    _check_weight(op, "w_down", w_down, "b_down", b_down, x, w_gate.shape[0],
+    check_weight(op, "w_down", w_down, "b_down", b_down, x, w_gate.shape[0],
                   "w_gate's out_features (d_ff)")
     d_model = w_down.shape[0]
-    x2d, r2d, flat = _rows(op, x, residual, d_model)
+    x2d, r2d, flat = rows(op, x, residual, d_model)
     # h, g and u are saved only when a weight-side gradient needs them (the residual's is dY).
     save = _dispatch.needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
     if not _dispatch.direct(x):
@@ -335,7 +335,7 @@ def swiglu_feed_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
         y = _SwiGLUFeedForward.apply(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, r2d,
                                      save)[0]
     else:
-        launcher = _launcher(x, _NATIVE, _WHAT)
+        launcher = launchers(x, _NATIVE, _WHAT)
         h = launcher.linear_swiglu_fwd(x2d, w_gate, w_up, b_gate, b_up, False)[0]
         y = launcher.linear_fwd(h, w_down, b_down, r2d)
     return y.view(*x.shape[:-1], d_model) if flat else y

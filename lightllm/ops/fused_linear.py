@@ -1,6 +1,6 @@
 """Linear + activation and the feed-forward: validation, dispatch, autograd, torch.library
 registration. The activation is GeLU (exact or tanh) or ReLU, named by the strings of
-``lightllm.kernels.linear_gelu.ACTIVATIONS`` ("gelu", "gelu_tanh", "relu").
+``lightllm.kernels.fused_linear.ACTIVATIONS`` ("gelu", "gelu_tanh", "relu").
 
 Four custom ops carry the work on 2-D (rows, features) views:
   lightllm::linear_act_fwd(x, weight, bias?, activation, save_pre)         -> (y, pre)
@@ -12,7 +12,7 @@ Four custom ops carry the work on 2-D (rows, features) views:
 ``pre``/``h`` are returned only when a backward will need them (else empty; a backward reached
 anyway recomputes them) and are marked non-differentiable; unneeded gradients come back empty.
 
-Launchers: the Triton kernels (``lightllm.kernels.linear_gelu``: CUDA, and CPU under the
+Launchers: the Triton kernels (``lightllm.kernels.fused_linear``: CUDA, and CPU under the
 interpreter) or, on the native CPU path, the same four functions on PyTorch's own ops (addmm with
 the activation applied in place when no backward needs the pre-activation). The public functions pick one
 per call and, in plain eager mode, call it directly (through an ``autograd.Function`` when a
@@ -64,18 +64,18 @@ def _native_linear_act_fwd(x, weight, bias, activation: str, save_pre: bool):
     return torch._C._nn.gelu_(pre, approximate=approximate), None
 
 
-def _native_linear_fwd(x, weight, bias, residual):
+def native_linear_fwd(x, weight, bias, residual):
     y = F.linear(x, weight, bias)
     return y if residual is None else y.add_(residual)
 
 
 _NATIVE = SimpleNamespace(
-    linear_act_fwd=_native_linear_act_fwd, linear_fwd=_native_linear_fwd,
+    linear_act_fwd=_native_linear_act_fwd, linear_fwd=native_linear_fwd,
     matmul_act_grad=reference.matmul_act_grad, act_bwd=reference.act_bwd,
 )
 
 
-def _launcher(x: Tensor, native=_NATIVE, what: str = "linear + activation"):
+def launchers(x: Tensor, native=_NATIVE, what: str = "linear + activation"):
     """The Triton launchers where the kernels serve ``x``, else ``native`` (the namespace of the
     same launchers on PyTorch's ops; looked up per call, so a test can wrap a launcher). float64
     has no Triton path: a one-time warning names ``what``. Shared with ``lightllm.ops.swiglu``."""
@@ -87,7 +87,7 @@ def _launcher(x: Tensor, native=_NATIVE, what: str = "linear + activation"):
     return native
 
 
-def _none(x: Tensor) -> Tensor:
+def empty(x: Tensor) -> Tensor:
     return x.new_empty((0,))
 
 
@@ -97,15 +97,15 @@ def _none(x: Tensor) -> Tensor:
 
 
 def _linear_act_fwd_impl(x, weight, bias, activation, save_pre):
-    y, pre = _launcher(x).linear_act_fwd(x, weight, bias, activation, save_pre)
-    return y, pre if pre is not None else _none(x)
+    y, pre = launchers(x).linear_act_fwd(x, weight, bias, activation, save_pre)
+    return y, pre if pre is not None else empty(x)
 
 
 def _linear_act_bwd_impl(dy, x, weight, pre, activation, need_dx, need_dw, need_db):
-    dpre, db = _launcher(pre).act_bwd(dy, pre, activation, need_db)
-    dx = torch.matmul(dpre, weight) if need_dx else _none(x)
-    dw = torch.matmul(dpre.t(), x) if need_dw else _none(x)
-    return dx, dw, db.to(pre.dtype) if need_db else _none(x)
+    dpre, db = launchers(pre).act_bwd(dy, pre, activation, need_db)
+    dx = torch.matmul(dpre, weight) if need_dx else empty(x)
+    dw = torch.matmul(dpre.t(), x) if need_dw else empty(x)
+    return dx, dw, db.to(pre.dtype) if need_db else empty(x)
 
 
 @torch.library.custom_op("lightllm::linear_act_fwd", mutates_args=())
@@ -172,21 +172,21 @@ _LinearAct = _dispatch.autograd_function("linear_act", _linear_act_fwd_impl,
 
 
 def _feed_forward_fwd_impl(x, w1, b1, w2, b2, residual, activation, save):
-    launcher = _launcher(x)
+    launcher = launchers(x)
     h, pre = launcher.linear_act_fwd(x, w1, b1, activation, save)
     y = launcher.linear_fwd(h, w2, b2, residual)
     if not save:
-        return y, _none(x), _none(x)
+        return y, empty(x), empty(x)
     return y, h, pre
 
 
 def _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, activation,
                            need_dx, need_dw1, need_db1, need_dw2, need_db2):
-    dw2 = torch.matmul(dy.t(), h) if need_dw2 else _none(x)
-    db2 = dy.sum(0) if need_db2 else _none(x)
-    dx, dw1, db1 = _none(x), _none(x), _none(x)  # distinct: outputs may not alias each other
+    dw2 = torch.matmul(dy.t(), h) if need_dw2 else empty(x)
+    db2 = dy.sum(0) if need_db2 else empty(x)
+    dx, dw1, db1 = empty(x), empty(x), empty(x)  # distinct: outputs may not alias each other
     if need_dx or need_dw1 or need_db1:
-        dpre = _launcher(x).matmul_act_grad(dy, w2, pre, activation)
+        dpre = launchers(x).matmul_act_grad(dy, w2, pre, activation)
         if need_dx:
             dx = torch.matmul(dpre, w1)
         if need_dw1:
@@ -299,7 +299,7 @@ def _check_like(op: str, name: str, t: Tensor, x: Tensor) -> None:
                         f"{name}={t.dtype}")
 
 
-def _check_weight(op: str, wn: str, weight, bn: str, bias, x: Tensor, in_features: int,
+def check_weight(op: str, wn: str, weight, bn: str, bias, x: Tensor, in_features: int,
                   source: str | None = None) -> None:
     """``weight`` is a 2-D (out_features, in_features) tensor like ``x`` whose in_features equals
     ``in_features`` (named ``source`` in messages; by default x's last dimension); ``bias`` is None
@@ -320,13 +320,13 @@ def _check_weight(op: str, wn: str, weight, bn: str, bias, x: Tensor, in_feature
         _check_like(op, bn, bias, x)
 
 
-def _check_x(op: str, x) -> None:
+def check_x(op: str, x) -> None:
     _check_tensor(op, "x", x)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dimensions, got shape {tuple(x.shape)}")
 
 
-def _rows(op: str, x: Tensor, residual, d_out: int):
+def rows(op: str, x: Tensor, residual, d_out: int):
     """``x`` as 2-D rows (m, in_features) and ``residual`` (checked: broadcastable to the output
     (..., d_out), x's dtype and device) as (m, d_out); and whether the result must be viewed back
     to x's leading dimensions. Shared by the feed-forwards."""
@@ -346,8 +346,8 @@ def _rows(op: str, x: Tensor, residual, d_out: int):
 
 
 def _linear_act(op: str, x, weight, bias, activation: str) -> Tensor:
-    _check_x(op, x)
-    _check_weight(op, "weight", weight, "bias", bias, x, x.shape[-1])
+    check_x(op, x)
+    check_weight(op, "weight", weight, "bias", bias, x, x.shape[-1])
     flat = x.dim() != 2
     x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
     if not _dispatch.direct(x):
@@ -356,7 +356,7 @@ def _linear_act(op: str, x, weight, bias, activation: str) -> Tensor:
     elif _dispatch.needs_grad(x, weight, bias):
         y = _LinearAct.apply(x2d, weight, bias, activation, True)[0]
     else:
-        y = _launcher(x).linear_act_fwd(x2d, weight, bias, activation, False)[0]
+        y = launchers(x).linear_act_fwd(x2d, weight, bias, activation, False)[0]
     return y.view(*x.shape[:-1], weight.shape[0]) if flat else y
 
 
@@ -403,9 +403,9 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
     ``residual`` broadcasts to the output (..., d_model) and has the dtype of ``x``.
     """
     op = "feed_forward"
-    _check_x(op, x)
-    _check_weight(op, "w1", w1, "b1", b1, x, x.shape[-1])
-    _check_weight(op, "w2", w2, "b2", b2, x, w1.shape[0], "w1's out_features (d_ff)")
+    check_x(op, x)
+    check_weight(op, "w1", w1, "b1", b1, x, x.shape[-1])
+    check_weight(op, "w2", w2, "b2", b2, x, w1.shape[0], "w1's out_features (d_ff)")
     if activation == "relu":
         act = "relu"
     elif activation == "gelu":
@@ -413,7 +413,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
     else:
         raise ValueError(f"{op}: activation must be 'gelu' or 'relu', got {activation!r}")
     d_model = w2.shape[0]
-    x2d, r2d, flat = _rows(op, x, residual, d_model)
+    x2d, r2d, flat = rows(op, x, residual, d_model)
     # h and pre are saved only when a weight-side gradient needs them (the residual's is dY).
     save = _dispatch.needs_grad(x, w1, b1, w2, b2)
     if not _dispatch.direct(x):
@@ -421,7 +421,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
     elif save or _dispatch.needs_grad(residual):
         y = _FeedForward.apply(x2d, w1, b1, w2, b2, r2d, act, save)[0]
     else:
-        launcher = _launcher(x)
+        launcher = launchers(x)
         h = launcher.linear_act_fwd(x2d, w1, b1, act, False)[0]
         y = launcher.linear_fwd(h, w2, b2, r2d)
     return y.view(*x.shape[:-1], d_model) if flat else y
