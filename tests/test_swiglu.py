@@ -18,7 +18,7 @@ import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
 from lightllm.kernels import fused_linear as kernel
-from lightllm.ops import swiglu as swiglu_op
+from lightllm.ops import fused_linear as fused_linear_op
 from lightllm.reference import fused_linear as reference
 from lightllm.testing import assert_parity, grads, leaves, stub_launches
 
@@ -337,7 +337,7 @@ def test_native_cpu_path(monkeypatch, dtype):
             y = LF.swiglu_feed_forward(x, wg, wu, wd, bg, bu, bd, r)
         torch.testing.assert_close(h, reference.linear_swiglu(x, wg, wu, bg, bu))
         torch.testing.assert_close(y, reference.swiglu_feed_forward(x, wg, wu, wd, bg, bu, bd, r))
-        assert swiglu_op.launchers(x, swiglu_op._NATIVE) is swiglu_op._NATIVE
+        assert fused_linear_op.launchers(x, "SwiGLU") is fused_linear_op._NATIVE
 
 
 def test_float64_runs_pytorch_ops_with_one_warning():
