@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .. import functional as LF
 from ..nn import KVCache, LayerNorm, RMSNorm
 from ..nn.attention import chunk_causal_mask
-from ..nn.feed_forward import feed_forward_block
+from ..nn.fused_linear import feed_forward_block
 
 NORMS = ("layer_norm", "rms_norm")
 MLPS = ("gelu", "gelu_tanh", "relu", "swiglu")
