@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_attention import check_sdpa
-from test_feed_forward import check_feed_forward
+from test_fused_linear import check_linear_gelu
+from test_fused_linear_feed_forward import check_feed_forward
 from test_layer_norm import check_add_layer_norm, check_layer_norm
-from test_linear_gelu import check_linear_gelu
 
 import lightllm
 import lightllm.functional as LF

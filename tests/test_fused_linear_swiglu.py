@@ -3,7 +3,7 @@ and every gradient, odd shapes, biases, residual, strides, the gated TMA and poi
 native CPU path, registration, the transformers LlamaMLP drop-in, edge numerics, errors.
 
 The gated matmul does two products per program, so interpreter cost grows with 2 x K x N (x the
-row tiles): as in test_linear_gelu.py every default shape pairs a large dimension with a small one
+row tiles): as in test_fused_linear.py every default shape pairs a large dimension with a small one
 (M 1, 7, 97; d_model / d_ff 40, 1000, 1023); ``slow`` marks the cases where two large ones meet.
 """
 
