@@ -353,7 +353,7 @@ def _linear_case(op: str, m: int, k: int, n: int) -> Case:
         return _randn(device, dtype, m, k), _randn(device, dtype, n, k), _randn(device, dtype, n)
 
     if op == "linear_gelu":
-        from benchmarks.bench_linear_gelu import _linear_gelu_providers
+        from benchmarks.bench_fused_linear import _linear_gelu_providers
         providers = _linear_gelu_providers("none", "fwd")
         # On a CPU the bench's "torch" is the eager reference (addmm, then GeLU).
         providers = {"lightllm": providers["lightllm"], "eager": providers.get("eager", providers["torch"])}

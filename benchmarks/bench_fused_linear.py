@@ -16,7 +16,7 @@ Providers:
   lightllm  lightllm.functional.linear_gelu / feed_forward
   matmul    torch.matmul(x, W^T) of the same shape, no bias, no activation: the ceiling.
 
-    python -m benchmarks --ops linear_gelu [--quick]
+    python -m benchmarks --ops fused_linear [--quick]
 """
 
 from __future__ import annotations
