@@ -363,7 +363,7 @@ def _linear_case(op: str, m: int, k: int, n: int) -> Case:
 
 
 def _swiglu_case(m: int, k: int, n: int) -> Case:
-    from benchmarks.bench_swiglu import _swiglu_providers
+    from benchmarks.bench_fused_linear import _swiglu_providers
 
     def make(device, dtype):
         return _randn(device, dtype, m, k), _randn(device, dtype, n, k), _randn(device, dtype, n, k)
