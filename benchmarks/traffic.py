@@ -75,8 +75,8 @@ from benchmarks.counting import Counter, Launch, Tally  # noqa: E402
 from lightllm import _dispatch  # noqa: E402
 from lightllm.kernels import _device as kernel_device  # noqa: E402
 from lightllm.kernels import _utils as kernel_utils  # noqa: E402
-from lightllm.kernels import linear_gelu as linear_kernels  # noqa: E402
-from lightllm.reference import linear_gelu as linear_reference  # noqa: E402
+from lightllm.kernels import fused_linear as fused_linear_kernels  # noqa: E402
+from lightllm.reference import fused_linear as fused_linear_reference  # noqa: E402
 from lightllm.reference import softmax as softmax_reference  # noqa: E402
 
 cdiv = kernel_utils.cdiv
@@ -151,11 +151,11 @@ def _epilogue_bytes(a: dict, m: int, n: int, row_tiles: int) -> tuple[int, int]:
     # the output(s).
     read = row_tiles * n * (_e(a["Bias"]) * a["HAS_BIAS"] + _e(a["Bias2"]) * a["HAS_BIAS2"])
     written = m * n * _e(a["Out"])
-    if a["AUX"] == linear_kernels.AUX_STORE_PRE:
+    if a["AUX"] == fused_linear_kernels.AUX_STORE_PRE:
         written += m * n * (_e(a["Aux"]) + _e(a["Aux2"]) * a["GATED"])
-    elif a["AUX"] == linear_kernels.AUX_ACT_GRAD:
+    elif a["AUX"] == fused_linear_kernels.AUX_ACT_GRAD:
         read += m * n * _e(a["Aux"])
-    elif a["AUX"] == linear_kernels.AUX_GATE_GRAD:
+    elif a["AUX"] == fused_linear_kernels.AUX_GATE_GRAD:
         read += m * n * (_e(a["Aux"]) + _e(a["Aux2"]))
         written += m * n * _e(a["Out2"])
     read += m * n * _e(a["Res"]) * a["HAS_RESIDUAL"]
@@ -350,17 +350,17 @@ def _linear_case(op: str, m: int, k: int, n: int) -> Case:
         return _randn(device, dtype, m, k), _randn(device, dtype, n, k), _randn(device, dtype, n)
 
     if op == "linear_gelu":
-        from benchmarks.bench_linear_gelu import _linear_gelu_providers
+        from benchmarks.bench_fused_linear import _linear_gelu_providers
         providers = _linear_gelu_providers("none", "fwd")
         # On a CPU the bench's "torch" is the eager reference (addmm, then GeLU).
         providers = {"lightllm": providers["lightllm"], "eager": providers.get("eager", providers["torch"])}
     else:
-        providers = {"lightllm": LF.linear_relu, "eager": linear_reference.linear_relu}
+        providers = {"lightllm": LF.linear_relu, "eager": fused_linear_reference.linear_relu}
     return Case(op, f"{m}x{k}->{n}", {"M": m, "K": k, "N": n}, make, providers)
 
 
 def _swiglu_case(m: int, k: int, n: int) -> Case:
-    from benchmarks.bench_swiglu import _swiglu_providers
+    from benchmarks.bench_fused_linear import _swiglu_providers
 
     def make(device, dtype):
         return _randn(device, dtype, m, k), _randn(device, dtype, n, k), _randn(device, dtype, n, k)

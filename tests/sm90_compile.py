@@ -246,7 +246,7 @@ def scenario_norm(mod, cap: Capture):
     bwd(f"M={split_rows} add+affine", "float32", 8192, m=split_rows)
 
 
-def scenario_linear_gelu(mod, cap: Capture):
+def scenario_fused_linear(mod, cap: Capture):
     """The matmul with each epilogue the ops use: linear_gelu forward (saving pre for training,
     or tanh GeLU for inference), the feed-forward's second linear (+ residual) and its backward
     dPre = (dY W2) * gelu'(pre) (B read as (K, N)), decode (M = 1); the TMA kernel for aligned
@@ -462,7 +462,7 @@ SCENARIOS = {
     "attention": scenario_attention,
     "attention_decode": scenario_attention_decode,
     "norm": scenario_norm,
-    "linear_gelu": scenario_linear_gelu,
+    "fused_linear": scenario_fused_linear,
     "rotary": scenario_rotary,
 }
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_attention import check_sdpa
-from test_feed_forward import check_feed_forward
-from test_linear_gelu import check_linear_gelu
+from test_fused_linear import check_linear_gelu
+from test_fused_linear_feed_forward import check_feed_forward
 from test_norm import check_add_layer_norm, check_layer_norm
 
 import lightllm
@@ -21,7 +21,7 @@ import lightllm.functional as LF
 from lightllm import _dispatch
 from lightllm import reference as reference_pkg
 from lightllm.ops import attention as attention_op
-from lightllm.ops import linear_gelu as linear_gelu_op
+from lightllm.ops import fused_linear as fused_linear_op
 from lightllm.ops import norm as norm_op
 
 DTYPES = [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.float16, torch.bfloat16)]
@@ -202,8 +202,8 @@ def test_native_path_never_runs_the_reference(monkeypatch):
     # Each op's user-level reference (the slow oracle) is forbidden; the launcher mirrors that
     # reference modules share with the native path (linear_act_fwd, act_bwd, ...) are PyTorch's
     # ops by design.
-    for module in (reference_pkg.attention, reference_pkg.norm, reference_pkg.linear_gelu,
-                   reference_pkg.softmax, reference_pkg.swiglu):
+    for module in (reference_pkg.attention, reference_pkg.norm, reference_pkg.fused_linear,
+                   reference_pkg.softmax):
         for name in dir(module):
             if hasattr(LF, name) and callable(getattr(module, name)):
                 monkeypatch.setattr(module, name, forbidden)
@@ -219,4 +219,4 @@ def test_native_path_never_runs_the_reference(monkeypatch):
                 LF.linear_swiglu(x, w, w), LF.swiglu_feed_forward(x, w, w, w.t())]
         sum((o.float() * torch.randn(o.shape)).sum() for o in outs).backward()
         assert all(torch.isfinite(t.grad).all() for t in (x, w, q))
-    assert linear_gelu_op._launcher(x) is linear_gelu_op._NATIVE
+    assert fused_linear_op.launchers(x) is fused_linear_op._NATIVE

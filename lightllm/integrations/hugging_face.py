@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as LF
-from ..nn.feed_forward import feed_forward_block
+from ..nn.fused_linear import feed_forward_block
 from ..nn.transformer import fused_activation
-from ..ops.linear_gelu import linear_act
+from ..ops.fused_linear import linear_act
 
 ATTENTION = "lightllm"
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..nn import CausalSelfAttention, KVCache, LayerNorm, RMSNorm
 from ..nn.attention import BACKENDS, decoder_mask
-from ..nn.feed_forward import feed_forward_block
+from ..nn.fused_linear import feed_forward_block
 from . import generation
 
 NORMS = ("layer_norm", "rms_norm")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.norm import add_layer_norm, layer_norm
-from .feed_forward import feed_forward_block
+from .fused_linear import feed_forward_block
 
 
 def fused_activation(activation) -> tuple[str, str] | None:

@@ -1,3 +1,3 @@
 """Eager PyTorch references of every op: the parity oracle of the tests, the baseline of the
 benchmarks, and the fallback where a kernel cannot run. One file per op."""
-from . import attention, linear_gelu, norm, rotary, softmax, swiglu  # noqa: F401
+from . import attention, fused_linear, norm, rotary, softmax  # noqa: F401

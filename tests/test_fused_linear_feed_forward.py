@@ -12,8 +12,8 @@ from conftest import DEVICE, dtype_params
 
 import lightllm
 import lightllm.functional as LF
-from lightllm.kernels import linear_gelu as kernel
-from lightllm.reference import linear_gelu as reference
+from lightllm.kernels import fused_linear as kernel
+from lightllm.reference import fused_linear as reference
 from lightllm.testing import assert_parity, grads, leaves
 
 # (tokens, d_model, d_ff)

@@ -1,5 +1,6 @@
 """linear_gelu: parity (docs/design.md §4) of the forward and dX/dW/db, odd shapes, strides, edge
-numerics, registration, errors. The feed-forward and its module are in test_feed_forward.py.
+numerics, registration, errors. The feed-forward and its module are in
+test_fused_linear_feed_forward.py, SwiGLU in test_fused_linear_swiglu.py.
 
 Interpreter cost grows with K x N (x the number of row tiles): the default set keeps every
 dimension odd or unaligned (M 1, 7, 97; K and N 40, 1000, 1023, 3072) while pairing a large
@@ -13,8 +14,8 @@ from conftest import DEVICE, HAS_CUDA, dtype_params
 
 import lightllm.functional as LF
 from lightllm.kernels import _device
-from lightllm.kernels import linear_gelu as kernel
-from lightllm.reference import linear_gelu as reference
+from lightllm.kernels import fused_linear as kernel
+from lightllm.reference import fused_linear as reference
 from lightllm.testing import assert_parity, grads, leaves
 
 # (M, K, N)
@@ -428,8 +429,8 @@ def test_split_k_twice_in_a_row(path):
 
 
 def test_split_k_candidates_and_pruning():
-    """Split-K tiles follow today's in every list; the pruning keeps them only when the launcher
-    allows them (MAX_SPLIT_K > 1), today's first tile stays the default either way."""
+    """Split-K tiles follow the unsplit ones in every list; the pruning keeps them only when the
+    launcher allows them (MAX_SPLIT_K > 1), the first unsplit tile stays the default either way."""
     configs = [kernel._config(t) for t in kernel._POINTER_TILES]
     for tiles in (kernel._HALF_TILES, kernel._FP32_TILES, kernel._GATED_HALF_TILES,
                   kernel._GATED_FP32_TILES):
@@ -443,9 +444,9 @@ def test_split_k_candidates_and_pruning():
 
     for dtype in (torch.float16, torch.float32):
         for m_bucket in (1, 8, 32):
-            today, with_split = kept(dtype, m_bucket, 1), kept(dtype, m_bucket, 8)
-            assert all(len(t) == 5 for t in today)
-            assert with_split[:len(today)] == today and len(with_split) > len(today)
+            unsplit, with_split = kept(dtype, m_bucket, 1), kept(dtype, m_bucket, 8)
+            assert all(len(t) == 5 for t in unsplit)
+            assert with_split[:len(unsplit)] == unsplit and len(with_split) > len(unsplit)
 
 
 # The persistent TMA candidates: one program per SM (4 under the interpreter) walks the output
@@ -462,8 +463,9 @@ def test_persistent_parity(epilogue):
 
 
 def test_persistent_candidates_only_past_one_wave(monkeypatch):
-    """Persistent tiles come after today's (the default is unchanged), are timed only when the
-    output has more tiles than the GPU has SMs, and never for the gated (SwiGLU) product."""
+    """Persistent tiles come after the tiles of one program each (the default is one of those),
+    are timed only when the output has more tiles than the GPU has SMs, and never for the gated
+    (SwiGLU) product."""
     monkeypatch.setattr(_device, "facts", lambda device: _device.HOPPER)  # 132 SMs
     configs = [kernel._config(t, kernel._set_tma_blocks) for t in kernel._TMA_TILES]
     persistent = [kernel.PERSISTENT in t for t in kernel._HALF_TILES]

@@ -48,17 +48,17 @@ split-K launch can be captured in a CUDA graph (see ``_split_k_workspace`` for i
 concurrent streams). The order of the atomic adds varies between runs, so the sums are not
 bitwise reproducible: under ``torch.use_deterministic_algorithms`` the launcher passes
 MAX_SPLIT_K = 1 and the pruning drops the split-K candidates, as it does above 32 rows.
-They come after today's tiles in every list: the default config (LIGHTLLM_AUTOTUNE=0, the
-interpreter) is unchanged, and the autotuner picks split-K only where it measures faster.
+They come after the unsplit tiles in every list, so the default config (LIGHTLLM_AUTOTUNE=0, the
+interpreter) is never split, and the autotuner picks split-K only where it measures faster.
 
 Persistent (TMA kernel, ``PERSISTENT``; training and prefill sizes): min(tiles, SMs) programs,
 each walking output tiles pid, pid + programs, ... in the same grouped order through one loop
 that Triton flattens with the K loop (``tl.range(..., flatten=True)``), so the next tile's TMA
 loads are issued while this tile's epilogue runs and no program is launched after the first
-wave. Offered only where the output has more tiles than the GPU has SMs, after today's tiles
-(the autotuner chooses); not gated (two accumulators spill at 128 x 128) and not split. The
-epilogue still stores through pointers: its fused outputs (pre, g, u, dG/dU) are masked at the
-edges as in the one-tile form.
+wave. Offered only where the output has more tiles than the GPU has SMs, after the tiles of one
+program each (the autotuner chooses); not gated (two accumulators spill at 128 x 128) and not
+split. The epilogue still stores through pointers: its fused outputs (pre, g, u, dG/dU) are
+masked at the edges as in the one-tile form.
 
 Uses of the one matmul:
   linear_gelu forward       y = gelu(x @ W^T + b)                 (+ pre when saving for backward)

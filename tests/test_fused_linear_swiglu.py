@@ -3,7 +3,7 @@ and every gradient, odd shapes, biases, residual, strides, the gated TMA and poi
 native CPU path, registration, the transformers LlamaMLP drop-in, edge numerics, errors.
 
 The gated matmul does two products per program, so interpreter cost grows with 2 x K x N (x the
-row tiles): as in test_linear_gelu.py every default shape pairs a large dimension with a small one
+row tiles): as in test_fused_linear.py every default shape pairs a large dimension with a small one
 (M 1, 7, 97; d_model / d_ff 40, 1000, 1023); ``slow`` marks the cases where two large ones meet.
 """
 
@@ -17,9 +17,9 @@ from conftest import DEVICE, HAS_CUDA, dtype_params
 import lightllm
 import lightllm.functional as LF
 from lightllm import _dispatch
-from lightllm.kernels import linear_gelu as kernel
-from lightllm.ops import swiglu as swiglu_op
-from lightllm.reference import swiglu as reference
+from lightllm.kernels import fused_linear as kernel
+from lightllm.ops import fused_linear as fused_linear_op
+from lightllm.reference import fused_linear as reference
 from lightllm.testing import assert_parity, grads, leaves, stub_launches
 
 # (tokens, d_model, d_ff)
@@ -337,7 +337,7 @@ def test_native_cpu_path(monkeypatch, dtype):
             y = LF.swiglu_feed_forward(x, wg, wu, wd, bg, bu, bd, r)
         torch.testing.assert_close(h, reference.linear_swiglu(x, wg, wu, bg, bu))
         torch.testing.assert_close(y, reference.swiglu_feed_forward(x, wg, wu, wd, bg, bu, bd, r))
-        assert swiglu_op._launcher(x, swiglu_op._NATIVE) is swiglu_op._NATIVE
+        assert fused_linear_op.launchers(x, "SwiGLU") is fused_linear_op._NATIVE
 
 
 def test_float64_runs_pytorch_ops_with_one_warning():

@@ -6,8 +6,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightllm.ops.linear_gelu import APPROXIMATIONS, FEED_FORWARD_ACTIVATIONS, feed_forward, linear_act
-from lightllm.ops.swiglu import swiglu_feed_forward
+from lightllm.ops.fused_linear import (
+    APPROXIMATIONS,
+    FEED_FORWARD_ACTIVATIONS,
+    feed_forward,
+    linear_act,
+    swiglu_feed_forward,
+)
 
 
 class FeedForward(nn.Module):
