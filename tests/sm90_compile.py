@@ -279,7 +279,7 @@ def scenario_fused_linear(mod, cap: Capture):
     with cap.launches("TMA decode M=1", strict="default", configs="default"):
         mod.linear_act_fwd(_t(1, k, dtype="bfloat16"), _t(n, k, dtype="bfloat16"),
                            _t(n, dtype="bfloat16"), "gelu_tanh", False)
-    # Decode (M <= 32): every config kept, today's thin tiles and the split-K candidates.
+    # Decode (M <= 32): every config kept, the unsplit thin tiles and the split-K candidates.
     for rows, note in ((1, "gelu_tanh"), (32, "gelu, save pre")):
         with cap.launches(f"TMA decode M={rows} {note}, split-K", strict=True):
             mod.linear_act_fwd(_t(rows, k, dtype="bfloat16"), _t(n, k, dtype="bfloat16"),
