@@ -441,7 +441,7 @@ def test_decode_passes_gqa_and_the_right_mask_to_the_function(monkeypatch):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                               enable_gqa=enable_gqa)
 
-    monkeypatch.setattr(attention_module, "_sdpa", spy)
+    monkeypatch.setattr(lightllm.functional, "scaled_dot_product_attention", spy)
     mod, _ = _csa_pair(torch.float32, num_heads=4, num_kv_heads=2)
     x = torch.randn(1, 8, E, device=DEVICE)
     _decode(mod, x, [3, 1, 4])
@@ -457,6 +457,23 @@ def test_decode_passes_gqa_and_the_right_mask_to_the_function(monkeypatch):
     assert isinstance(mask, CausalBias) and mask.variant == CausalVariant.LOWER_RIGHT
     expected = torch.tensor([[j <= 4 + i for j in range(8)] for i in range(4)])
     assert torch.equal(mask._materialize().cpu(), expected)
+
+
+def test_kv_cache_at_a_tensor_position():
+    """The CUDA-graph decode step writes one token of the whole batch at a tensor position and
+    gets the whole buffers back; other shapes are a clear error (no value is read: no sync)."""
+    cache = KVCache(2, 10, 2, 8, dtype=torch.float32, device=DEVICE)
+    k, v = torch.randn(2, 2, 1, 8, device=DEVICE), torch.randn(2, 2, 1, 8, device=DEVICE)
+    ks, vs = cache.update(k, v, torch.tensor([6], device=DEVICE))
+    assert ks.shape == (2, 2, 10, 8) and torch.equal(cache.k[:, :, 6:7], k)
+    assert torch.equal(cache.v[:, :, 6:7], v)
+    with pytest.raises(ValueError, match="one int64 element"):
+        cache.update(k, v, torch.tensor([6, 7], device=DEVICE))
+    with pytest.raises(ValueError, match="one token of the whole batch"):
+        cache.update(k[:1], v[:1], torch.tensor([6], device=DEVICE))
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        CausalSelfAttention(32, 4, head_dim=0)
+    assert CausalSelfAttention(30, 4, head_dim=16).out_proj.in_features == 64
 
 
 def test_kv_cache_writes_in_place_and_returns_prefix_views():

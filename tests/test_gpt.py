@@ -166,6 +166,28 @@ def test_config_checks():
         GPTConfig(n_head=9, n_kv_head=4)
     with pytest.raises(ValueError, match="mlp must be one of"):
         GPTConfig(mlp="geglu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GPT(GPTConfig.gpt2(vocab_size=11, n_layer=1, n_head=2, n_embd=8), backend="eager")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_reference_backend_runs_no_lightllm_op(family):
+    """The oracle of the convergence test and the benchmarks' "eager" provider is the same model
+    on backend="reference": no lightllm op may run there (else that comparison checks nothing),
+    every op family runs on "lightllm", and switching back restores it."""
+    make = GPTConfig.gpt2 if family == "gpt2" else GPTConfig.llama
+    model = GPT(make(vocab_size=53, n_layer=2, n_head=4, n_kv_head=2 if family == "llama" else None,
+                     n_embd=32, intermediate_size=48, block_size=32)).to(DEVICE)
+    ids = torch.randint(0, 53, (2, 7), device=DEVICE)
+    with torch.no_grad(), DispatchedOps() as ours:
+        want = model(ids)
+    with torch.no_grad(), reference_backend(model), DispatchedOps() as theirs:
+        got = model(ids)
+    assert not theirs.lightllm, theirs.lightllm
+    assert all(block.attn.backend == "lightllm" for block in model.blocks)
+    assert ours.lightllm["sdpa_fwd"] == 2 and ours.lightllm[
+        "swiglu_feed_forward_fwd" if family == "llama" else "feed_forward_fwd"] == 2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------

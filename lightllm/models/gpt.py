@@ -123,6 +123,11 @@ def _plain_norm(ops, x: Tensor, norm: nn.Module) -> Tensor:
                         cast_before_weight=norm.cast_before_weight)
 
 
+# The GeLU/ReLU block on two nn.Linear modules (dropout in training) of each backend.
+_FEED_FORWARD_BLOCKS = {"lightllm": feed_forward_block,
+                        "reference": BACKENDS["reference"].feed_forward_block}
+
+
 class MLP(nn.Module):
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
@@ -143,8 +148,8 @@ class MLP(nn.Module):
                                                          u.bias, d.bias)
         activation = "relu" if self.kind == "relu" else "gelu"
         approximate = "tanh" if self.kind == "gelu_tanh" else "none"
-        block = feed_forward_block if backend == "lightllm" else BACKENDS[backend].feed_forward_block
-        return block(x, self.fc, self.proj, self.dropout, self.training, activation, approximate)
+        return _FEED_FORWARD_BLOCKS[backend](x, self.fc, self.proj, self.dropout, self.training,
+                                             activation, approximate)
 
 
 class Block(nn.Module):

@@ -332,6 +332,14 @@ class KVCache(nn.Module):
                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache_k, cache_v = self._buffers["k"], self._buffers["v"]
         if isinstance(start_pos, torch.Tensor):
+            # Shapes and dtypes only: reading the position's value would synchronise the step.
+            if start_pos.shape != (1,) or start_pos.dtype != torch.int64:
+                raise ValueError(f"{_CACHE}: a tensor start_pos must be one int64 element, got "
+                                 f"shape {tuple(start_pos.shape)} {start_pos.dtype}")
+            if k.shape != v.shape or tuple(k.shape) != (*cache_k.shape[:2], 1, cache_k.shape[3]):
+                raise ValueError(f"{_CACHE}: with a tensor start_pos, k and v must be one token of "
+                                 f"the whole batch, shape {(*cache_k.shape[:2], 1, cache_k.shape[3])}"
+                                 f", got {tuple(k.shape)} and {tuple(v.shape)}")
             cache_k.index_copy_(2, start_pos, k)
             cache_v.index_copy_(2, start_pos, v)
             return cache_k, cache_v
@@ -458,9 +466,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(k, v, start_pos)
         attn_mask, causal = mask if mask is not None else decoder_mask(
             batch, seq, start_pos, None, kv_cache is not None, x.device)
-        attend = _sdpa if self.backend == "lightllm" else ops.scaled_dot_product_attention
-        out = attend(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-                     is_causal=causal, enable_gqa=kv_heads != heads)
+        out = ops.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal, enable_gqa=kv_heads != heads)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, heads * head_dim))
 
     def extra_repr(self) -> str:
