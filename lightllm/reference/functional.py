@@ -1,7 +1,11 @@
 """The references under ``lightllm.functional``'s names and signatures: the namespace a module
 whose ``backend`` is ``"reference"`` (lightllm's GPT, ``lightllm.nn.CausalSelfAttention``) runs, so
 that the same model code computes on plain PyTorch."""
-from .attention import scaled_dot_product_attention  # noqa: F401
+from .attention import (  # noqa: F401
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    scaled_dot_product_attention,
+)
 from .fused_linear import (  # noqa: F401
     feed_forward,
     feed_forward_block,
