@@ -33,6 +33,7 @@ BACKENDS = {"lightllm": LF, "reference": reference_functional}
 _MHA = "lightllm.nn.MultiheadAttention"
 _CSA = "lightllm.nn.CausalSelfAttention"
 _CACHE = "lightllm.nn.KVCache"
+_PAGED = "lightllm.nn.PagedKVCache"
 _MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -374,6 +375,114 @@ class KVCache(nn.Module):
     def extra_repr(self) -> str:
         return (f"batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.k.dtype}")
+
+
+class PagedKVCache(nn.Module):
+    """Keys and values of many sequences in fixed-size pages, FlashAttention's paged layout.
+
+    Buffers ``k`` and ``v`` of shape ``(num_layers, num_pages, page_size, num_kv_heads, head_dim)``;
+    :meth:`layer` gives one layer's ``(num_pages, page_size, num_kv_heads, head_dim)`` views, the
+    ``k_cache`` / ``v_cache`` of ``lightllm.functional.flash_attn_with_kvcache``. Every layer shares
+    one page allocation: sequence ``seq`` (any hashable id) owns a list of pages, token ``t`` of it
+    sits in page ``pages(seq)[t // page_size]`` at row ``t % page_size``, and
+    :meth:`block_table` lays the lists of a batch out as the kernel's ``(B, max_blocks)`` int32
+    table. :meth:`reserve` grows a sequence's pages to hold a number of tokens (a ``RuntimeError``
+    when too few pages are free, and nothing is taken then), :meth:`free` returns them. The
+    allocator is host-side bookkeeping; the caller tracks how many tokens each sequence has written
+    (``cache_seqlens``). The buffers are non-persistent and follow ``.to()``.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                 num_layers: int = 1, dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__()
+        for name, n in (("num_pages", num_pages), ("page_size", page_size),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("num_layers", num_layers)):
+            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                raise ValueError(f"{_PAGED}: {name} must be a positive int, got {n!r}")
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is handed out first
+        self._pages: dict = {}
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[4]
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_cache, v_cache)`` of layer ``i``: ``(num_pages, page_size, num_kv_heads, head_dim)``."""
+        return self._buffers["k"][i], self._buffers["v"][i]
+
+    def pages_for(self, n_tokens: int) -> int:
+        """Pages that hold ``n_tokens`` tokens."""
+        return -(-n_tokens // self.page_size)
+
+    def pages(self, seq) -> list[int]:
+        """The pages of ``seq``, in token order (empty for an unknown sequence)."""
+        return list(self._pages.get(seq, ()))
+
+    def capacity(self, seq) -> int:
+        """Tokens ``seq``'s pages hold."""
+        return len(self._pages.get(seq, ())) * self.page_size
+
+    def reserve(self, seq, n_tokens: int) -> None:
+        """Grow ``seq``'s pages to hold ``n_tokens`` tokens in all (never shrinks)."""
+        if not isinstance(n_tokens, int) or n_tokens < 0:
+            raise ValueError(f"{_PAGED}: n_tokens must be a non-negative int, got {n_tokens!r}")
+        have = self._pages.get(seq, [])
+        more = self.pages_for(n_tokens) - len(have)
+        if more <= 0:
+            return
+        if more > len(self._free):
+            raise RuntimeError(f"{_PAGED}: {n_tokens} tokens of sequence {seq!r} need {more} more "
+                               f"pages of {self.page_size}, but {len(self._free)} of "
+                               f"{self.num_pages} are free")
+        self._pages[seq] = have + [self._free.pop() for _ in range(more)]
+
+    def free(self, seq) -> None:
+        """Return ``seq``'s pages to the pool (a no-op for an unknown sequence)."""
+        self._free.extend(reversed(self._pages.pop(seq, [])))
+
+    def block_table(self, seqs, width: int | None = None) -> torch.Tensor:
+        """``(len(seqs), width)`` int32 page table on the buffers' device (``width`` defaults to the
+        longest list); entries past a sequence's pages are 0 and never read by the kernels, which
+        stop at each sequence's length."""
+        lists = [self._pages.get(s, []) for s in seqs]
+        longest = max((len(p) for p in lists), default=0)
+        width = longest if width is None else width
+        if width < longest:
+            raise ValueError(f"{_PAGED}: width {width} is less than the {longest} pages of the "
+                             "longest sequence")
+        table = torch.zeros(len(seqs), max(width, 1), dtype=torch.int32)
+        for row, p in zip(table, lists):
+            row[:len(p)] = torch.tensor(p, dtype=torch.int32)
+        return table[:, :width].to(self.k.device)
+
+    def extra_repr(self) -> str:
+        return (f"num_pages={self.num_pages}, page_size={self.page_size}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"num_layers={self.num_layers}, dtype={self.k.dtype}")
 
 
 class CausalSelfAttention(nn.Module):
