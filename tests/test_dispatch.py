@@ -119,3 +119,52 @@ def test_eager_and_custom_op_routes_agree(name, fn, inputs, ops):
     assert ops <= set(mode.lightllm), mode.lightllm
     for a, b in zip(eager_out + list(eager_grads), op_out + list(op_grads)):
         assert torch.equal(a, b)
+
+
+def _statistics_cases():
+    """Ops with outputs that carry no gradient (mean, rstd, pre-activations, g/u) and, for the
+    Add & Norm ops, a sum the caller may leave unused."""
+    x, r = torch.randn(6, 40), torch.randn(6, 40)
+    w, b = torch.randn(40), torch.randn(40)
+    w1, w2 = torch.randn(56, 40) / 6, torch.randn(40, 56) / 7
+    cases = [
+        ("layer_norm", lambda t: LF.layer_norm(t[0], (40,), t[2], t[3]), (x, r, w, b)),
+        ("add_layer_norm", lambda t: LF.add_layer_norm(t[0], t[1], (40,), t[2], t[3])[0],
+         (x, r, w, b)),
+        ("rms_norm", lambda t: LF.rms_norm(t[0], (40,), t[2]), (x, r, w)),
+        ("add_rms_norm", lambda t: LF.add_rms_norm(t[0], t[1], (40,), t[2])[0], (x, r, w)),
+        ("linear_gelu", lambda t: LF.linear_gelu(t[0], t[1], t[2]), (x, w1, w1[:, 0])),
+        ("feed_forward", lambda t: LF.feed_forward(t[0], t[1], None, t[2], None), (x, w1, w2)),
+        ("linear_swiglu", lambda t: LF.linear_swiglu(t[0], t[1], t[2]), (x, w1, w1.flip(0))),
+        ("swiglu_feed_forward", lambda t: LF.swiglu_feed_forward(t[0], t[1], t[1].flip(0), t[2]),
+         (x, w1, w2)),
+    ]
+    return [pytest.param(*c, id=c[0]) for c in cases]
+
+
+@pytest.mark.parametrize("name,fn,inputs", _statistics_cases())
+def test_backward_fills_no_zero_gradients(name, fn, inputs):
+    """The gradients of outputs nobody uses (statistics, saved pre-activations, an Add & Norm's
+    unused sum) reach the backward as None: autograd materialises no zero tensor for them."""
+    leaves = [t.to(DEVICE).requires_grad_() for t in inputs]
+    y = fn(leaves)
+    with DispatchedOps() as ops:
+        torch.autograd.grad((y * torch.randn_like(y)).sum(), leaves, allow_unused=True)
+    fills = {k: n for k, n in ops.aten.items() if k in ("zeros", "zeros_like", "zero_", "fill_",
+                                                         "new_zeros", "full", "full_like")}
+    assert not fills, fills
+    assert sum(ops.lightllm.values()) == 1, ops.lightllm
+
+
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_add_norm_with_only_the_sum_used(op):
+    """Only the residual sum of an Add & Norm feeds the loss (the last layer of a model whose
+    head reads the stream): both inputs get the sum's gradient, the norm's weight none."""
+    x, r, w = (torch.randn(5, 24, device=DEVICE, requires_grad=True) for _ in range(3))
+    w = w[0].detach().requires_grad_()
+    fn = getattr(LF, op)
+    _, s = fn(x, r, (24,), w)[:2]
+    ds = torch.randn_like(s)
+    dx, dr, dw = torch.autograd.grad(s, (x, r, w), ds, allow_unused=True)
+    assert torch.equal(dx, ds) and torch.equal(dr, ds)
+    assert dw is None

@@ -183,6 +183,7 @@ def _linear_act_setup(ctx, inputs, output):
     x, weight, bias, activation, save_pre = inputs
     _, pre = output
     ctx.mark_non_differentiable(pre)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, never zeros
     ctx.save_for_backward(x, weight, bias, pre)
     ctx.activation = activation
     ctx.saved_pre = save_pre
@@ -190,6 +191,8 @@ def _linear_act_setup(ctx, inputs, output):
 
 
 def _linear_act_backward(ctx, dy, _dpre):
+    if dy is None:
+        return None, None, None, None, None
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
     x, weight, bias, pre = ctx.saved_tensors
@@ -275,6 +278,7 @@ def _feed_forward_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, residual, activation, save = inputs
     _, h, pre = output
     ctx.mark_non_differentiable(h, pre)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, never zeros
     ctx.save_for_backward(x, w1, b1, w2, h, pre)
     ctx.activation = activation
     ctx.saved = save
@@ -283,6 +287,8 @@ def _feed_forward_setup(ctx, inputs, output):
 
 
 def _feed_forward_backward(ctx, dy, _dh, _dpre):
+    if dy is None:
+        return (None,) * 8
     need = list(ctx.needs_input_grad[:6])  # x, w1, b1, w2, b2, residual
     need[2] = need[2] and ctx.has_b1
     need[4] = need[4] and ctx.has_b2
@@ -372,12 +378,15 @@ def _linear_swiglu_setup(ctx, inputs, output):
     x, w_gate, w_up, b_gate, b_up, save = inputs
     _, g, u = output
     ctx.mark_non_differentiable(g, u)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, never zeros
     ctx.save_for_backward(x, w_gate, w_up, b_gate, b_up, g, u)
     ctx.saved = save
     ctx.has_biases = (b_gate is not None, b_up is not None)
 
 
 def _linear_swiglu_backward(ctx, dh, _dg, _du):
+    if dh is None:
+        return (None,) * 6
     need = list(ctx.needs_input_grad[:5])  # x, w_gate, w_up, b_gate, b_up
     need[3] = need[3] and ctx.has_biases[0]
     need[4] = need[4] and ctx.has_biases[1]
@@ -463,12 +472,15 @@ def _swiglu_ff_setup(ctx, inputs, output):
     x, w_gate, w_up, w_down, b_gate, b_up, b_down, residual, save = inputs
     _, h, g, u = output
     ctx.mark_non_differentiable(h, g, u)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, never zeros
     ctx.save_for_backward(x, w_gate, w_up, w_down, b_gate, b_up, h, g, u)
     ctx.saved = save
     ctx.has_biases = (b_gate is not None, b_up is not None, b_down is not None)
 
 
 def _swiglu_ff_backward(ctx, dy, _dh, _dg, _du):
+    if dy is None:
+        return (None,) * 9
     need = list(ctx.needs_input_grad[:8])  # x, w_gate, w_up, w_down, 3 biases, residual
     for i, has in enumerate(ctx.has_biases, 4):
         need[i] = need[i] and has

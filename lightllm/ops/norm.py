@@ -247,6 +247,7 @@ def _layer_norm_grads(ctx, dy, ds):
 def _layer_norm_save(ctx, src: Tensor, weight, bias, mean, rstd, weight_index: int):
     ctx.save_for_backward(src, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, never zeros
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.need_dw = weight is not None and ctx.needs_input_grad[weight_index]
@@ -260,6 +261,8 @@ def _layer_norm_setup(ctx, inputs, output):
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None
     dx, dw, db = _layer_norm_grads(ctx, dy, None)
     return dx, dw, db, None
 
@@ -271,6 +274,8 @@ def _add_layer_norm_setup(ctx, inputs, output):
 
 
 def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    if dy is None:  # only the sum was used: its gradient passes to both inputs
+        return ds, ds, None, None, None
     dx, dw, db = _layer_norm_grads(ctx, dy, ds)
     return dx, dx, dw, db, None
 
@@ -307,6 +312,7 @@ def _rms_norm_grads(ctx, dy, ds):
 def _rms_norm_save(ctx, src: Tensor, weight, rstd, weight_index: int):
     ctx.save_for_backward(src, weight, rstd)
     ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, never zeros
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.need_dw = weight is not None and ctx.needs_input_grad[weight_index]
 
@@ -317,6 +323,8 @@ def _rms_norm_setup(ctx, inputs, output):
 
 
 def _rms_norm_backward(ctx, dy, _drstd):
+    if dy is None:
+        return None, None, None, None
     dx, dw = _rms_norm_grads(ctx, dy, None)
     return dx, dw, None, None
 
@@ -328,6 +336,8 @@ def _add_rms_norm_setup(ctx, inputs, output):
 
 
 def _add_rms_norm_backward(ctx, dy, ds, _drstd):
+    if dy is None:  # only the sum was used: its gradient passes to both inputs
+        return ds, ds, None, None, None
     dx, dw = _rms_norm_grads(ctx, dy, ds)
     return dx, dx, dw, None, None
 
