@@ -473,8 +473,9 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softma
     left, right = max(left, -1), (0 if causal else max(right, -1))
     if B * max(n_new, 1) * hkv > 2**31 - 1 or B * hkv * max(Sq, 1) * (H // hkv) > 2**31 - 1:
         raise ValueError(f"{_KV}: B x tokens x heads past 2^31 - 1 rows is unsupported")
-    # -- values: read on the CPU only (on CUDA they stay on the device; the kernels clamp) --
-    if dev.type == "cpu":
+    # -- values: read on the CPU only (on CUDA they stay on the device; the kernels clamp), and
+    #    not while tracing (data-dependent) --
+    if dev.type == "cpu" and _dispatch.direct(q):
         if isinstance(cache_seqlens, Tensor) and B:
             lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
             if lo < 0 or hi + n_new > capacity:
