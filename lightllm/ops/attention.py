@@ -514,17 +514,32 @@ def _append_native(k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table):
     v_cache.index_put_(index, v)
 
 
-def _sequence_keys(cache: Tensor, pages: list[int], n: int) -> Tensor:
-    """(n, Hkv, D) keys of one sequence from its pages: a view when they are consecutive in a
-    cache whose pages are packed, else a gather of its pages."""
-    page = cache.shape[1]
-    used = pages[:-(-n // page)]
-    first = used[0]
-    if used[-1] - first == len(used) - 1 and used == list(range(first, first + len(used))) and (
-            cache.stride(0) == page * cache.stride(1)):
-        return cache[first:first + len(used)].flatten(0, 1)[:n]
-    idx = torch.tensor(used, dtype=torch.long, device=cache.device)
-    return cache.index_select(0, idx).flatten(0, 1)[:n]
+def _paged_views(k_cache: Tensor, v_cache: Tensor, tables: list[list[int]], ends: list[int]):
+    """Per sequence, (n, Hkv, D) views of its first ``ends[b]`` keys and values: a slice of the
+    caches where its pages are consecutive (and the caches' pages packed), else a slice of one
+    gather (one ``index_select`` per cache) of the pages of all the other sequences."""
+    page = k_cache.shape[1]
+    packed = (k_cache.stride(0) == page * k_cache.stride(1)
+              and v_cache.stride(0) == page * v_cache.stride(1))
+    spans, gather = [], []
+    for pages, n in zip(tables, ends):
+        used = pages[:-(-n // page)] if n > 0 else []
+        first = used[0] if used else 0
+        if packed and used == list(range(first, first + len(used))):
+            spans.append((False, first * page))
+        else:
+            spans.append((True, len(gather) * page))
+            gather.extend(used)
+    flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    if gather:
+        idx = torch.tensor(gather, dtype=torch.long, device=k_cache.device)
+        gk = k_cache.index_select(0, idx).flatten(0, 1)
+        gv = v_cache.index_select(0, idx).flatten(0, 1)
+    views = []
+    for (gathered, start), n in zip(spans, ends):
+        kb, vb = (gk, gv) if gathered else (flat_k, flat_v)
+        views.append((kb[start:start + max(n, 0)], vb[start:start + max(n, 0)]))
+    return views
 
 
 def _kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table, scale,
@@ -539,21 +554,21 @@ def _kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_tabl
     out = q.new_empty((B, Sq, H, dv))
     if not B or not Sq:
         return out
-    lengths = _lengths(cache_seqlens, seqlen, B)
-    tables = block_table.tolist() if block_table is not None else None
+    lengths = [n + n_new for n in _lengths(cache_seqlens, seqlen, B)]
+    # keys any query of a sequence can see: query i sits at key position i + n - Sq
+    bounds = [(0 if left < 0 else max(0, n - Sq - left), n if right < 0 else min(n, n + right))
+              for n in lengths]
+    if block_table is not None:
+        views = _paged_views(k_cache, v_cache, block_table.tolist(), [hi for _, hi in bounds])
     for b in range(B):
-        n = lengths[b] + n_new
-        # keys any query of this sequence can see: query i sits at key position i + n - Sq
-        lo = 0 if left < 0 else max(0, n - Sq - left)
-        hi = n if right < 0 else min(n, n + right)
+        n, (lo, hi) = lengths[b], bounds[b]
         if hi <= lo:
             out[b].zero_()
             continue
-        if tables is None:
+        if block_table is None:
             kb, vb = k_cache[b, lo:hi], v_cache[b, lo:hi]
         else:
-            kb = _sequence_keys(k_cache, tables[b], hi)[lo:]
-            vb = _sequence_keys(v_cache, tables[b], hi)[lo:]
+            kb, vb = views[b][0][lo:], views[b][1][lo:]
         # rows = (group head, query token) pairs of one kv head: no GQA expansion
         qb = q[b].view(Sq, hkv, group, D).permute(1, 2, 0, 3).reshape(hkv, group * Sq, D)
         mask = None
