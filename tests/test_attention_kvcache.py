@@ -20,7 +20,7 @@ from lightllm import _dispatch
 from lightllm.kernels import _device
 from lightllm.kernels import attention_paged as paged_kernel
 from lightllm.reference import attention as reference
-from lightllm.testing import assert_parity
+from lightllm.testing import DispatchedOps, assert_parity
 
 # ------------------------------------------------------------------------------------------------
 # nn.PagedKVCache: the allocator
@@ -257,6 +257,16 @@ def test_kvcache_refuses_autograd():
 # ------------------------------------------------------------------------------------------------
 # PyTorch integration
 # ------------------------------------------------------------------------------------------------
+
+
+def test_kvcache_dispatch_mode_runs_the_custom_op_bitwise_equal():
+    inputs = _make(2, 3, 4, 2, 16, 3, [2, 9], 16, torch.float32)
+    caches = inputs[1].clone(), inputs[2].clone()
+    direct = LF.flash_attn_with_kvcache(*inputs)
+    with DispatchedOps() as seen:
+        routed = LF.flash_attn_with_kvcache(inputs[0], *caches, *inputs[3:])
+    assert seen.lightllm["attention_kvcache"] == 1
+    assert torch.equal(direct, routed) and torch.equal(caches[0], inputs[1])
 
 
 def test_kvcache_opcheck():
