@@ -312,3 +312,10 @@ def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = N
         o_part, lse_part, out, lse, *out.stride(), Hq, Nq, num_splits, **combine_meta,
     )
     return out, lse
+
+
+# The split kernel's configs, their pruning and the chunking, shared with the paged-cache kernel
+# (attention_paged.py), which plans its splits the same way.
+SPLIT_CONFIGS = _SPLIT_CONFIGS
+split_fits = _fits
+chunking = _chunking

@@ -431,6 +431,34 @@ def scenario_attention_decode(mod, cap: Capture):
             mod.attention_decode_fwd(q, k, v, mask, d ** -0.5)
 
 
+def scenario_attention_paged(mod, cap: Capture):
+    """KV-cache attention over pages of 16 (keys gathered per row through the block table): the
+    bf16 decode step of GQA 8:1 at head dim 128 with new keys appended and split-KV, every config;
+    the fp32 chunk of 64 new tokens of SmolLM2's heads (9:3, d64) over a dense cache with a local
+    window, one chunk (the output written directly), the default. The defaults must not spill."""
+    import torch
+
+    for note, dt, d, sq, hq, hkv, paged, window, configs in (
+        ("decode d128 GQA 8:1 pages of 16, append, split", "bfloat16", 128, 1, 8, 1, True,
+         -1, "all"),
+        ("chunk of 64 d64 GQA 9:3 dense, window 32, one chunk", "float32", 64, 64, 9, 3, False,
+         32, "default"),
+    ):
+        b, cap_len = 2, 4096
+        q = _t(b, sq, hq, d, dtype=dt)
+        new = _t(b, sq, hkv, d, dtype=dt)
+        if paged:
+            caches = _t(b * cap_len // 16, 16, hkv, d, dtype=dt), _t(b * cap_len // 16, 16, hkv,
+                                                                      d, dtype=dt)
+            table = torch.arange(b * cap_len // 16, dtype=torch.int32).view(b, -1)
+        else:
+            caches, table = (_t(b, 256, hkv, d, dtype=dt), _t(b, 256, hkv, d, dtype=dt)), None
+        seqlens = torch.tensor([100, 177], dtype=torch.int32)
+        with cap.launches(note, configs=configs, strict="default" if dt != "float32" else False):
+            mod.attention_kvcache_fwd(q, *caches, new, new, seqlens, 0, table, d ** -0.5,
+                                      window, 0, num_splits=None if paged else 1)
+
+
 def scenario_rotary(mod, cap: Capture):
     """q and k of one launch: bf16 Llama-8B sizes (32 : 8 heads, head dim 128, per-row tables)
     forward and inverse (the backward), fp16 (B, S, H, D) views of a fused qkv with a partial
@@ -461,6 +489,7 @@ def scenario_rotary(mod, cap: Capture):
 SCENARIOS = {
     "attention": scenario_attention,
     "attention_decode": scenario_attention_decode,
+    "attention_paged": scenario_attention_paged,
     "norm": scenario_norm,
     "fused_linear": scenario_fused_linear,
     "rotary": scenario_rotary,

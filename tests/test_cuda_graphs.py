@@ -106,3 +106,34 @@ def test_reduce_overhead_compile_of_a_patched_block():
     for _ in range(3):
         got = compiled(x)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_paged_kvcache_decode_replays_new_lengths():
+    """flash_attn_with_kvcache over a paged cache: the lengths stay on the device, so a captured
+    step replays with other cache_seqlens (and appends there) exactly like an eager call."""
+    from lightllm.reference import attention as reference
+
+    torch.manual_seed(0)
+    b, h, hkv, d, page, blocks = 4, 8, 2, 64, 16, 40
+    k_cache = torch.randn(b * blocks, page, hkv, d, device="cuda", dtype=torch.float16)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(b * blocks, device="cuda").view(b, blocks).int()
+    q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(b, 1, hkv, d, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    seqlens = torch.tensor([5, 300, 0, 639], dtype=torch.int32, device="cuda")
+
+    def step(q, k, v, seqlens):
+        return LF.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, seqlens, table)
+
+    with torch.no_grad():
+        graph, out = _capture(step, q, k, v, seqlens)
+        for lengths in ([7, 1, 600, 17], [0, 639, 300, 2]):
+            seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+            q.normal_(), k.normal_(), v.normal_()
+            ref_caches = k_cache.double(), v_cache.double()
+            expected = reference.flash_attn_with_kvcache(q.double(), *ref_caches, k.double(),
+                                                         v.double(), seqlens, table)
+            graph.replay()
+            torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(k_cache.double(), ref_caches[0])

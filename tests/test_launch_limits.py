@@ -16,6 +16,7 @@ from conftest import DEVICE
 import lightllm.functional as LF
 from lightllm.kernels import attention as attention_kernel
 from lightllm.kernels import attention_decode as decode_kernel
+from lightllm.kernels import attention_paged as paged_kernel
 from lightllm.testing import stub_launches
 
 MAX_X = 2**31 - 1
@@ -142,6 +143,38 @@ def test_decode_many_splits():
     with stub_launches() as launches:
         decode_kernel.attention_decode_fwd(q, k, k, None, D ** -0.5, num_splits=LONG_KEYS)
     _check(launches, DECODE_FWD, "decode, 4096 splits")
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention over a KV cache (flash_attn_with_kvcache): batch x kv heads past 65535
+# ------------------------------------------------------------------------------------------------
+
+KVCACHE = ["_kvcache_append", "_attention_kvcache_split"]
+
+
+@pytest.mark.parametrize("sq", [1, 40], ids=["decode", "chunk"])
+def test_kvcache_batch_heads(sq):
+    # 4096 sequences x 17 kv heads, pages of 16 shared through the block table (all rows name
+    # page 0: the table costs 4096 ints), new keys appended; the long cache plans several splits.
+    pages = _t(1, 16, HEADS, D)
+    table = torch.zeros(BATCH, 64, dtype=torch.int32, device=DEVICE)
+    q, new = _t(BATCH, sq, 2 * HEADS, D), _t(BATCH, sq, HEADS, D)
+    seqlens = torch.zeros(BATCH, dtype=torch.int32, device=DEVICE)
+    with stub_launches() as launches, torch.no_grad():
+        LF.flash_attn_with_kvcache(q, pages, pages, new, new, seqlens, table)
+    _check(launches, KVCACHE, f"kvcache Sq={sq}")
+
+
+def test_kvcache_many_splits():
+    """One sequence of 2^20 cache slots read through 2^16 pages of 16, every split."""
+    pages = _t(1, 16, 2, D)
+    table = torch.zeros(1, LONG_KEYS // 16, dtype=torch.int32, device=DEVICE)
+    q = _t(1, 1, 2, D)
+    seqlens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with stub_launches() as launches:
+        paged_kernel.attention_kvcache_fwd(q, pages, pages, None, None, seqlens, 0, table,
+                                           D ** -0.5, -1, 0, num_splits=LONG_KEYS)
+    _check(launches, ["_attention_kvcache_split", "_attention_decode_combine"], "4096 splits")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -345,3 +345,316 @@ def scaled_dot_product_attention(
     if rank == 4 and len(batch) == 1:
         return out
     return out.view(*batch, hq, *out.shape[-2:]) if rank > 2 else out.view(out.shape[-2:])
+
+
+# ================================================================================================
+# KV-cache attention: FlashAttention's flash_attn_with_kvcache (dense or paged cache, in-place
+# append of new keys/values, each sequence attending over its own cached length)
+#
+#   lightllm::attention_kvcache(q, k_cache!, v_cache!, k?, v?, cache_seqlens?, seqlen,
+#       block_table?, scale, causal, window_left, window_right) -> out
+#
+# q (B, Sq, H, D); the caches (B, max_len, Hkv, D) or pages (num_blocks, page_size, Hkv, D) with
+# block_table (B, max_blocks) int32; cache_seqlens an int32 (B,) tensor, or None with the
+# length ``seqlen`` for every sequence. The op writes k / v (B, Sn, Hkv, D) into the caches at
+# positions cache_seqlens[b] .. + Sn - 1 (declared in mutates_args) and returns the attention of
+# the Sq queries, the last Sq positions of each sequence, over its cache_seqlens[b] + Sn keys.
+# CUDA (and the interpreter) run kernels/attention_paged.py: one append launch, then split-KV
+# programs that read each sequence's length on the device (no host sync: CUDA-graph capturable).
+# The native CPU path appends with one index_put_ per cache and runs PyTorch's SDPA per sequence
+# on a view of its keys (a slice of the dense cache; a run of consecutive pages; else a gather of
+# its pages). Inference only: a call that autograd would record is refused.
+# ================================================================================================
+
+from lightllm.kernels import attention_paged as paged  # noqa: E402
+from lightllm.reference import attention as _reference  # noqa: E402
+
+_KV = "flash_attn_with_kvcache"
+
+
+def _kv_tensor(name: str, t, dims: int, dtypes=_DTYPES) -> None:
+    if not isinstance(t, Tensor):
+        raise tensor_error(_KV, name, t)
+    if t.dtype not in dtypes:
+        raise dtype_error(_KV, name, t.dtype, dtypes)
+    if t.dim() != dims:
+        raise ValueError(f"{_KV}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if t.numel() and t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{_KV}: {name} must have a unit stride in its last (head) dimension, "
+                         f"got strides {t.stride()}")
+
+
+def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal,
+                   window_size):
+    """Validate everything before any launch; returns (paged, capacity, n_new, left, right):
+    whether the cache is paged, the keys a sequence can hold, the new tokens, the window."""
+    _kv_tensor("q", q, 4)
+    _kv_tensor("k_cache", k_cache, 4)
+    _kv_tensor("v_cache", v_cache, 4)
+    if not (q.dtype is k_cache.dtype is v_cache.dtype):
+        raise TypeError(f"{_KV}: expected q, k_cache and v_cache of one dtype, got q={q.dtype}, "
+                        f"k_cache={k_cache.dtype}, v_cache={v_cache.dtype}")
+    if (k is None) != (v is None):
+        raise ValueError(f"{_KV}: k and v must be given together (both or neither)")
+    named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+             ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, Tensor) else None),
+             ("block_table", block_table if isinstance(block_table, Tensor) else None)]
+    dev = q.device
+    if any(t is not None and t.device != dev for _, t in named):
+        listing = ", ".join(f"{n}={t.device}" for n, t in named if t is not None)
+        raise RuntimeError(f"{_KV}: expected all tensors on one device, got {listing}")
+    B, Sq, H, D = q.shape
+    nb, page, hkv, dk = k_cache.shape
+    dv = v_cache.shape[-1]
+    if dk != D:
+        raise ValueError(f"{_KV}: k_cache head dim {dk} must equal q's head dim {D}")
+    if tuple(v_cache.shape[:3]) != (nb, page, hkv):
+        raise ValueError(f"{_KV}: v_cache {tuple(v_cache.shape)} must match k_cache "
+                         f"{tuple(k_cache.shape)} in all but the head dim")
+    if D > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        raise ValueError(f"{_KV}: head dim {D} (q/k) / {dv} (v) is unsupported: the kernels hold "
+                         f"a head in registers, at most {MAX_HEAD_DIM}")
+    if hkv == 0 or H % hkv:
+        raise ValueError(f"{_KV}: the caches' {hkv} key/value heads must divide q's {H} heads")
+    paged_ = block_table is not None
+    if paged_:
+        if not isinstance(block_table, Tensor):
+            raise tensor_error(_KV, "block_table", block_table)
+        if block_table.dtype is not torch.int32 or block_table.dim() != 2 or (
+                block_table.shape[0] != B):
+            raise ValueError(f"{_KV}: block_table must be a 2-D int32 tensor with {B} rows (one "
+                             f"per sequence), got {block_table.dtype} of shape "
+                             f"{tuple(block_table.shape)}")
+        if page < 1:
+            raise ValueError(f"{_KV}: page_size (k_cache.shape[1]) must be positive, got {page}")
+        capacity = block_table.shape[1] * page
+    else:
+        if nb != B:
+            raise ValueError(f"{_KV}: without block_table, k_cache must be (B={B}, max_len, Hkv, "
+                             f"D), got {tuple(k_cache.shape)}")
+        capacity = page
+    n_new = 0
+    if k is not None:
+        _kv_tensor("k", k, 4)
+        _kv_tensor("v", v, 4)
+        if k.dtype is not q.dtype or v.dtype is not q.dtype:
+            raise TypeError(f"{_KV}: k and v must have q's dtype {q.dtype}, got {k.dtype} and "
+                            f"{v.dtype}")
+        n_new = k.shape[1]
+        if tuple(k.shape) != (B, n_new, hkv, D) or tuple(v.shape) != (B, n_new, hkv, dv):
+            raise ValueError(f"{_KV}: k and v must be (B={B}, Sn, Hkv={hkv}, D) with the caches' "
+                             f"head dims, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if isinstance(cache_seqlens, Tensor):
+        if cache_seqlens.dtype is not torch.int32 or tuple(cache_seqlens.shape) != (B,):
+            raise ValueError(f"{_KV}: cache_seqlens must be an int32 tensor of shape ({B},), got "
+                             f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+    elif cache_seqlens is not None and (isinstance(cache_seqlens, bool)
+                                        or not isinstance(cache_seqlens, int)):
+        raise TypeError(f"{_KV}: cache_seqlens must be an int, an int32 tensor or None, got "
+                        f"{type(cache_seqlens).__name__}")
+    elif isinstance(cache_seqlens, int) and not 0 <= cache_seqlens <= capacity - n_new:
+        raise ValueError(f"{_KV}: cache_seqlens={cache_seqlens} with {n_new} new tokens needs "
+                         f"room for {cache_seqlens + n_new} keys; the cache holds {capacity} a "
+                         "sequence")
+    if cache_seqlens is None and n_new:
+        raise ValueError(f"{_KV}: new k/v need cache_seqlens (where to write them); None means "
+                         "the whole cache is filled")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool)
+                                      or not isinstance(softmax_scale, numbers.Real)):
+        raise TypeError(f"{_KV}: softmax_scale must be a float or None, got "
+                        f"{type(softmax_scale).__name__}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{_KV}: causal must be a bool, got {type(causal).__name__}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"{_KV}: window_size must be a pair of ints (left, right), got "
+                        f"{window_size!r}")
+    left, right = window_size
+    left, right = max(left, -1), (0 if causal else max(right, -1))
+    if B * max(n_new, 1) * hkv > 2**31 - 1 or B * hkv * max(Sq, 1) * (H // hkv) > 2**31 - 1:
+        raise ValueError(f"{_KV}: B x tokens x heads past 2^31 - 1 rows is unsupported")
+    # -- values: read on the CPU only (on CUDA they stay on the device; the kernels clamp), and
+    #    not while tracing (data-dependent) --
+    if dev.type == "cpu" and _dispatch.direct(q):
+        if isinstance(cache_seqlens, Tensor) and B:
+            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+            if lo < 0 or hi + n_new > capacity:
+                raise ValueError(f"{_KV}: cache_seqlens must lie in [0, {capacity - n_new}] "
+                                 f"(the cache holds {capacity} keys a sequence, {n_new} are new), "
+                                 f"got values in [{lo}, {hi}]")
+        if paged_ and block_table.numel():
+            lo, hi = int(block_table.min()), int(block_table.max())
+            if lo < 0 or hi >= nb:
+                raise ValueError(f"{_KV}: block_table entries must be page indices in "
+                                 f"[0, {nb}), got values in [{lo}, {hi}]")
+    return paged_, capacity, n_new, left, right
+
+
+def _lengths(cache_seqlens: Tensor | None, seqlen: int, batch: int) -> list[int]:
+    return [seqlen] * batch if cache_seqlens is None else cache_seqlens.tolist()
+
+
+def _append_native(k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table):
+    """Write k / v (B, Sn, Hkv, D) at each sequence's length: one index_put_ per cache."""
+    B, n_new = k.shape[:2]
+    dev = k.device
+    if block_table is None and cache_seqlens is None:
+        k_cache.narrow(1, seqlen, n_new).copy_(k)
+        v_cache.narrow(1, seqlen, n_new).copy_(v)
+        return
+    start = (torch.full((B, 1), seqlen, dtype=torch.long, device=dev) if cache_seqlens is None
+             else cache_seqlens.to(torch.long)[:, None])
+    pos = start + torch.arange(n_new, device=dev)
+    if block_table is None:
+        index = (torch.arange(B, device=dev)[:, None].expand(B, n_new), pos)
+    else:
+        page = k_cache.shape[1]
+        index = (block_table.to(torch.long).gather(1, pos // page), pos % page)
+    k_cache.index_put_(index, k)
+    v_cache.index_put_(index, v)
+
+
+def _paged_views(k_cache: Tensor, v_cache: Tensor, tables: list[list[int]], ends: list[int]):
+    """Per sequence, (n, Hkv, D) views of its first ``ends[b]`` keys and values: a slice of the
+    caches where its pages are consecutive (and the caches' pages packed), else a slice of one
+    gather (one ``index_select`` per cache) of the pages of all the other sequences."""
+    page = k_cache.shape[1]
+    packed = (k_cache.stride(0) == page * k_cache.stride(1)
+              and v_cache.stride(0) == page * v_cache.stride(1))
+    spans, gather = [], []
+    for pages, n in zip(tables, ends):
+        used = pages[:-(-n // page)] if n > 0 else []
+        first = used[0] if used else 0
+        if packed and used == list(range(first, first + len(used))):
+            spans.append((False, first * page))
+        else:
+            spans.append((True, len(gather) * page))
+            gather.extend(used)
+    flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    if gather:
+        idx = torch.tensor(gather, dtype=torch.long, device=k_cache.device)
+        gk = k_cache.index_select(0, idx).flatten(0, 1)
+        gv = v_cache.index_select(0, idx).flatten(0, 1)
+    views = []
+    for (gathered, start), n in zip(spans, ends):
+        kb, vb = (gk, gv) if gathered else (flat_k, flat_v)
+        views.append((kb[start:start + max(n, 0)], vb[start:start + max(n, 0)]))
+    return views
+
+
+def _kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table, scale,
+                    causal, left, right):
+    """The native CPU path (and float64 anywhere): PyTorch's SDPA per sequence."""
+    B, Sq, H, D = q.shape
+    hkv, dv = k_cache.shape[2], v_cache.shape[-1]
+    group = H // hkv
+    n_new = 0 if k is None else k.shape[1]
+    if n_new and B:
+        _append_native(k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table)
+    out = q.new_empty((B, Sq, H, dv))
+    if not B or not Sq:
+        return out
+    lengths = [n + n_new for n in _lengths(cache_seqlens, seqlen, B)]
+    # keys any query of a sequence can see: query i sits at key position i + n - Sq
+    bounds = [(0 if left < 0 else max(0, n - Sq - left), n if right < 0 else min(n, n + right))
+              for n in lengths]
+    if block_table is not None:
+        views = _paged_views(k_cache, v_cache, block_table.tolist(), [hi for _, hi in bounds])
+    for b in range(B):
+        n, (lo, hi) = lengths[b], bounds[b]
+        if hi <= lo:
+            out[b].zero_()
+            continue
+        if block_table is None:
+            kb, vb = k_cache[b, lo:hi], v_cache[b, lo:hi]
+        else:
+            kb, vb = views[b][0][lo:], views[b][1][lo:]
+        # rows = (group head, query token) pairs of one kv head: no GQA expansion
+        qb = q[b].view(Sq, hkv, group, D).permute(1, 2, 0, 3).reshape(hkv, group * Sq, D)
+        mask = None
+        if Sq > 1 and (left >= 0 or right >= 0):  # one query sees exactly lo..hi
+            mask = _reference.window_mask(Sq, hi - lo, (left, right), False, shift=n - Sq - lo,
+                                          device=q.device)
+            mask = mask.repeat(group, 1)
+        ob = F.scaled_dot_product_attention(qb, kb.transpose(0, 1), vb.transpose(0, 1), mask,
+                                            scale=scale)
+        if mask is not None:  # a query with no visible key gives 0
+            ob = ob.masked_fill(~mask.any(-1)[None, :, None], 0.0)
+        out[b] = ob.view(hkv, group, Sq, dv).permute(2, 0, 1, 3).reshape(Sq, H, dv)
+    return out
+
+
+def _kvcache_forward(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table, scale,
+                     causal, left, right):
+    if _dispatch.runs_triton(q) and q.dtype is not torch.float64:
+        return paged.attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, seqlen,
+                                           block_table, scale, left, right)
+    return _kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table, scale,
+                           causal, left, right)
+
+
+@torch.library.custom_op("lightllm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
+def _attention_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
+    cache_seqlens: Tensor | None, seqlen: int, block_table: Tensor | None, scale: float,
+    causal: bool, window_left: int, window_right: int,
+) -> Tensor:
+    return _kvcache_forward(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table, scale,
+                            causal, window_left, window_right)
+
+
+@_attention_kvcache.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table, scale, causal, window_left,
+      window_right):
+    return q.new_empty((*q.shape[:3], v_cache.shape[-1]))
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    cache_seqlens: int | Tensor | None = None,
+    block_table: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+) -> Tensor:
+    """FlashAttention's ``flash_attn_with_kvcache``: attention of new queries over a KV cache,
+    dense or paged, appending new keys/values in place first.
+
+    ``q`` ``(B, Sq, H, D)``. ``k_cache`` / ``v_cache``: ``(B, max_len, Hkv, D)`` (a static
+    cache), or pages ``(num_blocks, page_size, Hkv, D)`` with ``block_table`` ``(B,
+    max_blocks)`` int32 listing each sequence's pages in order (any page size; entries past a
+    sequence's length are never read). Any strides with a unit stride in the head dim.
+    ``cache_seqlens``: int or int32 ``(B,)`` tensor, the keys each sequence has cached (None:
+    the whole cache). ``k`` / ``v`` ``(B, Sn, Hkv, D)``, both or neither, are written into the
+    caches in place at positions ``cache_seqlens[b] .. + Sn - 1`` (``cache_seqlens`` itself is
+    not advanced). The Sq queries are the last Sq positions of their sequence and attend to its
+    ``cache_seqlens[b] + Sn`` keys; ``causal`` aligns the mask bottom-right and ``window_size=
+    (left, right)`` limits query i (at key position p) to keys ``p - left .. p + right``
+    (negative: unbounded). GQA (Hkv divides H) without repeating K/V. A query with no visible
+    key gives 0. Returns ``(B, Sq, H, Dv)``.
+
+    Lengths are checked against the cache on the CPU; on CUDA they stay on the device (no host
+    synchronisation, so a call can be captured in a CUDA graph) and the kernels clamp them to
+    the cache, so a bad value cannot read or write outside it. Inference only: the op is not
+    differentiable, and a call that autograd would record raises a ``RuntimeError`` (run it
+    under ``torch.no_grad()`` / ``torch.inference_mode()``).
+    """
+    paged_, capacity, n_new, left, right = _check_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size)
+    if _dispatch.needs_grad(q, k_cache, v_cache, k, v):
+        raise RuntimeError(f"{_KV}: the op is not differentiable (inference only); call it under "
+                           "torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    seqlens, seqlen = ((cache_seqlens, 0) if isinstance(cache_seqlens, Tensor)
+                       else (None, capacity - n_new if cache_seqlens is None else cache_seqlens))
+    if q.dtype is torch.float64 and _dispatch.runs_triton(q) and not q.is_cpu:
+        _dispatch.warn_once(f"{_KV}:float64", f"{_KV}: float64 has no kernel; running PyTorch's "
+                            "SDPA per sequence instead")
+    args = (q, k_cache, v_cache, k, v, seqlens, seqlen, block_table, scale, causal, left, right)
+    if not _dispatch.direct(q):
+        return _attention_kvcache(*args)
+    return _kvcache_forward(*args)
