@@ -1,5 +1,5 @@
 """The ops, with the exact semantics of their PyTorch twins (docs/design.md §3)."""
-from .ops.attention import scaled_dot_product_attention  # noqa: F401
+from .ops.attention import flash_attn_varlen_func, scaled_dot_product_attention  # noqa: F401
 from .ops.fused_linear import (  # noqa: F401
     feed_forward,
     linear_gelu,
