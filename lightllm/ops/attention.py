@@ -66,6 +66,9 @@ def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right,
     window = (window_left, window_right)
     if window == (-1, -1) and use_split_kv(q.shape[2], k.shape[2], is_causal, dropout_p):
         return decode.attention_decode_fwd(q, k, v, attn_mask, scale)
+    if window == (-1, -1):
+        return kernel.attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed,
+                                    lower_right)
     return kernel.attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed,
                                 lower_right, window=window)
 
@@ -451,7 +454,9 @@ def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_si
         raise TypeError(f"{_VAROP}: softmax_scale must be a float or None, got "
                         f"{type(scale).__name__}")
     window = _check_window(_VAROP, window_size, max_q + max_k)
-    if cu_q.is_cpu:  # values: free on the host, a device sync on CUDA (the kernels clamp there)
+    # Values: free on the host in eager mode; a device sync on CUDA and data-dependent under
+    # torch.compile (the kernels clamp every bound there).
+    if cu_q.is_cpu and _dispatch.direct(cu_q):
         for name, cu, total, m in (("cu_seqlens_q", cu_q, tq, max_q),
                                    ("cu_seqlens_k", cu_k, tk, max_k)):
             _check_cu_values(name, cu, total, m, "q" if name.endswith("q") else "k")
@@ -562,8 +567,9 @@ def flash_attn_varlen_func(
 
     Validation before any launch: tensors, dtypes, devices, shapes, head counts, window and
     scalars always; the values of ``cu_seqlens_*`` (start at 0, non-decreasing, last entry equal
-    to the token count, no length above ``max_seqlen_*``) only for CPU tensors, as reading them
-    from a GPU would synchronise the host. On CUDA the kernels clamp every bound they derive
+    to the token count, no length above ``max_seqlen_*``) only for CPU tensors in eager mode, as
+    reading them from a GPU would synchronise the host (and under ``torch.compile`` they are
+    data). Elsewhere the kernels clamp every bound they derive
     from them into the tensors, so inconsistent values give wrong numbers (rows no sequence
     covers are left unwritten) but never an access outside q, k, v or the outputs.
     """
