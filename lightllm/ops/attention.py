@@ -119,9 +119,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
     if _dispatch.direct(dout):
+        band = {} if ctx.window == (-1, -1) else {"window": ctx.window}
         dq, dk, dv = kernel.attention_bwd(dout, q, k, v, out, lse, attn_mask, ctx.scale,
                                           ctx.is_causal, ctx.dropout_p, seed, ctx.lower_right,
-                                          window=ctx.window)
+                                          **band)
     else:
         dq, dk, dv = _sdpa_bwd(dout, q, k, v, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal,
                                ctx.scale, seed, ctx.lower_right, *ctx.window)
