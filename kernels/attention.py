@@ -35,6 +35,19 @@ quarter of the registers of a draw per score, and no 64-bit counter even past 2^
 backward regenerates exactly the forward's draws; kept probabilities are scaled by 1 / (1 - p).
 ``dropout_keep_mask`` materialises the same mask for tests.
 
+Windows (``HAS_LEFT`` and a bounded right): row r sees keys r + left_shift .. r + causal_shift. The
+right edge is the causal diagonal moved right (``IS_CAUSAL`` with a larger shift), the left edge
+bounds each query block's key loop from below (``_key_range``) and each key block's query loop from
+above: tiles wholly outside the band are never visited, only the tiles crossing an edge mask.
+
+Variable-length batches (``VARLEN``, FlashAttention's packed layout (total, H, D) read as a
+(1, H, total, D) view with batch stride 0): program "batch" b is sequence b, whose start and
+length come from ``cu_seqlens`` in device memory (clamped into [0, total]); the grid is sized by
+the longest sequence and programs past their sequence's length return at once. Causal and window
+are aligned bottom-right per sequence (the shifts gain Lk - Lq); lse and delta are (H, total_q).
+Dropout keys by (sequence, head): the counter (j // 4, i, s·H + h, 0) with i, j positions within
+the sequence. No TMA there (a descriptor's clipping is per tensor, not per sequence).
+
 Load paths (one kernel source, chosen by the config's ``USE_TMA`` constexpr):
   * pointers (every config list's default): 64-bit pointer tiles, masked loads, cp.async when
     pipelined;
