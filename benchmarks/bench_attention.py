@@ -16,6 +16,17 @@ without tensor descriptors), and the peers "flash-attn" and "xformers"
 providers (eager, compile, torch-math) are left out above 4096.
 
     python -m benchmarks --ops attention [--quick] [--providers lightllm,torch-flash]
+
+``attention_varlen``: ``flash_attn_varlen_func`` on a packed batch of mixed lengths against
+"torch-loop" (PyTorch's ``F.scaled_dot_product_attention`` once per sequence on views, outputs
+concatenated: what a user without a varlen kernel writes); on CUDA also "lightllm-dense", the dense
+kernel on the same tokens as (B, H, N, D) when every sequence has one length (equal total tokens:
+the varlen overhead). Work counts only the visible (query, key) pairs. ``attention_window``
+(CUDA): ``scaled_dot_product_attention(..., window_size=(W, -1))`` causal against the dense causal
+kernel ("lightllm-dense") on the same inputs; TFLOP/s of both use the windowed work, so the ratio
+of times is the gain from skipping tiles.
+
+    python -m benchmarks --ops attention_varlen,attention_window
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from benchmarks.harness import HAS_CUDA, Case, compiled
 from lightllm.kernels import _attention as common
 from lightllm.reference import attention as reference
 
-OPS = ("attention",)  # the op names of its cases
+OPS = ("attention", "attention_varlen", "attention_window")  # the op names of its cases
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -124,6 +135,10 @@ def _case(seq: int, d: int, causal: bool, kv_group: int, dtype: torch.dtype, bat
 
 
 def build_cases(quick: bool) -> list[Case]:
+    return _dense_cases(quick) + build_varlen_cases(quick)
+
+
+def _dense_cases(quick: bool) -> list[Case]:
     if not HAS_CUDA:  # the CPU path at the docs/design.md §5 CPU target shape
         return [_case(512, 64, c, 1, torch.float32, batch=4, heads=8) for c in (False, True)]
     dtype = torch.bfloat16
@@ -133,4 +148,111 @@ def build_cases(quick: bool) -> list[Case]:
     cases = [_case(n, d, c, 1, dtype) for d in (64, 128) for c in (False, True)
              for n in (512, 1024, 2048, 4096, 8192, 16384)]
     cases += [_case(n, 128, c, 4, dtype) for c in (False, True) for n in (1024, 4096, 16384)]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------
+# Variable-length batches and sliding windows
+# ------------------------------------------------------------------------------------------------
+
+
+def _visible_pairs(lq, lk, causal: bool, window=(-1, -1)) -> int:
+    """(query, key) pairs the mask leaves visible, summed over the sequences."""
+    return sum(int(reference.window_mask(a, b, window, causal).sum()) for a, b in zip(lq, lk)
+               if a and b)
+
+
+def _torch_loop(cu, causal: bool, gqa: bool):
+    """PyTorch's SDPA once per sequence (host lengths), on views, outputs concatenated."""
+    def call(q, k, v, cu_q, cu_k):
+        outs = []
+        for a, b in zip(cu[:-1], cu[1:]):
+            out = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                                 v[a:b].transpose(0, 1), is_causal=causal,
+                                                 enable_gqa=gqa)
+            outs.append(out.transpose(0, 1))
+        return torch.cat(outs)
+
+    return call
+
+
+def _varlen_case(lengths, h: int, h_kv: int, d: int, causal: bool, dtype, tag: str) -> Case:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    total, max_len = cu[-1], max(lengths)
+
+    def make(device):
+        q = torch.randn(total, h, d, device=device, dtype=dtype)
+        k = torch.randn(total, h_kv, d, device=device, dtype=dtype)
+        v = torch.randn(total, h_kv, d, device=device, dtype=dtype)
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+        return q, k, v, cu_t, cu_t
+
+    def ours(q, k, v, cu_q, cu_k):
+        return LF.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_len, max_len, causal=causal)
+
+    provs = {"lightllm": ours, "torch-loop": _torch_loop(cu, causal, h != h_kv)}
+    if HAS_CUDA and len(set(lengths)) == 1:
+        b = len(lengths)
+
+        def dense(q, k, v, cu_q, cu_k):  # the same tokens as (B, H, N, D) views
+            def view(t):
+                return t.view(b, max_len, t.shape[1], d).transpose(1, 2)
+            out = LF.scaled_dot_product_attention(view(q), view(k), view(v), is_causal=causal,
+                                                  enable_gqa=h != h_kv)
+            return out.transpose(1, 2).reshape(total, h, d)
+
+        provs["lightllm-dense"] = dense
+    fwd = 4.0 * h * d * _visible_pairs(lengths, lengths, causal)
+    label = (f"{tag} B{len(lengths)} T{total} H{h}/{h_kv} D{d} {'causal' if causal else 'full'} "
+             f"{str(dtype).removeprefix('torch.')}")
+    return Case(
+        op="attention_varlen", label=label,
+        params={"B": len(lengths), "T": total, "H": h, "H_kv": h_kv, "D": d, "causal": causal},
+        make_inputs=make, providers=provs, modes=("fwd", "bwd", "fwd+bwd"), grad_inputs=(0, 1, 2),
+        flops={"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}, dtype=dtype, x="T",
+        series=f"{tag} D{d} H{h}/{h_kv} {'causal' if causal else 'full'}",
+    )
+
+
+def _mixed_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+
+
+def _window_case(seq: int, window: int, d: int, dtype) -> Case:
+    b, h = max(1, TOKENS // seq), WIDTH // d
+
+    def make(device):
+        return tuple(torch.randn(b, h, seq, d, device=device, dtype=dtype) for _ in range(3))
+
+    def ours(q, k, v):
+        return LF.scaled_dot_product_attention(q, k, v, is_causal=True, window_size=(window, -1))
+
+    def dense(q, k, v):
+        return LF.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    fwd = 4.0 * b * h * d * _visible_pairs([seq], [seq], True, (window, -1))
+    return Case(
+        op="attention_window", label=f"B{b} H{h} N{seq} D{d} causal W{window} "
+        f"{str(dtype).removeprefix('torch.')}",
+        params={"B": b, "H": h, "N": seq, "D": d, "W": window},
+        make_inputs=make, providers={"lightllm": ours, "lightllm-dense": dense},
+        modes=("fwd", "bwd", "fwd+bwd"), grad_inputs=(0, 1, 2),
+        flops={"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}, dtype=dtype, x="N",
+        series=f"D{d} causal W{window}",
+    )
+
+
+def build_varlen_cases(quick: bool) -> list[Case]:
+    if not HAS_CUDA:  # the issue's CPU goal: 16-32 sequences of 16-512 tokens, fp32
+        mixed = _mixed_lengths(24, 16, 512)
+        return [_varlen_case(mixed, 9, 3, 64, c, torch.float32, "mixed") for c in (False, True)]
+    dtype = torch.bfloat16
+    cases = [_varlen_case([n] * (TOKENS // n), 16, 16, 128, c, dtype, "equal")
+             for n in ((1024,) if quick else (512, 1024, 4096)) for c in (False, True)]
+    cases += [_varlen_case(_mixed_lengths(32, 64, 1024), 16, 4, 128, True, dtype, "mixed")]
+    windows = [(4096, 512)] if quick else [(2048, 256), (4096, 512), (16384, 1024)]
+    cases += [_window_case(n, w, 128, dtype) for n, w in windows]
     return cases

@@ -35,6 +35,19 @@ quarter of the registers of a draw per score, and no 64-bit counter even past 2^
 backward regenerates exactly the forward's draws; kept probabilities are scaled by 1 / (1 - p).
 ``dropout_keep_mask`` materialises the same mask for tests.
 
+Windows (``HAS_LEFT`` and a bounded right): row r sees keys r + left_shift .. r + causal_shift. The
+right edge is the causal diagonal moved right (``IS_CAUSAL`` with a larger shift), the left edge
+bounds each query block's key loop from below (``_key_range``) and each key block's query loop from
+above: tiles wholly outside the band are never visited, only the tiles crossing an edge mask.
+
+Variable-length batches (``VARLEN``, FlashAttention's packed layout (total, H, D) read as a
+(1, H, total, D) view with batch stride 0): program "batch" b is sequence b, whose start and
+length come from ``cu_seqlens`` in device memory (clamped into [0, total]); the grid is sized by
+the longest sequence and programs past their sequence's length return at once. Causal and window
+are aligned bottom-right per sequence (the shifts gain Lk - Lq); lse and delta are (H, total_q).
+Dropout keys by (sequence, head): the counter (j // 4, i, s·H + h, 0) with i, j positions within
+the sequence. No TMA there (a descriptor's clipping is per tensor, not per sequence).
+
 Load paths (one kernel source, chosen by the config's ``USE_TMA`` constexpr):
   * pointers (every config list's default): 64-bit pointer tiles, masked loads, cp.async when
     pipelined;
@@ -154,11 +167,13 @@ _DQ = tuned(config(128, 64, 4, 2), [
 ], _dq_suits, tma=[
     config(128, 32, 8, 3, True), config(64, 32, 8, 2, True), config(128, 64, 8, 2, True),
 ])
-_KEY = ["HEAD_DIM", "HEAD_DIM_V", "SEQ_Q_KEY", "SEQ_K_KEY", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
+_KEY = ["HEAD_DIM", "HEAD_DIM_V", "SEQ_Q_KEY", "SEQ_K_KEY", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT",
+        "HAS_LEFT", "VARLEN"]
 # Lengths and length buckets enter kernels as runtime values, never specialised (to a
 # constant 1, or on divisibility): every derived loop bound is a tensor that can be widened to
 # 64 bits, and a new length never means a new compilation.
-_LENGTHS = ["n_q", "n_k", "causal_shift", "SEQ_Q_KEY", "SEQ_K_KEY"]
+_LENGTHS = ["n_q", "n_k", "causal_shift", "left_shift", "total_q", "total_k", "SEQ_Q_KEY",
+            "SEQ_K_KEY"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,6 +260,39 @@ def _program_block(n_blocks, LAST_FIRST: tl.constexpr):
     return block, pid // n_blocks
 
 
+@triton.jit
+def _sequence(Cu, seq, total):
+    """(start, length) of sequence ``seq`` from the cumulative lengths ``Cu`` (device memory),
+    clamped into [0, total]: whatever the values, the rows stay inside the tensor."""
+    start = tl.minimum(tl.maximum(tl.load(Cu + seq), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(Cu + seq + 1), start), total)
+    return start, end - start
+
+
+@triton.jit
+def _key_range(start_m, n_k, causal_shift, left_shift, IS_CAUSAL: tl.constexpr,
+               HAS_LEFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles of query block ``start_m`` (row r sees keys r + left_shift .. r +
+    causal_shift, within [0, n_k)): [lo, left_end) crosses the window's left edge, [left_end,
+    full_hi) needs no check, [full_hi, hi) crosses the causal diagonal (or is the ragged end).
+    Tiles outside [lo, hi) are never visited."""
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum((start_m + 1) * BLOCK_M + causal_shift, n_k), 0)
+        full_hi = tl.maximum(tl.minimum(start_m * BLOCK_M + causal_shift, n_k), 0)
+        full_hi = full_hi // BLOCK_N * BLOCK_N
+    else:
+        hi = n_k
+        full_hi = n_k // BLOCK_N * BLOCK_N
+    lo = 0
+    left_end = 0
+    if HAS_LEFT:
+        lo = tl.maximum(start_m * BLOCK_M + left_shift, 0) // BLOCK_N * BLOCK_N
+        last_first = tl.maximum((start_m + 1) * BLOCK_M - 1 + left_shift, 0)  # of the last row
+        left_end = tl.maximum(tl.minimum(tl.cdiv(last_first, BLOCK_N) * BLOCK_N, hi), lo)
+        full_hi = tl.maximum(full_hi, left_end)
+    return lo, left_end, full_hi, hi
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
@@ -255,9 +303,9 @@ def _fwd_tiles(
     acc, l_i, m_i, q,
     K_base, V_base, Mask_base, KDesc, VDesc, off_b, off_hkv,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    offs_m, row_ok, lo, hi, n_k, causal_shift,
+    offs_m, row_ok, lo, hi, n_k, causal_shift, left_shift,
     qk_scale, seed, off_bh, drop_p, drop_scale,
-    CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_LEFT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -275,6 +323,8 @@ def _fwd_tiles(
                   BLOCK_D != HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         s = scores(q, k, mask_ptrs, cols, offs_m + causal_shift, row_ok, col_ok, qk_scale,
                     CHECK_KEYS, APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
+        if APPLY_LEFT:
+            s = tl.where(cols[None, :] >= (offs_m + left_shift)[:, None], s, float("-inf"))
         # -- online softmax update (a row with nothing visible yet keeps m = -inf, p = 0) --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -305,29 +355,44 @@ def _attention_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    n_heads, group, n_q, n_k, causal_shift,
+    n_heads, group, n_q, n_k, causal_shift, left_shift,
     qk_scale, Seed, drop_p, drop_scale,
+    CuQ, CuK, total_q, total_k,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, VARLEN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # -- which query block and head; the last (most loaded, under causal) blocks start first --
     start_m, off_bh = _program_block(tl.cdiv(n_q, BLOCK_M), True)
     seed = _dropout_seed(Seed, HAS_DROPOUT)
-    b32 = off_bh // n_heads  # the descriptors' (32-bit) coordinates
+    b32 = off_bh // n_heads  # the descriptors' (32-bit) coordinates; the sequence under VARLEN
     h32 = off_bh % n_heads
     off_b = b32.to(tl.int64)
     off_h = h32.to(tl.int64)
     off_hkv = off_h // group
+    if VARLEN:  # this sequence's rows of q/out and k/v (batch strides are 0), lse (H, total_q)
+        q0, n_q = _sequence(CuQ, b32, total_q)
+        k0, n_k = _sequence(CuK, b32, total_k)
+        if start_m * BLOCK_M >= n_q:
+            return
+        causal_shift += n_k - n_q  # aligned bottom-right
+        left_shift += n_k - n_q
+        Q += q0.to(tl.int64) * stride_qm
+        Out += q0.to(tl.int64) * stride_om
+        K += k0.to(tl.int64) * stride_kn
+        V += k0.to(tl.int64) * stride_vn
+        Lse += off_h * total_q + q0
+    else:
+        Lse += off_bh.to(tl.int64) * n_q
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_hkv * stride_kh
     V += off_b * stride_vb + off_hkv * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
     Out += off_b * stride_ob + off_h * stride_oh
-    Lse += off_bh.to(tl.int64) * n_q
 
     # -- the query block, loaded once (padded rows and head-dim columns read as 0) --
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -343,28 +408,32 @@ def _attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # -- key range: [0, full_hi) needs no checks; [full_hi, hi) is the diagonal or the ragged end --
-    if IS_CAUSAL:  # row r sees keys up to r + causal_shift
-        hi = tl.maximum(tl.minimum((start_m + 1) * BLOCK_M + causal_shift, n_k), 0)
-        full_hi = tl.maximum(tl.minimum(start_m * BLOCK_M + causal_shift, n_k), 0)
-        full_hi = full_hi // BLOCK_N * BLOCK_N
-    else:
-        hi = n_k
-        full_hi = n_k // BLOCK_N * BLOCK_N
+    # -- key tiles (``_key_range``): [lo, left_end) the window's left edge, [left_end, full_hi)
+    #    no checks, [full_hi, hi) the causal diagonal or the ragged end; none outside [lo, hi) --
+    lo, left_end, full_hi, hi = _key_range(start_m, n_k, causal_shift, left_shift, IS_CAUSAL,
+                                           HAS_LEFT, BLOCK_M, BLOCK_N)
     hkv32 = h32 // group
+    if HAS_LEFT:
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, K, V, Mask, KDesc, VDesc, b32, hkv32,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_mm, stride_mn, offs_m, row_ok, lo, left_end, n_k, causal_shift, left_shift,
+            qk_scale, seed, off_bh, drop_p, drop_scale,
+            True, IS_CAUSAL, True, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, K, V, Mask, KDesc, VDesc, b32, hkv32,
         stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, offs_m, row_ok, 0, full_hi, n_k, causal_shift,
+        stride_mm, stride_mn, offs_m, row_ok, left_end, full_hi, n_k, causal_shift, left_shift,
         qk_scale, seed, off_bh, drop_p, drop_scale,
-        False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+        False, False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, K, V, Mask, KDesc, VDesc, b32, hkv32,
         stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k, causal_shift,
+        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k, causal_shift, left_shift,
         qk_scale, seed, off_bh, drop_p, drop_scale,
-        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+        True, IS_CAUSAL, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
 
     # -- normalise; a row with no visible key gets 0 and lse = +inf --
@@ -411,9 +480,9 @@ def _dkdv_tiles(
     dk, dv, k, v,
     Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc, off_b, off_h,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-    start_n, cols, col_ok, lo, hi, n_q, causal_shift,
+    start_n, cols, col_ok, lo, hi, n_q, causal_shift, left_shift,
     qk_scale, seed, off_bh, drop_p, drop_scale,
-    CHECK_ROWS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    CHECK_ROWS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_LEFT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -448,6 +517,8 @@ def _dkdv_tiles(
             s_t = apply_mask(s_t, mask_ptrs, col_ok[:, None] & row_ok[None, :], MASK_IS_BOOL)
         if APPLY_CAUSAL:
             s_t = tl.where(cols[:, None] <= (rows + causal_shift)[None, :], s_t, float("-inf"))
+        if APPLY_LEFT:
+            s_t = tl.where(cols[:, None] >= (rows + left_shift)[None, :], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
         # -- dV += dropout(P)ᵀ dO --
         do = _tile(DODesc, off_b, off_h, start_m, do_ptrs, row_ok, dv_ok, CHECK_ROWS,
@@ -481,16 +552,18 @@ def _attention_bwd_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    n_heads, n_kv_heads, group, n_q, n_k, causal_shift,
+    n_heads, n_kv_heads, group, n_q, n_k, causal_shift, left_shift,
     qk_scale, sm_scale, Seed, drop_p, drop_scale,
+    CuQ, CuK, total_q, total_k,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, VARLEN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # -- this program's key block, of one kv head --
+    # -- this program's key block, of one kv head (of one sequence under VARLEN) --
     block_n, off_bkv = _program_block(tl.cdiv(n_k, BLOCK_N), False)
     seed = _dropout_seed(Seed, HAS_DROPOUT)
     start_n = block_n * BLOCK_N
@@ -498,6 +571,24 @@ def _attention_bwd_dkdv(
     hkv32 = off_bkv % n_kv_heads
     off_b = b32.to(tl.int64)
     off_hkv = hkv32.to(tl.int64)
+    if VARLEN:  # lse and delta are (H, total_q): a head's rows are total_q apart
+        q0, n_q = _sequence(CuQ, b32, total_q)
+        k0, n_k = _sequence(CuK, b32, total_k)
+        if start_n >= n_k:
+            return
+        causal_shift += n_k - n_q
+        left_shift += n_k - n_q
+        Q += q0.to(tl.int64) * stride_qm
+        DO += q0.to(tl.int64) * stride_dom
+        K += k0.to(tl.int64) * stride_kn
+        V += k0.to(tl.int64) * stride_vn
+        DK += k0.to(tl.int64) * stride_dkn
+        DV += k0.to(tl.int64) * stride_dvn
+        row_base = q0.to(tl.int64)
+        head_rows = total_q
+    else:
+        row_base = off_b * n_heads * n_q
+        head_rows = n_q
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < n_k
     cols64 = cols.to(tl.int64)
@@ -524,11 +615,22 @@ def _attention_bwd_dkdv(
         lo = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
         diag_lo = tl.minimum(lo, full_hi)
         diag_hi = tl.cdiv(tl.maximum(start_n + BLOCK_N - causal_shift, 0), BLOCK_M) * BLOCK_M
+        diag_hi_all = diag_hi
         diag_hi = tl.minimum(diag_hi, full_hi)
         tail_lo = tl.maximum(lo, full_hi)
     else:
+        lo = 0
+        diag_hi_all = 0
         diag_hi = 0
         tail_lo = full_hi
+    if HAS_LEFT:
+        # With a left edge (row r sees keys from r + left_shift), rows past r_hi see none of
+        # these keys: [lo, edge_lo) crosses the diagonal, [edge_lo, edge_hi) needs no check,
+        # [edge_hi, r_hi) crosses the left edge (or is the ragged end); both edges check all.
+        r_hi = tl.minimum(tl.maximum(start_n + BLOCK_N - left_shift, 0), n_q)
+        edge_lo = tl.maximum(tl.minimum(diag_hi_all, r_hi), lo)
+        left_ok = tl.maximum(start_n - left_shift + 1, 0) // BLOCK_M * BLOCK_M
+        edge_hi = tl.maximum(tl.minimum(left_ok, full_hi), edge_lo)
     # -- sum over the query heads of this kv head's group, in order (deterministic) --
     for g in range(0, group):
         h32 = hkv32 * group + g
@@ -536,37 +638,66 @@ def _attention_bwd_dkdv(
         off_bh = off_b * n_heads + off_h
         Q_base = Q + off_b * stride_qb + off_h * stride_qh
         DO_base = DO + off_b * stride_dob + off_h * stride_doh
-        Lse_base = Lse + off_bh * n_q
-        Delta_base = Delta + off_bh * n_q
+        Lse_base = Lse + row_base + off_h * head_rows
+        Delta_base = Delta + row_base + off_h * head_rows
         Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
-        if IS_CAUSAL:
+        if HAS_LEFT:
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
                 b32, h32,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                start_n, cols, col_ok, diag_lo, diag_hi, n_q, causal_shift,
+                start_n, cols, col_ok, lo, edge_lo, n_q, causal_shift, left_shift,
                 qk_scale, seed, off_bh, drop_p, drop_scale,
-                False, True, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+                True, IS_CAUSAL, True, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
                 USE_TMA)
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
-            b32, h32,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-            start_n, cols, col_ok, diag_hi, full_hi, n_q, causal_shift,
-            qk_scale, seed, off_bh, drop_p, drop_scale,
-            False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
-            USE_TMA)
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
-            b32, h32,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-            start_n, cols, col_ok, tail_lo, n_q, n_q, causal_shift,
-            qk_scale, seed, off_bh, drop_p, drop_scale,
-            True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
-            USE_TMA)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
+                b32, h32,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                start_n, cols, col_ok, edge_lo, edge_hi, n_q, causal_shift, left_shift,
+                qk_scale, seed, off_bh, drop_p, drop_scale,
+                False, False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                USE_TMA)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
+                b32, h32,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                start_n, cols, col_ok, edge_hi, r_hi, n_q, causal_shift, left_shift,
+                qk_scale, seed, off_bh, drop_p, drop_scale,
+                True, IS_CAUSAL, True, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                USE_TMA)
+        else:
+            if IS_CAUSAL:
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc,
+                    DODesc, b32, h32,
+                    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                    start_n, cols, col_ok, diag_lo, diag_hi, n_q, causal_shift, left_shift,
+                    qk_scale, seed, off_bh, drop_p, drop_scale,
+                    False, True, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                    USE_TMA)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
+                b32, h32,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                start_n, cols, col_ok, diag_hi, full_hi, n_q, causal_shift, left_shift,
+                qk_scale, seed, off_bh, drop_p, drop_scale,
+                False, False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                USE_TMA)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, Mask_base, QDesc, DODesc,
+                b32, h32,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                start_n, cols, col_ok, tail_lo, n_q, n_q, causal_shift, left_shift,
+                qk_scale, seed, off_bh, drop_p, drop_scale,
+                True, IS_CAUSAL, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                USE_TMA)
 
     # -- write this key block's dK (with the softmax scale) and dV --
     dk_ptrs = (DK + off_b * stride_dkb + off_hkv * stride_dkh + cols64[:, None] * stride_dkn
@@ -584,9 +715,9 @@ def _dq_tiles(
     dq, q, do, lse2, delta,
     K_base, V_base, Mask_base, KDesc, VDesc, off_b, off_hkv,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    offs_m, row_ok, lo, hi, n_k, causal_shift,
+    offs_m, row_ok, lo, hi, n_k, causal_shift, left_shift,
     qk_scale, seed, off_bh, drop_p, drop_scale,
-    CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_LEFT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -604,6 +735,8 @@ def _dq_tiles(
                   BLOCK_D != HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         s = scores(q, k, mask_ptrs, cols, offs_m + causal_shift, row_ok, col_ok, qk_scale,
                     CHECK_KEYS, APPLY_CAUSAL, HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
+        if APPLY_LEFT:
+            s = tl.where(cols[None, :] >= (offs_m + left_shift)[:, None], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         # -- dS = P ∘ (dropout(dO Vᵀ) − delta);  dQ += dS K --
         v = _tile(VDesc, off_b, off_hkv, start_n, v_ptrs, col_ok, dv_ok, CHECK_KEYS,
@@ -631,13 +764,15 @@ def _attention_bwd_dq(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    n_heads, group, n_q, n_k, causal_shift,
+    n_heads, group, n_q, n_k, causal_shift, left_shift,
     qk_scale, sm_scale, Seed, drop_p, drop_scale,
+    CuQ, CuK, total_q, total_k,
     SEQ_Q_KEY, SEQ_K_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, VARLEN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # -- this program's query block (heaviest causal blocks first) --
@@ -648,6 +783,21 @@ def _attention_bwd_dq(
     off_b = b32.to(tl.int64)
     off_h = h32.to(tl.int64)
     off_hkv = off_h // group
+    if VARLEN:
+        q0, n_q = _sequence(CuQ, b32, total_q)
+        k0, n_k = _sequence(CuK, b32, total_k)
+        if start_m * BLOCK_M >= n_q:
+            return
+        causal_shift += n_k - n_q
+        left_shift += n_k - n_q
+        Q += q0.to(tl.int64) * stride_qm
+        DO += q0.to(tl.int64) * stride_dom
+        DQ += q0.to(tl.int64) * stride_dqm
+        K += k0.to(tl.int64) * stride_kn
+        V += k0.to(tl.int64) * stride_vn
+        row_base = off_h * total_q + q0
+    else:
+        row_base = off_bh.to(tl.int64) * n_q
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < n_q
     rows64 = offs_m.to(tl.int64)
@@ -662,35 +812,37 @@ def _attention_bwd_dq(
                DO + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_dom
                + offs_dv[None, :] * stride_dod, row_ok, offs_dv < HEAD_DIM_V, True,
                BLOCK_DV != HEAD_DIM_V, BLOCK_M, BLOCK_DV, USE_TMA)
-    lse2 = tl.load(Lse + off_bh.to(tl.int64) * n_q + offs_m, mask=row_ok,
-                   other=float("inf")) * _LOG2E
-    delta = tl.load(Delta + off_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
     K += off_b * stride_kb + off_hkv * stride_kh
     V += off_b * stride_vb + off_hkv * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # -- the same key segments as the forward --
-    if IS_CAUSAL:  # row r sees keys up to r + causal_shift
-        hi = tl.maximum(tl.minimum((start_m + 1) * BLOCK_M + causal_shift, n_k), 0)
-        full_hi = tl.maximum(tl.minimum(start_m * BLOCK_M + causal_shift, n_k), 0)
-        full_hi = full_hi // BLOCK_N * BLOCK_N
-    else:
-        hi = n_k
-        full_hi = n_k // BLOCK_N * BLOCK_N
+    lo, left_end, full_hi, hi = _key_range(start_m, n_k, causal_shift, left_shift, IS_CAUSAL,
+                                           HAS_LEFT, BLOCK_M, BLOCK_N)
+    if HAS_LEFT:
+        dq = _dq_tiles(
+            dq, q, do, lse2, delta, K, V, Mask, KDesc, VDesc, b32, h32 // group,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_mm, stride_mn, offs_m, row_ok, lo, left_end, n_k, causal_shift, left_shift,
+            qk_scale, seed, off_bh, drop_p, drop_scale,
+            True, IS_CAUSAL, True, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
     dq = _dq_tiles(
         dq, q, do, lse2, delta, K, V, Mask, KDesc, VDesc, b32, h32 // group,
         stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, offs_m, row_ok, 0, full_hi, n_k, causal_shift,
+        stride_mm, stride_mn, offs_m, row_ok, left_end, full_hi, n_k, causal_shift, left_shift,
         qk_scale, seed, off_bh, drop_p, drop_scale,
-        False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+        False, False, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
     dq = _dq_tiles(
         dq, q, do, lse2, delta, K, V, Mask, KDesc, VDesc, b32, h32 // group,
         stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k, causal_shift,
+        stride_mm, stride_mn, offs_m, row_ok, full_hi, hi, n_k, causal_shift, left_shift,
         qk_scale, seed, off_bh, drop_p, drop_scale,
-        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+        True, IS_CAUSAL, False, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, INPUT_PRECISION, USE_TMA)
 
     dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + rows64[:, None] * stride_dqm
@@ -699,7 +851,7 @@ def _attention_bwd_dq(
                 (dq * sm_scale).to(DQ.dtype.element_ty), row_ok, d_ok, BLOCK_M, BLOCK_D, USE_TMA)
 
 
-@triton.jit(do_not_specialize=_LENGTHS)
+@triton.jit(do_not_specialize=["n_q", "n_k"])
 def _dropout_keep_mask(Keep, n_q, n_k, Seed, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The keep-mask of one (batch, head), exactly as the attention kernels draw it; the grid's
     # one axis runs over row blocks, then key blocks, then batch * heads.
@@ -729,22 +881,37 @@ def _dropout(dropout_p: float) -> tuple[bool, float, float]:
 
 @functools.cache
 def _meta(d: int, dv: int, dtype: torch.dtype, is_causal: bool, has_mask: bool,
-          mask_is_bool: bool, has_dropout: bool) -> dict:
+          mask_is_bool: bool, has_dropout: bool, has_left: bool = False,
+          varlen: bool = False) -> dict:
     """The constexpr arguments every attention kernel shares, per specialisation (cached: the
     launch reads it, never mutates it)."""
     return dict(
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=head_block(d), BLOCK_DV=head_block(dv),
         IS_CAUSAL=is_causal, HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
-        HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(dtype),
+        HAS_DROPOUT=has_dropout, HAS_LEFT=has_left, VARLEN=varlen,
+        INPUT_PRECISION=dot_precision(dtype),
     )
 
 
+def _band(is_causal: bool, window: tuple[int, int], shift: int) -> tuple[bool, int, bool, int]:
+    """(bounded right, causal_shift, bounded left, left_shift) of the visible band: row r sees
+    keys r + left_shift .. r + causal_shift, where query r sits at key r + ``shift``. A right
+    window bound is the causal diagonal moved right by ``right`` (``is_causal`` makes it 0)."""
+    left, right = window
+    if is_causal:
+        right = 0
+    return right >= 0, shift + max(right, 0), left >= 0, shift - max(left, 0)
+
+
 def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float,
-                  seed: torch.Tensor | None, lower_right: bool = False, tma: bool | None = None):
+                  seed: torch.Tensor | None, lower_right: bool = False, tma: bool | None = None,
+                  window: tuple[int, int] = (-1, -1)):
     """Forward on 4-D q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) and a 4-D mask or None;
     ``seed`` is the one-element int64 device tensor of the dropout draw (None without dropout);
-    ``lower_right`` aligns ``is_causal``'s diagonal to the last key (query i sees keys up to
-    i + Nk - Nq: a chunk of queries at the end of a KV cache); ``tma`` as in ``descriptors``.
+    ``lower_right`` aligns ``is_causal``'s diagonal (and the window's) to the last key (query i
+    sees keys up to i + Nk - Nq: a chunk of queries at the end of a KV cache); ``tma`` as in
+    ``descriptors``; ``window`` (left, right): query i (at key position i, or i + Nk - Nq with
+    ``lower_right``) also sees only keys i - left .. i + right (negative: unbounded).
 
     Returns ``out`` (B, Hq, Nq, Dv) in q's dtype and ``lse`` (B, Hq, Nq) fp32 (natural log; +inf
     for a row with no visible key).
@@ -760,24 +927,27 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float
         return out, lse
     has_dropout, drop_p, drop_scale = _dropout(dropout_p)
     mask_t, ms, mask_is_bool = mask_args(mask, q)
+    causal, causal_shift, has_left, left_shift = _band(is_causal, window,
+                                                       Nk - Nq if lower_right else 0)
     programs = B * Hq
     grid = lambda meta: (cdiv(Nq, meta["BLOCK_M"]) * programs,)  # noqa: E731
     _attention_fwd[grid](
         q, k, v, mask_t, out, lse, *descriptors(tma, q, k, v, out, work=B * Hq * Nq * Nk * D),
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        Hq, Hq // Hkv, Nq, Nk, Nk - Nq if lower_right else 0,
+        Hq, Hq // Hkv, Nq, Nk, causal_shift, left_shift,
         scale * LOG2E, lse if seed is None else seed, drop_p, drop_scale,
-        seq_bucket(Nq), seq_bucket(Nk),
-        **_meta(D, Dv, q.dtype, is_causal, mask is not None, mask_is_bool, has_dropout),
+        lse, lse, 0, 0, seq_bucket(Nq), seq_bucket(Nk),
+        **_meta(D, Dv, q.dtype, causal, mask is not None, mask_is_bool, has_dropout, has_left),
     )
     return out, lse
 
 
 def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dropout_p: float,
-                  seed: torch.Tensor | None, lower_right: bool = False, tma: bool | None = None):
+                  seed: torch.Tensor | None, lower_right: bool = False, tma: bool | None = None,
+                  window: tuple[int, int] = (-1, -1)):
     """Backward: ``(dq, dk, dv)`` shaped like q, k, v (contiguous) in their dtype. ``do`` may have any
     strides, including the stride-0 gradient of ``out.sum()`` (which keeps it off the TMA configs);
-    ``seed``, ``lower_right`` and ``tma`` as in the forward."""
+    ``seed``, ``lower_right``, ``tma`` and ``window`` as in the forward."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -785,37 +955,129 @@ def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dr
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     if Nq == 0 or Nk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    causal, causal_shift, has_left, left_shift = _band(is_causal, window,
+                                                       Nk - Nq if lower_right else 0)
+    _backward(do, q, k, v, out, lse, dq, dk, dv, mask, scale, dropout_p, seed, tma,
+              (B, Hq, Hkv, Nq, Nk, D, Dv), (causal, causal_shift, has_left, left_shift), None)
+    return dq, dk, dv
+
+
+def _backward(do, q, k, v, out, lse, dq, dk, dv, mask, scale, dropout_p, seed, tma, dims, band,
+              varlen):
+    """The three backward launches on 4-D views; ``varlen`` is None or (cu_seqlens_q,
+    cu_seqlens_k, total_q, total_k), with B the number of sequences and Nq / Nk their maxima."""
+    B, Hq, Hkv, Nq, Nk, D, Dv = dims
+    causal, causal_shift, has_left, left_shift = band
     has_dropout, drop_p, drop_scale = _dropout(dropout_p)
     mask_t, ms, mask_is_bool = mask_args(mask, q)
-    meta = _meta(D, Dv, q.dtype, is_causal, mask is not None, mask_is_bool, has_dropout)
+    meta = _meta(D, Dv, q.dtype, causal, mask is not None, mask_is_bool, has_dropout, has_left,
+                 varlen is not None)
+    cu = (lse, lse, 0, 0) if varlen is None else varlen
 
-    # -- 1. delta = rowsum(dO * O) --
-    delta = empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    # -- 1. delta = rowsum(dO * O), laid out as lse --
+    delta = empty(lse.shape, dtype=torch.float32, device=q.device)
+    rows = out.shape[2]  # total_q under varlen (out is (1, Hq, total_q, Dv) there)
     pre_block = 64
-    _attention_bwd_preprocess[(cdiv(Nq, pre_block) * B * Hq,)](
-        out, do, delta, *out.stride(), *do.stride(), Hq, Nq,
+    _attention_bwd_preprocess[(cdiv(rows, pre_block) * out.shape[0] * Hq,)](
+        out, do, delta, *out.stride(), *do.stride(), Hq, rows,
         HEAD_DIM_V=Dv, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"],
         num_warps=4 if meta["BLOCK_DV"] <= 128 else 8,
     )
-    common = (Hq // Hkv, Nq, Nk, Nk - Nq if lower_right else 0, scale * LOG2E, scale,
-              lse if seed is None else seed, drop_p, drop_scale, seq_bucket(Nq), seq_bucket(Nk))
+    common = (Hq // Hkv, Nq, Nk, causal_shift, left_shift, scale * LOG2E, scale,
+              lse if seed is None else seed, drop_p, drop_scale, *cu, seq_bucket(Nq),
+              seq_bucket(Nk))
+    if varlen is not None:  # one "batch" of packed rows, read per sequence: batch strides 0
+        strides = [(0, *t.stride()[1:]) for t in (q, k, v, do, dq, dk, dv)]
+    else:
+        strides = [t.stride() for t in (q, k, v, do, dq, dk, dv)]
+    sq, sk, sv, sdo, sdq, sdk, sdv = strides
 
     # -- 2. dK, dV: one program per key block of a kv head, summing over its query heads --
     grid_kv = lambda meta: (cdiv(Nk, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
-    qd, kd, vd, dod, dqd, dkd, dvd = descriptors(tma, q, k, v, do, dq, dk, dv,
+    qd, kd, vd, dod, dqd, dkd, dvd = descriptors(tma if varlen is None else False,
+                                                 q, k, v, do, dq, dk, dv,
                                                  work=B * Hq * Nq * Nk * D)
     _attention_bwd_dkdv[grid_kv](
         q, k, v, mask_t, do, lse, delta, dk, dv, qd, kd, vd, dod, dkd, dvd,
-        *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dk.stride(), *dv.stride(),
+        *sq, *sk, *sv, *ms, *sdo, *sdk, *sdv,
         Hq, Hkv, *common, **meta,
     )
     # -- 3. dQ: one program per query block --
     grid_q = lambda meta: (cdiv(Nq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
     _attention_bwd_dq[grid_q](
         q, k, v, mask_t, do, lse, delta, dq, qd, kd, vd, dod, dqd,
-        *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dq.stride(),
+        *sq, *sk, *sv, *ms, *sdo, *sdq,
         Hq, *common, **meta,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Variable-length batches (FlashAttention's packed layout)
+# ------------------------------------------------------------------------------------------------
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """(total, H, D) as the (1, H, total, D) view the kernels read (no copy)."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+               scale: float, causal: bool, window: tuple[int, int], dropout_p: float,
+               seed: torch.Tensor | None):
+    """Forward of packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv,
+    Dv); sequence s is rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` of q and the same of k / v
+    through ``cu_seqlens_k`` (int32 device tensors of B + 1 entries, read by the kernels; every
+    bound derived from them is clamped into the tensors). The causal mask and the window are
+    aligned bottom-right per sequence (query i sits at key i + Lk - Lq). One program per
+    (sequence, query block of ``max_seqlen_q``, head); blocks past a sequence's length exit.
+
+    Returns ``out`` (total_q, Hq, Dv) and ``lse`` (Hq, total_q) fp32 (+inf for a row with no
+    visible key). Rows that no sequence covers (only with inconsistent ``cu_seqlens``) are
+    left unwritten."""
+    total_q, Hq, D = q.shape
+    total_k, Hkv, Dv = k.shape[0], k.shape[1], v.shape[-1]
+    B = cu_seqlens_q.shape[0] - 1
+    out = empty((total_q, Hq, Dv), dtype=q.dtype, device=q.device)
+    lse = empty((Hq, total_q), dtype=torch.float32, device=q.device)
+    if total_q * Hq == 0 or B <= 0 or max_seqlen_q <= 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    if total_k == 0 or max_seqlen_k <= 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    has_dropout, drop_p, drop_scale = _dropout(dropout_p)
+    causal, causal_shift, has_left, left_shift = _band(causal, window, 0)
+    q4, k4, v4, o4 = _packed(q), _packed(k), _packed(v), _packed(out)
+    grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
+    _attention_fwd[grid](
+        q4, k4, v4, lse, o4, lse, q4, k4, v4, o4,
+        0, *q4.stride()[1:], 0, *k4.stride()[1:], 0, *v4.stride()[1:], 0, 0, 0, 0,
+        0, *o4.stride()[1:],
+        Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, causal_shift, left_shift,
+        scale * LOG2E, lse if seed is None else seed, drop_p, drop_scale,
+        cu_seqlens_q, cu_seqlens_k, total_q, total_k,
+        seq_bucket(max_seqlen_q), seq_bucket(max_seqlen_k),
+        **_meta(D, Dv, q.dtype, causal, False, False, has_dropout, has_left, True),
+    )
+    return out, lse
+
+
+def varlen_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+               max_seqlen_k: int, scale: float, causal: bool, window: tuple[int, int],
+               dropout_p: float, seed: torch.Tensor | None):
+    """Backward of ``varlen_fwd``: ``(dq, dk, dv)`` shaped like q, k, v. dK / dV programs run
+    over (sequence, key block of ``max_seqlen_k``, kv head), dQ programs as the forward's."""
+    total_q, Hq, D = q.shape
+    total_k, Hkv, Dv = k.shape[0], k.shape[1], v.shape[-1]
+    B = cu_seqlens_q.shape[0] - 1
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    if total_q * Hq == 0 or total_k == 0 or B <= 0 or max_seqlen_q <= 0 or max_seqlen_k <= 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    band = _band(causal, window, 0)
+    _backward(_packed(do), _packed(q), _packed(k), _packed(v), _packed(out), lse[None],
+              _packed(dq), _packed(dk), _packed(dv), None, scale, dropout_p, seed, False,
+              (B, Hq, Hkv, max_seqlen_q, max_seqlen_k, D, Dv), band,
+              (cu_seqlens_q, cu_seqlens_k, total_q, total_k))
     return dq, dk, dv
 
 

@@ -1,5 +1,10 @@
-"""The ops, with the exact semantics of their PyTorch twins (docs/design.md §3)."""
-from .ops.attention import flash_attn_with_kvcache, scaled_dot_product_attention  # noqa: F401
+"""The ops, with the exact semantics of their PyTorch twins (docs/design.md §3); the ragged-batch
+attention ops with FlashAttention's (``flash_attn_varlen_func``, ``flash_attn_with_kvcache``)."""
+from .ops.attention import (  # noqa: F401
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    scaled_dot_product_attention,
+)
 from .ops.fused_linear import (  # noqa: F401
     feed_forward,
     linear_gelu,

@@ -407,6 +407,20 @@ def scenario_attention(mod, cap: Capture):
     run("d80 causal", "float16", 80, causal=True, bwd=False)
     run("d256", "bfloat16", 256, bwd=False)
     run("d64 ieee", "float32", 64)
+    # Variable-length batches and windows: the VARLEN / HAS_LEFT specialisations, default configs.
+    cu = torch.tensor([0, 100, 356], dtype=torch.int32)
+    for note, dt, causal, window in (("d128 varlen causal", "bfloat16", True, (-1, -1)),
+                                     ("d128 varlen window (128, -1)", "float16", True, (128, -1))):
+        q, k, v = (_t(356, 4, 128, dtype=dt) for _ in range(3))
+        with cap.launches(f"fwd {note}", configs="default"):
+            out, lse = mod.varlen_fwd(q, k, v, cu, cu, 256, 256, 128 ** -0.5, causal, window,
+                                      0.0, None)
+        with cap.launches(f"bwd {note}", configs="default"):
+            mod.varlen_bwd(torch.randn_like(out), q, k, v, out, lse, cu, cu, 256, 256,
+                           128 ** -0.5, causal, window, 0.0, None)
+    q, k, v = _qkv("bfloat16", 128)
+    with cap.launches("fwd d128 sdpa window (256, 0)", configs="default"):
+        mod.attention_fwd(q, k, v, None, 128 ** -0.5, False, 0.0, None, window=(256, 0))
     with cap.launches("dropout keep-mask (tests' helper)", strict=True):
         mod.dropout_keep_mask(2, 4, 256, 256, 0.1, 1234, "cpu")
 

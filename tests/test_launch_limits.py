@@ -103,6 +103,18 @@ def test_attention_batch_heads(case):
          ATTN_FWD, ATTN_BWD)
 
 
+@pytest.mark.parametrize("case", ["plain", "causal+window", "gqa+dropout"])
+def test_varlen_attention_sequences_heads(case):
+    """4096 packed sequences x 17 heads (x 2 with GQA): programs on axis 0 only."""
+    hq = 2 * HEADS if case == "gqa+dropout" else HEADS
+    cu = torch.arange(0, BATCH + 1, dtype=torch.int32, device=DEVICE)
+    q, k, v = _leaf(BATCH, hq, D), _leaf(BATCH, HEADS, D), _leaf(BATCH, HEADS, D)
+    kwargs = {"plain": {}, "causal+window": {"causal": True, "window_size": (3, -1)},
+              "gqa+dropout": {"dropout_p": 0.1}}[case]
+    _run(lambda: LF.flash_attn_varlen_func(q, k, v, cu, cu, 1, 1, **kwargs), (q, k, v),
+         ATTN_FWD, ATTN_BWD)
+
+
 def test_dropout_keep_mask_batch_heads():
     with stub_launches() as launches:
         attention_kernel.dropout_keep_mask(BATCH, HEADS, NQ, NK, 0.1, 1234, DEVICE)

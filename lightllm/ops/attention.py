@@ -41,6 +41,7 @@ from lightllm import _dispatch
 from lightllm._validation import FLOAT_DTYPES, dtype_error, tensor_error
 from lightllm.kernels import attention as kernel
 from lightllm.kernels import attention_decode as decode
+from lightllm.reference import attention as reference
 
 _OP = "scaled_dot_product_attention"
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -58,24 +59,33 @@ def use_split_kv(n_q: int, n_k: int, is_causal: bool, dropout_p: float) -> bool:
     return 1 <= n_q <= DECODE_MAX_Q and n_k >= DECODE_MIN_K and not is_causal and dropout_p == 0.0
 
 
-def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right):
-    """(out, lse) from the split-KV decode kernel or the flash kernel, by shape."""
-    if use_split_kv(q.shape[2], k.shape[2], is_causal, dropout_p):
+def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right,
+             window_left=-1, window_right=-1):
+    """(out, lse) from the split-KV decode kernel or the flash kernel, by shape; a window runs
+    the flash kernel, which skips the tiles outside it."""
+    window = (window_left, window_right)
+    if window == (-1, -1) and use_split_kv(q.shape[2], k.shape[2], is_causal, dropout_p):
         return decode.attention_decode_fwd(q, k, v, attn_mask, scale)
+    if window == (-1, -1):
+        return kernel.attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed,
+                                    lower_right)
     return kernel.attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed,
-                                lower_right)
+                                lower_right, window=window)
 
 
 @torch.library.custom_op("lightllm::sdpa_fwd", mutates_args=())
 def _sdpa_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
     is_causal: bool, scale: float, seed: Tensor | None, lower_right: bool,
+    window_left: int = -1, window_right: int = -1,
 ) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right)
+    return _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right,
+                    window_left, window_right)
 
 
 @_sdpa_fwd.register_fake
-def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right):
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right, window_left=-1,
+      window_right=-1):
     B, H, N = q.shape[:3]
     return q.new_empty((B, H, N, v.shape[-1])), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -84,35 +94,39 @@ def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right):
 def _sdpa_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float, seed: Tensor | None,
-    lower_right: bool,
+    lower_right: bool, window_left: int = -1, window_right: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return kernel.attention_bwd(dout, q, k, v, out, lse, attn_mask, scale, is_causal, dropout_p,
-                                seed, lower_right)
+                                seed, lower_right, window=(window_left, window_right))
 
 
 @_sdpa_bwd.register_fake
-def _(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, lower_right):
+def _(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, lower_right,
+      window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right = inputs
+    q, k, v, attn_mask, dropout_p, is_causal, scale, seed, lower_right, *window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_mask, out, lse, seed)
     ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.lower_right = (dropout_p, is_causal, scale,
                                                                 lower_right)
+    ctx.window = tuple(window) or (-1, -1)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
     if _dispatch.direct(dout):
+        band = {} if ctx.window == (-1, -1) else {"window": ctx.window}
         dq, dk, dv = kernel.attention_bwd(dout, q, k, v, out, lse, attn_mask, ctx.scale,
-                                          ctx.is_causal, ctx.dropout_p, seed, ctx.lower_right)
+                                          ctx.is_causal, ctx.dropout_p, seed, ctx.lower_right,
+                                          **band)
     else:
         dq, dk, dv = _sdpa_bwd(dout, q, k, v, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal,
-                               ctx.scale, seed, ctx.lower_right)
-    return dq, dk, dv, None, None, None, None, None, None
+                               ctx.scale, seed, ctx.lower_right, *ctx.window)
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 _sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -281,6 +295,304 @@ def _kernel_serves(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor 
     return False
 
 
+def _check_window(op: str, window_size, unbounded: int) -> tuple[int, int]:
+    """``window_size`` as (left, right) ints, -1 for unbounded: a bound of at least
+    ``unbounded`` (the query plus key lengths) hides nothing, so it is dropped (and the kernels'
+    32-bit shifts cannot overflow)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool)
+                       for w in window_size)):
+        raise TypeError(f"{op}: window_size must be a pair of ints (left, right), negative for "
+                        f"unbounded, got {window_size!r}")
+    return tuple(-1 if w < 0 or w >= unbounded else int(w) for w in window_size)
+
+
+def _window_mask(query, key, attn_mask, is_causal, window, lower_right):
+    """``attn_mask`` (None, boolean or additive) restricted to the causal / local band, for
+    PyTorch's op on the native path."""
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    band = reference.window_mask(n_q, n_k, window, is_causal or lower_right,
+                                 shift=n_k - n_q if lower_right else 0, device=query.device)
+    if attn_mask is None:
+        return band
+    if attn_mask.dtype is torch.bool:
+        return attn_mask & band
+    return attn_mask.masked_fill(~band, float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Variable-length attention (FlashAttention's flash_attn_varlen_func)
+#
+#   lightllm::varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+#       dropout_p, causal, scale, window_left, window_right, seed?) -> (out, lse)
+#   lightllm::varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+#       max_seqlen_k, dropout_p, causal, scale, window_left, window_right, seed?) -> (dq, dk, dv)
+# on packed q (total_q, H, D), k / v (total_k, Hkv, D / Dv); lse (H, total_q) fp32.
+# ------------------------------------------------------------------------------------------------
+
+_VAROP = "flash_attn_varlen_func"
+
+
+def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, window_left,
+                    window_right, seed):
+    return kernel.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal,
+                             (window_left, window_right), dropout_p, seed)
+
+
+@torch.library.custom_op("lightllm::varlen_fwd", mutates_args=())
+def _varlen_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, causal: bool, scale: float,
+    window_left: int, window_right: int, seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p, causal, scale, window_left, window_right, seed)
+
+
+@_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale,
+      window_left, window_right, seed):
+    total, heads = q.shape[:2]
+    return (q.new_empty((total, heads, v.shape[-1])),
+            q.new_empty((heads, total), dtype=torch.float32))
+
+
+@torch.library.custom_op("lightllm::varlen_bwd", mutates_args=())
+def _varlen_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    dropout_p: float, causal: bool, scale: float, window_left: int, window_right: int,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernel.varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, scale, causal, (window_left, window_right), dropout_p,
+                             seed)
+
+
+@_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+      causal, scale, window_left, window_right, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, wl, wr, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.args = (max_q, max_k, dropout_p, causal, scale, wl, wr)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    max_q, max_k, dropout_p, causal, scale, wl, wr = ctx.args
+    if _dispatch.direct(dout):
+        dq, dk, dv = kernel.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale,
+                                       causal, (wl, wr), dropout_p, seed)
+    else:
+        dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p,
+                                 causal, scale, wl, wr, seed)
+    return (dq, dk, dv) + (None,) * 10
+
+
+_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+_VarlenAttention = _dispatch.autograd_function(_VAROP, _varlen_forward, _varlen_setup_context,
+                                               _varlen_backward)
+
+
+def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_size):
+    """Validate everything before any launch; returns the window as (left, right) ints.
+
+    The values of ``cu_seqlens_*`` are read only where that costs no device synchronisation
+    (CPU tensors)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise tensor_error(_VAROP, name, t)
+        if t.dtype not in _DTYPES:
+            raise dtype_error(_VAROP, name, t.dtype, _DTYPES)
+        if t.dim() != 3:
+            raise ValueError(f"{_VAROP}: {name} must be 3-D (total_tokens, heads, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+    if not (q.dtype is k.dtype is v.dtype):
+        raise TypeError(f"{_VAROP}: expected q, k, v of one dtype, got q={q.dtype}, "
+                        f"k={k.dtype}, v={v.dtype}")
+    for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(t, Tensor):
+            raise tensor_error(_VAROP, name, t)
+        if t.dtype is not torch.int32:
+            raise TypeError(f"{_VAROP}: {name} must be int32, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"{_VAROP}: {name} must be 1-D with batch + 1 >= 1 entries, got "
+                             f"shape {tuple(t.shape)}")
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(f"{_VAROP}: cu_seqlens_q has {cu_q.shape[0]} entries but cu_seqlens_k "
+                         f"{cu_k.shape[0]}: both must be batch + 1")
+    dev = q.device
+    if k.device != dev or v.device != dev or cu_q.device != dev or cu_k.device != dev:
+        raise RuntimeError(f"{_VAROP}: expected all tensors on one device, got q={q.device}, "
+                           f"k={k.device}, v={v.device}, cu_seqlens_q={cu_q.device}, "
+                           f"cu_seqlens_k={cu_k.device}")
+    (tq, h, d), (tk, hkv, dk), (tv, hv, dv) = q.shape, k.shape, v.shape
+    if dk != d:
+        raise ValueError(f"{_VAROP}: k head dim {dk} must equal q head dim {d}")
+    if (tv, hv) != (tk, hkv):
+        raise ValueError(f"{_VAROP}: v has shape {tuple(v.shape)} but k {tuple(k.shape)}: tokens "
+                         "and heads must agree")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"{_VAROP}: the number of k/v heads ({hkv}) must divide the number of "
+                         f"q heads ({h})")
+    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        raise ValueError(f"{_VAROP}: head dim {d} (q/k) / {dv} (v) is unsupported: the kernels "
+                         f"hold a head in registers, at most {MAX_HEAD_DIM}")
+    for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
+            raise ValueError(f"{_VAROP}: {name} must be a non-negative int, got {m!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (
+            0.0 <= float(dropout_p) <= 1.0):
+        raise ValueError(f"{_VAROP}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"{_VAROP}: softmax_scale must be a float or None, got "
+                        f"{type(scale).__name__}")
+    window = _check_window(_VAROP, window_size, max_q + max_k)
+    # Values: free on the host in eager mode; a device sync on CUDA and data-dependent under
+    # torch.compile (the kernels clamp every bound there).
+    if cu_q.is_cpu and _dispatch.direct(cu_q):
+        for name, cu, total, m in (("cu_seqlens_q", cu_q, tq, max_q),
+                                   ("cu_seqlens_k", cu_k, tk, max_k)):
+            _check_cu_values(name, cu, total, m, "q" if name.endswith("q") else "k")
+    return window
+
+
+def _check_cu_values(name, cu, total, max_len, tensor):
+    if cu[0].item() != 0:
+        raise ValueError(f"{_VAROP}: {name} must start at 0, got {cu[0].item()}")
+    lengths = cu.diff()
+    if lengths.numel() and (lengths < 0).any():
+        raise ValueError(f"{_VAROP}: {name} must be non-decreasing, got {cu.tolist()}")
+    if cu[-1].item() != total:
+        raise ValueError(f"{_VAROP}: {name} ends at {cu[-1].item()} but {tensor} has {total} "
+                         "tokens: the last entry must be the total")
+    if lengths.numel() and lengths.max().item() > max_len:
+        raise ValueError(f"{_VAROP}: {name} has a sequence of {lengths.max().item()} tokens, "
+                         f"longer than max_seqlen_{tensor}={max_len}")
+
+
+def _varlen_native(q, k, v, cu_q, cu_k, dropout_p, causal, scale, window, return_lse):
+    """The native CPU path: PyTorch's own attention on each sequence's views (no copies of q, k,
+    v; GQA without repeating), autograd through PyTorch; ``lse`` from its flash kernel."""
+    h, hkv = q.shape[1], k.shape[1]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    outs, lses = [], []
+    for s in range(len(cq) - 1):
+        a, b, c, e = cq[s], cq[s + 1], ck[s], ck[s + 1]
+        lq, lk = b - a, e - c
+        if lq == 0:
+            continue
+        qs = q[a:b].transpose(0, 1)
+        ks, vs = k[c:e].transpose(0, 1), v[c:e].transpose(0, 1)
+        if lk == 0:  # no key at all: output 0 (still a function of q for autograd), lse +inf
+            outs.append((qs[..., :1] * 0.0).expand(h, lq, v.shape[-1]).transpose(0, 1))
+            lses.append(q.new_full((h, lq), float("inf"), dtype=torch.float32))
+            continue
+        plain_causal = causal and lq == lk and window == (-1, -1)
+        band = None
+        if (causal or window != (-1, -1)) and not plain_causal:
+            band = reference.window_mask(lq, lk, window, causal, device=q.device)
+        out, lse = _sequence_native(flash, qs, ks, vs, band, plain_causal, dropout_p, scale,
+                                    h != hkv, return_lse)
+        outs.append(out.transpose(0, 1))
+        if return_lse:  # a row that sees no key gets +inf, as the kernels'
+            lse = lse.float()
+            lses.append(lse if band is None else lse.masked_fill(~band.any(-1), float("inf")))
+    out = torch.cat(outs) if outs else q.new_empty((0, h, v.shape[-1]))
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, dim=1) if lses else q.new_empty((h, 0), dtype=torch.float32)
+    return out, lse
+
+
+def _sequence_native(flash, qs, ks, vs, band, is_causal, dropout_p, scale, gqa, return_lse):
+    """(out (H, L, Dv), lse (H, L) or None) of one sequence by PyTorch's CPU attention."""
+    if (return_lse and dropout_p == 0.0 and qs.dtype is not torch.float64
+            and qs.shape[-1] == vs.shape[-1]):
+        mask = None if band is None else torch.zeros(band.shape, dtype=qs.dtype).masked_fill(
+            ~band, float("-inf"))
+        out, lse = flash(qs[None], ks[None], vs[None], 0.0, is_causal, attn_mask=mask,
+                         scale=scale)
+        return out[0], lse[0]
+    out = F.scaled_dot_product_attention(qs, ks, vs, band, dropout_p, is_causal, scale=scale,
+                                         enable_gqa=gqa)
+    if not return_lse:
+        return out, None
+    scores = reference.attention_scores(qs, ks, band, is_causal, scale, enable_gqa=gqa)
+    return out, torch.logsumexp(scores.float(), dim=-1)
+
+
+def _varlen_kernel_serves(q: Tensor) -> bool:
+    if not _dispatch.runs_triton(q):
+        return False
+    if q.dtype is torch.float64:
+        _dispatch.warn_once(f"{_VAROP}:float64", f"{_VAROP}: float64 has no kernel; running "
+                            "PyTorch's attention per sequence instead")
+        return False
+    return True
+
+
+def flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+    softmax_scale: float | None = None, causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1), return_lse: bool = False,
+):
+    """FlashAttention's ``flash_attn_varlen_func``: attention over a batch of sequences packed
+    without padding.
+
+    ``q`` ``(total_q, H, D)``, ``k`` ``(total_k, Hkv, D)``, ``v`` ``(total_k, Hkv, Dv)``
+    (float16/bfloat16/float32; float64 runs PyTorch's attention), Hkv dividing H (grouped-query
+    attention; K/V are never repeated). Sequence s is rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]``
+    of q and ``cu_seqlens_k[s]:cu_seqlens_k[s+1]`` of k/v: ``cu_seqlens_*`` are int32 1-D
+    tensors of batch + 1 entries starting at 0, on the inputs' device; sequences may be empty.
+    ``max_seqlen_q`` / ``max_seqlen_k`` (host ints) are the longest lengths, which size the
+    launch. ``causal`` and ``window_size=(left, right)`` (negative = unbounded) are aligned
+    bottom-right per sequence, as FlashAttention >= 2.1: query i of a sequence with Lq queries
+    and Lk keys sees key j iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``, ``causal``
+    making ``right`` 0. A row with no visible key gives 0. ``dropout_p``: dropout on the
+    probabilities (Philox, keyed per sequence and head; pass 0.0 outside training).
+    ``softmax_scale`` defaults to ``1 / sqrt(D)``.
+
+    Returns ``out`` ``(total_q, H, Dv)`` in q's dtype, and with ``return_lse`` also the fp32
+    natural-log log-sum-exp ``(H, total_q)`` (+inf for a row with no visible key; it carries no
+    gradient).
+
+    Validation before any launch: tensors, dtypes, devices, shapes, head counts, window and
+    scalars always; the values of ``cu_seqlens_*`` (start at 0, non-decreasing, last entry equal
+    to the token count, no length above ``max_seqlen_*``) only for CPU tensors in eager mode, as
+    reading them from a GPU would synchronise the host (and under ``torch.compile`` they are
+    data). Elsewhere the kernels clamp every bound they derive
+    from them into the tensors, so inconsistent values give wrong numbers (rows no sequence
+    covers are left unwritten) but never an access outside q, k, v or the outputs.
+    """
+    window = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p, softmax_scale, window_size)
+    dropout_p = float(dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if not _varlen_kernel_serves(q):
+        return _varlen_native(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, bool(causal),
+                              scale, window, return_lse)
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else None
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), dropout_p,
+            bool(causal), scale, *window, seed)
+    if not _dispatch.direct(q):
+        out, lse = _varlen_fwd(*args)
+    elif _dispatch.needs_grad(q, k, v):
+        out, lse = _VarlenAttention.apply(*args)
+    else:
+        out, lse = _varlen_forward(*args)
+    return (out, lse) if return_lse else out
+
+
 # ------------------------------------------------------------------------------------------------
 # Public function
 # ------------------------------------------------------------------------------------------------
@@ -295,6 +607,8 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    *,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` on fused Triton kernels.
 
@@ -311,6 +625,13 @@ def scaled_dot_product_attention(
     generator of the inputs' device. Head dims up to 256 (query/key and value may differ).
     float16/bfloat16/float32 run the kernels (fp32 accumulation); on the native CPU path, and
     for float64, PyTorch's own op runs behind the same validation.
+
+    ``window_size=(left, right)`` (keyword-only, lightllm's beyond PyTorch; negative =
+    unbounded): query i also sees only keys ``i - left .. i + right``, aligned like the causal
+    mask: query i at key i (top-left), or at key ``i + Nk - Nq`` with ``causal_lower_right`` as
+    ``attn_mask``; ``is_causal`` makes ``right`` 0. It combines with any ``attn_mask``. The
+    kernels never visit the key tiles outside the band (forward and backward); on the native
+    CPU path the band is a boolean mask for PyTorch's op.
     """
     lower_right = False
     if isinstance(attn_mask, CausalBias):
@@ -318,9 +639,13 @@ def scaled_dot_product_attention(
         attn_mask, is_causal, lower_right = _causal_bias(bias, query, key, is_causal)
     batch, hq, hkv, rank = _check(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                   enable_gqa)
+    window = _check_window(_OP, window_size, query.shape[-2] + key.shape[-2])
     if not _kernel_serves(query, key, value, attn_mask):
         if lower_right:  # PyTorch's op takes the bias object only without enable_gqa: a mask
             attn_mask, is_causal = bias._materialize(query.device), False
+        if window != (-1, -1):
+            attn_mask, is_causal = _window_mask(query, key, attn_mask, is_causal, window,
+                                                lower_right), False
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
                                               is_causal, scale=scale, enable_gqa=enable_gqa)
     dropout_p = float(dropout_p)
@@ -336,6 +661,8 @@ def scaled_dot_product_attention(
     mask4 = None if attn_mask is None else _mask_4d(attn_mask, batch, rank)
     seed = dropout_seed(query.device) if dropout_p > 0.0 else None
     args = (q4, k4, v4, mask4, dropout_p, bool(is_causal), scale, seed, lower_right)
+    if window != (-1, -1):
+        args += window
     if not _dispatch.direct(query):
         out = _sdpa_fwd(*args)[0]
     elif _dispatch.needs_grad(query, key, value):
