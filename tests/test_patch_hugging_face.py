@@ -331,3 +331,82 @@ def test_smollm2_logits_and_generation(smollm2):
     torch.testing.assert_close(got_logits[real], want_logits[real], atol=2e-4, rtol=2e-4)
     assert torch.equal(got, want), tok.batch_decode(got[:, batch["input_ids"].shape[1]:])
     assert "Paris" in tok.decode(got[0, batch["input_ids"].shape[1]:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Padding-free packing: several sequences in one row, as DataCollatorWithFlattening makes them
+# ------------------------------------------------------------------------------------------------
+
+
+def _packed_batch(vocab, lengths, flash_kwargs):
+    rows = [{"input_ids": torch.randint(3, vocab, (n,)).tolist()} for n in lengths]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(rows)
+    batch.pop("labels")
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _alone(model, batch, lengths):
+    """Logits of each packed sequence run by itself (a batch of one, no packing), in the packed
+    order: what every sequence of a packed row must get."""
+    ids, out, start = batch["input_ids"], [], 0
+    for n in lengths:
+        out.append(model(ids[:, start:start + n]).logits)
+        start += n
+    return torch.cat(out, dim=1)
+
+
+def _tiny_mistral():
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=193, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=5)
+    return transformers.MistralForCausalLM(config).to(DEVICE).eval()
+
+
+_FAMILIES = {"llama": tiny_llama, "gpt2": lambda: _gpt2(), "mistral": _tiny_mistral}
+
+
+@pytest.mark.parametrize("family,flash_kwargs", [("llama", False), ("llama", True),
+                                                  ("gpt2", False), ("gpt2", True),
+                                                  ("mistral", True)])
+def test_packed_sequences_get_what_they_get_alone(family, flash_kwargs):
+    """A packed row (position_ids restarting per sequence, or the cu_seq_lens_q/k kwargs too)
+    runs lightllm's variable-length attention once per layer, never the dense SDPA, and gives
+    each sequence the logits and parameter gradients (of a random projection) it gets alone:
+    against separate unpacked runs of the float64 model, with the unpatched model's separate
+    runs as the yardstick of the tolerance rule. Mistral's sliding window (5 keys, shorter than
+    two of the sequences) goes to the kernel as its local window."""
+    model = _FAMILIES[family]()
+    vocab = model.config.vocab_size
+    lengths = [9, 1, 17, 6]
+    batch = _packed_batch(vocab, lengths, flash_kwargs)
+    ours = copy.deepcopy(model).train()
+    lightllm.patch(ours)
+    reference = copy.deepcopy(model).double().train()
+    model.train()
+    projection = torch.randn(1, sum(lengths), vocab, device=DEVICE, dtype=torch.float64)
+    with DispatchedOps() as ops:
+        logits = ours(**batch).logits
+    layers = model.config.num_hidden_layers
+    assert ops.lightllm["varlen_fwd"] == layers and ops.lightllm["sdpa_fwd"] == 0, ops.lightllm
+    results = []
+    for m, y in ((ours, logits), (model, None), (reference, None)):
+        if y is None:
+            y = _alone(m, batch, lengths)
+        g = torch.autograd.grad((y * projection.to(y.dtype)).sum(), list(m.parameters()))
+        results.append((y, g))
+    assert_three_way(results, [n for n, _ in model.named_parameters()])
+
+
+def test_packing_is_told_from_one_sequence():
+    """position_ids counting up without a restart, a batch of several rows, or a single query
+    are no packed batch: the dense kernel runs with the causal mask."""
+    from lightllm.integrations.hugging_face import _packed_sequences
+
+    q = torch.zeros(1, 2, 5, 4)
+    assert _packed_sequences(q, q, {"position_ids": torch.arange(5)[None]}) is None
+    assert _packed_sequences(q[:, :, :1], q[:, :, :1], {"position_ids": torch.zeros(1, 1)}) is None
+    two = torch.zeros(2, 2, 5, 4)
+    assert _packed_sequences(two, two, {"position_ids": torch.tensor([[0, 1, 0, 1, 2]] * 2)}) is None
+    cu, _, longest, _ = _packed_sequences(q, q, {"position_ids": torch.tensor([[0, 1, 0, 0, 1]])})
+    assert cu.tolist() == [0, 2, 3, 5] and cu.dtype is torch.int32 and longest == 2

@@ -10,6 +10,11 @@ DistilBERT, GPT-2, Llama, Mistral, Qwen2, SmolLM, ...) calls :func:`attention_fo
 implementations its ``AttentionMaskInterface`` knows (for any other it hands in
 ``attention_mask=None`` and padding is silently dropped), so the name is registered there too, with
 ``sdpa_mask``: a boolean (B, 1, Q, KV) mask, True = attend, or None when causality alone applies.
+A padding-free packed batch (one row of sequences back to back, from ``DataCollatorWithFlattening``:
+``position_ids`` restarting per sequence, optionally ``cu_seq_lens_q/k``) runs the variable-length
+kernel instead (``flash_attn_varlen_func``): each sequence attends only to itself, causally and
+within a sliding window when the model has one, and the block-diagonal mask transformers builds
+for such a row is never read.
 
 Modules. transformers copies one implementation into many model files (``# Copied from``, modular
 generation): 137 models share LlamaRMSNorm's forward. A module is swapped when its class's
@@ -31,7 +36,9 @@ import ast
 import functools
 import inspect
 import textwrap
+import weakref
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -63,6 +70,9 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         raise ValueError("lightllm attention does not support softcap; use attn_implementation="
                          "'eager' for this model")
     q_len = query.shape[2]
+    packed = _packed_sequences(query, key, kwargs)
+    if packed is not None and position_bias is None:
+        return _packed_attention(module, query, key, value, dropout, scaling, packed, kwargs), None
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     is_causal = bool(is_causal) and attention_mask is None and q_len > 1
@@ -79,6 +89,69 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal,
         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_sequences(query: Tensor, key: Tensor, kwargs: dict):
+    """``(cu_seqlens_q, cu_seqlens_k, max_q, max_k)`` of a padding-free packed batch, or None.
+
+    A packed batch is one row (batch 1) of several sequences one after another, as
+    ``DataCollatorWithFlattening`` makes it: either with its ``cu_seq_lens_q/k`` and
+    ``max_length_q/k`` kwargs (used as given, so nothing is read back from the device), or with
+    ``position_ids`` that restart where a sequence starts (a position that is not its
+    predecessor's + 1, transformers' own rule for its packed masks). The boundaries found from
+    ``position_ids`` are computed once per forward pass (every layer receives the same tensor) and
+    cost one read of the positions."""
+    if query.shape[0] != 1 or query.shape[2] < 2:
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        max_q = int(cu_q.diff().max()) if max_q is None else int(max_q)
+        max_k = int(cu_k.diff().max()) if max_k is None else int(max_k)
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k
+    positions = kwargs.get("position_ids")
+    if torch.compiler.is_compiling():
+        return None  # finding the boundaries reads the positions back: transformers' mask serves
+    if not isinstance(positions, Tensor) or key.shape[2] != query.shape[2]:
+        return None
+    if positions.shape[-1] != query.shape[2] or positions.numel() != query.shape[2]:
+        return None
+    return _boundaries(positions)
+
+
+_last_boundaries: list = [None, None, None]  # (weakref to position_ids, its _version, result)
+
+
+def _boundaries(positions: Tensor):
+    ref, version, found = _last_boundaries
+    if ref is not None and ref() is positions and version == positions._version:
+        return found
+    flat = positions.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1
+    index = starts.nonzero().flatten().to(torch.int32)
+    if index.numel() < 2:
+        found = None  # one sequence: the causal mask alone
+    else:
+        cu = torch.cat([index, index.new_tensor([flat.numel()])])
+        longest = int(cu.diff().max())
+        found = (cu, cu, longest, longest)
+    _last_boundaries[:] = weakref.ref(positions), positions._version, found
+    return found
+
+
+def _packed_attention(module, query, key, value, dropout, scaling, packed, kwargs) -> Tensor:
+    """Each packed sequence attends to itself alone (causal, and within the model's sliding
+    window if it has one) through the variable-length kernel: no block-diagonal mask is read."""
+    cu_q, cu_k, max_q, max_k = packed
+    causal = bool(getattr(module, "is_causal", True))
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    left = window - 1 if isinstance(window, int) and window > 0 else -1
+    out = LF.flash_attn_varlen_func(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
+        max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=causal,
+        window_size=(left, -1))
+    return out.unsqueeze(0)
 
 
 def register() -> None:
