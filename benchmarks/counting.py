@@ -20,7 +20,8 @@
   written (``copy_``'s self, ``fill_``/``zero_``, ``out=``) are not read. An input passed twice is
   read once. Free ops — views (outputs aliasing an input by their schema), ``_unsafe_view``,
   allocation without initialisation (``empty*``, ``new_empty*``), metadata (``set_``, ``resize_``,
-  ``lift_fresh``, ``sym_*``) — count nothing.
+  ``lift_fresh``, ``sym_*``) and ops that touch no tensor at all (``promote_types``, which
+  lightllm's Python calls on dtypes) — count nothing.
   Ops of lightllm's own ``torch.library`` custom ops (``torch.ops.lightllm.*``) are not counted as
   such: their Python body runs again under the mode, so its aten ops and Triton launches count
   instead (a dispatch mode otherwise sees only the custom op, its body running with the mode
@@ -157,6 +158,8 @@ class _AtenCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in _FREE_OPS or _is_view(func):
             return out
+        if not _tensors(list(args) + list(kwargs.values()) + [out]):
+            return out  # dtype/shape arithmetic (aten.promote_types): no memory moves
         read, written = aten_op_bytes(func, args, kwargs, out)
         self.counter.tally.add(f"aten.{func._schema.name.split('::')[-1]}", read, written, 1)
         return out

@@ -324,6 +324,10 @@ class Case:
     providers: dict[str, Callable]
     modes: tuple[str, ...] = ("fwd", "bwd")
     grad_inputs: tuple[int, ...] | None = None  # positions that require grad (None: all)
+    # provider -> the module whose parameters the backward differentiates as well (a training
+    # step's weight gradients); providers without one differentiate their inputs only
+    modules: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
+    compiled: str | None = None  # the provider torch.compile compiles for the "compile" records
 
 
 def _randn(device, dtype, *shape):
@@ -418,8 +422,8 @@ def _block_case(batch: int, seq: int, d: int, heads: int) -> Case:
     lightllm.patch(ours)
 
     def make(device, dtype):
-        layer.to(device, dtype)
-        ours.to(device, dtype)
+        _place(layer, device, dtype)
+        _place(ours, device, dtype)
         mask = torch.nn.Transformer.generate_square_subsequent_mask(seq, device=device, dtype=dtype)
         return _randn(device, dtype, batch, seq, d), mask
 
@@ -428,7 +432,90 @@ def _block_case(batch: int, seq: int, d: int, heads: int) -> Case:
 
     return Case("transformer_block", f"B{batch} N{seq} d{d} h{heads}",
                 {"B": batch, "N": seq, "d_model": d, "heads": heads, "d_ff": 4 * d}, make,
-                {"lightllm": call(ours), "eager": call(layer)}, grad_inputs=(0,))
+                {"lightllm": call(ours), "eager": call(layer)}, grad_inputs=(0,),
+                modules={"lightllm": ours, "eager": layer}, compiled="eager")
+
+
+def _place(module: torch.nn.Module, device: str, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)``; a module on the meta device gets uninitialised storage on
+    another device (its values never matter where it goes from meta: torch.compile's count)."""
+    if device != "meta" and any(p.is_meta for p in module.parameters()):
+        module.to_empty(device=device)
+    module.to(device, dtype)
+
+
+def _llama_block_case(model: str, batch: int, seq: int, d: int, heads: int, kv_heads: int,
+                      head_dim: int, ffn: int, rope_theta: float = 10000.0) -> Case:
+    """The Llama layout's decoder layer (RMSNorm -> q/k/v -> rotary -> causal GQA attention ->
+    o_proj -> residual add -> RMSNorm -> SwiGLU MLP -> residual add), one function of x in every
+    provider, on the same parameter tensors:
+
+    eager     transformers' ``LlamaDecoderLayer`` with ``attn_implementation="sdpa"`` (transformers'
+              default: PyTorch's fused SDPA, grouped heads as ``enable_gqa``), training mode;
+    lightllm  lightllm's own Llama block (``lightllm.models.gpt.Block`` of
+              ``GPTConfig.llama``) run as ``GPT.forward`` runs a layer: ``rms_norm``, the q/k/v/o
+              projections, ``rotary_embedding``, lightllm's SDPA, ``add_rms_norm`` (the residual
+              add fused into the second norm), the SwiGLU feed-forward, and a plain residual add
+              closing the block (in a stack ``GPT.forward`` fuses that add into the next layer's
+              norm, one launch fewer per layer than counted here);
+    compile   ``torch.compile`` of the eager layer.
+
+    lightllm's block rather than the patched transformers layer: ``lightllm.patch`` swaps the
+    layer's RMSNorms and MLP (and attention, through ``attn_implementation="lightllm"``, set on a
+    whole model), but leaves transformers' rotary (rotate_half: slices, neg, cat, mul, add per
+    q and k) and its separate residual adds in place; lightllm's block is the Llama layout as
+    lightllm runs it (lightllm's GPT, ``GPT.from_hf`` of a transformers checkpoint), so its
+    counts are the ones issue 21's goals are about. Both compute the same function of the same
+    weights (tests/test_traffic.py checks the outputs at the counted shape).
+    ``cos``/``sin`` (transformers' position embeddings) and lightllm's rotary table are inputs
+    made once per forward outside the layers in both models, so neither is counted."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from lightllm.models.gpt import Block, GPTConfig, _add_norm, _plain_norm
+
+    config = LlamaConfig(hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, intermediate_size=ffn, rope_theta=rope_theta,
+                         attn_implementation="sdpa")
+    ours_config = GPTConfig.llama(n_layer=1, n_embd=d, n_head=heads, n_kv_head=kv_heads,
+                                  head_dim=head_dim, intermediate_size=ffn,
+                                  norm_eps=config.rms_norm_eps, rope_base=rope_theta)
+    real_size = d * ffn > 1 << 20  # real sizes: parameters on the meta device, never filled
+    with torch.device("meta" if real_size else "cpu"):
+        layer = LlamaDecoderLayer(config, layer_idx=0).train()
+        block = Block(ours_config).train()
+    attn, mlp = layer.self_attn, layer.mlp
+    shared = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj,
+              "out_proj": attn.o_proj}
+    for name, linear in shared.items():
+        getattr(block.attn, name).weight = linear.weight
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(block.mlp, name).weight = getattr(mlp, name).weight
+    block.norm_attn.weight = layer.input_layernorm.weight
+    block.norm_mlp.weight = layer.post_attention_layernorm.weight
+
+    def make(device, dtype):
+        _place(layer, device, dtype)
+        _place(block, device, dtype)
+        x = _randn(device, dtype, batch, seq, d)
+        positions = torch.arange(seq).expand(batch, seq)
+        cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1), positions)
+        table = LF.rotary_cos_sin(positions, head_dim, base=rope_theta, dtype=dtype)
+        return x, *(t.to(device, dtype) for t in (cos, sin, *table))
+
+    def eager(x, cos, sin, rope_cos, rope_sin):
+        return layer(x, position_embeddings=(cos, sin))
+
+    def ours(x, cos, sin, rope_cos, rope_sin):
+        h = _plain_norm(LF, x, block.norm_attn)
+        h, x = _add_norm(LF, block.attn(h, rope=(rope_cos, rope_sin)), x, block.norm_mlp)
+        return x + block.mlp(h)
+
+    return Case("llama_block", f"{model} B{batch} N{seq}",
+                {"model": model, "B": batch, "N": seq, "d_model": d, "heads": heads,
+                 "kv_heads": kv_heads, "head_dim": head_dim, "d_ff": ffn}, make,
+                {"lightllm": ours, "eager": eager}, grad_inputs=(0,),
+                modules={"lightllm": block, "eager": layer}, compiled="eager")
 
 
 def counted_cases(quick: bool) -> list[Case]:
@@ -439,7 +526,8 @@ def counted_cases(quick: bool) -> list[Case]:
               _swiglu_case(5, 24, 40), _rotary_case(1, 5, 4, 2, 16),
               _attention_case(1, 2, 2, 37, 37, 16, False), _attention_case(1, 2, 2, 37, 37, 16, True),
               _attention_case(1, 4, 2, 37, 37, 16, True), _attention_case(1, 4, 2, 1, 300, 16, False),
-              _softmax_case(7, 33), _block_case(1, 9, 32, 2)]
+              _softmax_case(7, 33), _block_case(1, 9, 32, 2),
+              _llama_block_case("tiny", 1, 13, 48, 3, 1, 16, 72)]
     if not quick:
         cases.append(_attention_case(1, 1, 1, 150, 150, 16, True))
     return cases
@@ -455,7 +543,16 @@ def scaled_cases() -> list[Case]:
             _attention_case(4, 16, 16, 2048, 2048, 64, True),
             _attention_case(4, 16, 4, 2048, 2048, 64, True),
             _attention_case(1, 32, 8, 1, 4096, 128, False),
-            _softmax_case(4096, 4096), _block_case(1, 2048, 1024, 16)]
+            _softmax_case(4096, 4096), _block_case(1, 2048, 1024, 16),
+            *(_llama_block_case(*size, rope_theta=theta) for *size, theta in LLAMA_SIZES)]
+
+
+# (model, batch, seq, d_model, heads, kv heads, head dim, d_ff, rope theta) of the scaled table
+LLAMA_SIZES = [("SmolLM2-135M", 1, 2048, 576, 9, 3, 64, 1536, 100000.0),
+               ("Llama-3-8B", 1, 2048, 4096, 32, 8, 128, 14336, 500000.0)]
+BLOCK_OPS = ("transformer_block", "llama_block")
+# Issue 21's goals for a block against eager, forward and backward (the scaled table).
+GOALS = {"launch_ratio": 0.6, "bytes_ratio": 0.25}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,17 +584,52 @@ def _gpu_plans():
     return kernel_device.pretend(dataclasses.replace(kernel_device.INTERPRETER, sms=H200_SMS))
 
 
-def count(fn: Callable, inputs: tuple, mode: str, *, dry: bool = False,
-          grad_inputs: tuple[int, ...] | None = None) -> Tally:
-    """The tally of ``fn(*inputs)``'s forward (``mode="fwd"``) or of its backward alone (``"bwd"``)
-    with respect to the inputs at ``grad_inputs`` (None: all). ``dry``: Triton launches are priced
-    by their formulas, not run (meta tensors)."""
+_TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+    """PyTorch's SDPA on meta tensors as its fused kernel: on the meta device
+    ``F.scaled_dot_product_attention`` takes the math backend (the N x N scores written, read
+    and soft-maxed), which no GPU run of PyTorch takes; routed to
+    ``aten._scaled_dot_product_flash_attention_for_cpu`` (what the counted table's CPU run
+    takes) it counts as one launch reading q, k, v (and a mask) and writing out and lse, its
+    backward one launch reading q, k, v, out, dout, lse and writing dq, dk, dv: the ideal of a
+    fused attention kernel (on a GPU FlashAttention's backward adds a preprocess launch)."""
+    if not query.is_meta:
+        return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                           enable_gqa=enable_gqa)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def _meta_sdpa_fused():
+    """``F.scaled_dot_product_attention`` is ``_fused_sdpa`` for the duration (the module global
+    that ``F.multi_head_attention_forward`` and transformers' SDPA attention call)."""
+    from unittest import mock
+
+    return mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa)
+
+
+def _prepare(inputs: tuple, grad_inputs: tuple[int, ...] | None, params) -> tuple[tuple, list]:
     wanted = range(len(inputs)) if grad_inputs is None else grad_inputs
     inputs = tuple(t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs))
-    differentiable = [t for t in inputs if t.requires_grad]
+    return inputs, [t for t in inputs if t.requires_grad] + [p for p in params if p.requires_grad]
+
+
+def count(fn: Callable, inputs: tuple, mode: str, *, dry: bool = False,
+          grad_inputs: tuple[int, ...] | None = None,
+          params: tuple[torch.Tensor, ...] = ()) -> Tally:
+    """The tally of ``fn(*inputs)``'s forward (``mode="fwd"``) or of its backward alone (``"bwd"``)
+    with respect to the inputs at ``grad_inputs`` (None: all) and ``params`` (a module's
+    parameters: the weight gradients of a training step). ``dry``: Triton launches are priced
+    by their formulas, not run (meta tensors), and PyTorch's SDPA counts as its fused kernel
+    (``_fused_sdpa``)."""
+    inputs, differentiable = _prepare(inputs, grad_inputs, params)
     counter = (Counter(execute=False, formula=kernel_traffic, overrides=GPU_BLOCKS) if dry
                else Counter())
-    with _real_outputs(), (_gpu_plans() if dry else contextlib.nullcontext()):
+    with _real_outputs(), (_gpu_plans() if dry else contextlib.nullcontext()), (
+            _meta_sdpa_fused() if dry else contextlib.nullcontext()):
         if mode == "fwd":
             with counter:
                 fn(*inputs)
@@ -507,6 +639,80 @@ def count(fn: Callable, inputs: tuple, mode: str, *, dry: bool = False,
         with counter:
             torch.autograd.grad(outputs, differentiable, grads, allow_unused=True)
         return counter.tally
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile: the kernels inductor generates, counted from its scheduler
+# ------------------------------------------------------------------------------------------------
+
+
+def _inductor_tally(graph) -> Tally:
+    """One inductor graph's kernels: every scheduler node after fusion that launches (a fused
+    kernel, or an extern kernel such as mm / addmm / bmm / SDPA; not a no-op or the
+    ``MultiOutput`` that names one output of a multi-output kernel), its bytes inductor's own
+    count of the buffers it reads and writes (``get_read_buffer_sizes`` /
+    ``get_write_buffer_sizes``: each buffer once, an extern matmul's ideal)."""
+    from torch._inductor import ir
+    from torch._inductor import scheduler as inductor_scheduler
+    from torch._inductor.utils import get_fused_kernel_name
+
+    tally = Tally()
+    for node in graph.scheduler.nodes:
+        if isinstance(node, inductor_scheduler.NopKernelSchedulerNode) or isinstance(
+                getattr(node, "node", None), ir.MultiOutput):
+            continue
+        if isinstance(node, inductor_scheduler.ExternKernelSchedulerNode):
+            name = node.node.python_kernel_name or type(node.node).__name__
+            name = name.replace("torch.ops.", "").replace(".default", "")
+        else:
+            name = "inductor." + get_fused_kernel_name(node.get_nodes(), "original_aten")
+        tally.add(name, int(node.get_read_buffer_sizes()), int(node.get_write_buffer_sizes()), 1)
+    return tally
+
+
+def compile_count(fn: Callable, inputs: tuple, *, grad_inputs: tuple[int, ...] | None = None,
+                  params: tuple[torch.Tensor, ...] = ()) -> dict[str, Tally]:
+    """``{"fwd": Tally, "bwd": Tally}`` of ``torch.compile(fn)`` (inductor, ``fullgraph``,
+    static shapes): AOTAutograd's split of the training graph, the forward (which writes what the
+    backward saves) and the backward (gradients of the inputs at ``grad_inputs`` and of
+    ``params``), each lowered and scheduled by inductor for the inputs' device and counted by
+    ``_inductor_tally``. Nothing is compiled to machine code or run: the generated wrapper is
+    replaced by one returning uninitialised outputs of the graph's shapes, so any size costs only
+    the tracing, lowering and fusion. On a CPU inductor generates C++ kernels: their fusion is the
+    proxy counted for its GPU (Triton) fusion."""
+    import types
+    from unittest import mock
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.graph import GraphLowering
+
+    tallies: dict[str, Tally] = {}
+
+    def lowered(graph, wrapper_code):
+        tallies["bwd" if graph.is_backward else "fwd"] = _inductor_tally(graph)
+        output = next(n for n in graph.module.graph.nodes if n.op == "output")
+        values = [o.meta.get("val") if isinstance(o, torch.fx.Node) else o
+                  for o in output.args[0]]
+
+        def call(args):
+            args.clear()
+            return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                    if isinstance(v, torch.Tensor) else v for v in values]
+
+        return types.SimpleNamespace(call=call, runner=None,
+                                     __file__="<benchmarks.traffic: not compiled>")
+
+    inputs, differentiable = _prepare(inputs, grad_inputs, params)
+    torch._dynamo.reset()
+    with mock.patch.object(GraphLowering, "_compile_to_module_lines", lowered), \
+            inductor_config.patch(fx_graph_cache=False, force_disable_caches=True), \
+            _real_outputs():
+        compiled = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False)
+        outputs = _floating(compiled(*inputs))
+        torch.autograd.grad(outputs, differentiable, [torch.empty_like(t) for t in outputs],
+                            allow_unused=True)
+    torch._dynamo.reset()
+    return tallies
 
 
 def _record(case: Case, mode: str, provider: str, dtype: torch.dtype, tally: Tally) -> dict:
@@ -552,50 +758,82 @@ _FORMULA_TEXT = {
 }
 
 
-# PyTorch's SDPA on meta tensors takes its math backend (matmuls and a softmax over the N x N
-# scores); on a GPU it would take a fused one (flash: q, k, v in, out and lse out, one kernel),
-# on the CPU (the counted table) its fused CPU kernel.
-_META_SDPA = ("; F.scaled_dot_product_attention takes its math backend on meta tensors, not the "
-              "fused kernel PyTorch would choose on a GPU: an upper bound for PyTorch's attention")
+# PyTorch's SDPA on meta tensors would take its math backend; _FusedSDPA counts the fused kernel
+# PyTorch takes on a GPU (and on the CPU of the counted table) by its ideal.
+_META_SDPA = ("; F.scaled_dot_product_attention counted as its fused kernel (benchmarks.traffic."
+              "_fused_sdpa: one launch, q, k, v in, out and lse out; backward one launch): the "
+              "ideal of the fused kernel PyTorch takes on a GPU, not a count of it")
 
 
-def run(out_dir: str | os.PathLike | None = None, quick: bool = False) -> dict:
+_COMPILE_TEXT = ("torch.compile (inductor, fullgraph, static shapes) of the eager provider, "
+                 "counted from inductor's scheduler after fusion for a CPU device: each fused C++ "
+                 "kernel (the proxy of its GPU fusion) and each extern kernel (mm/addmm/bmm, SDPA) "
+                 "one launch, bytes inductor's own count of the buffers each reads and writes; "
+                 "forward and backward are AOTAutograd's split; not compiled or run")
+
+
+def _params(case: Case, provider: str) -> tuple[torch.Tensor, ...]:
+    module = case.modules.get(provider)
+    return tuple(module.parameters()) if module is not None else ()
+
+
+def _count_case(case: Case, dtype: torch.dtype, device: str, compiled: bool) -> list[tuple]:
+    """(mode, provider, tally, exact note) of every count of one case."""
+    dry = device == "meta"
+    out = []
+    if compiled and case.compiled is not None:
+        inputs = case.make("cpu", dtype)
+        tallies = compile_count(case.providers[case.compiled], inputs,
+                                grad_inputs=case.grad_inputs, params=_params(case, case.compiled))
+        out += [(mode, "compile", tallies[mode]) for mode in case.modes]
+    for mode in case.modes:
+        for provider, fn in case.providers.items():
+            inputs = case.make(device, dtype)
+            out.append((mode, provider, count(fn, inputs, mode, dry=dry,
+                                              grad_inputs=case.grad_inputs,
+                                              params=_params(case, provider))))
+    return out
+
+
+def run(out_dir: str | os.PathLike | None = None, quick: bool = False,
+        compiled: bool = True) -> dict:
     """Count everything, scale to real sizes, and write ``traffic.json`` and ``traffic.md`` to
-    ``out_dir`` (when given). Returns the JSON dict."""
+    ``out_dir`` (when given). ``compiled``: add the torch.compile records of the blocks. Returns
+    the JSON dict."""
     torch.manual_seed(0)
     counted, scaled = [], []
     for case in counted_cases(quick):
         if case.op == "softmax":
             counted += _softmax_records(case, COUNTED_DTYPE, scaled=False)
-        for mode in case.modes:
-            for provider, fn in case.providers.items():
-                tally = count(fn, case.make("cpu", COUNTED_DTYPE), mode, grad_inputs=case.grad_inputs)
-                rec = _record(case, mode, provider, COUNTED_DTYPE, tally)
-                rec.update(per_kernel=tally.per_kernel, counted=True)
-                counted.append(rec)
+        for mode, provider, tally in _count_case(case, COUNTED_DTYPE, "cpu", compiled):
+            rec = _record(case, mode, provider, COUNTED_DTYPE, tally)
+            rec.update(per_kernel=tally.per_kernel, counted=True)
+            if provider == "compile":
+                rec["note"] = _COMPILE_TEXT
+            counted.append(rec)
     for case in scaled_cases():
         if case.op == "softmax":
             scaled += _softmax_records(case, SCALED_DTYPE, scaled=True)
-        for mode in case.modes:
-            for provider, fn in case.providers.items():
-                tally = count(fn, case.make("meta", SCALED_DTYPE), mode, dry=True,
-                              grad_inputs=case.grad_inputs)
-                rec = _record(case, mode, provider, SCALED_DTYPE, tally)
+        for mode, provider, tally in _count_case(case, SCALED_DTYPE, "meta", compiled):
+            rec = _record(case, mode, provider, SCALED_DTYPE, tally)
+            if provider == "compile":
+                formula, exact = _COMPILE_TEXT, True
+            else:
                 kernels = ", ".join(sorted({launch.kernel for launch in tally.triton_launches}))
                 formula = _FORMULA_TEXT[provider].format(kernels=kernels)
-                sdpa = provider == "torch" and "attention" in case.op or (
-                    provider == "eager" and case.op == "transformer_block")
-                if sdpa:
+                exact = not any(k.startswith("aten._scaled_dot_product_flash_attention_for_cpu")
+                                for k in tally.per_kernel)
+                if not exact:
                     formula += _META_SDPA
-                rec.update(exact=not sdpa, formula=formula)
-                scaled.append(rec)
+            rec.update(exact=exact, formula=formula, per_kernel=tally.per_kernel)
+            scaled.append(rec)
     traffic = {
         "environment": {
             "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "counted_dtype": str(COUNTED_DTYPE)[6:], "scaled_dtype": str(SCALED_DTYPE)[6:],
-            "sms": H200_SMS, "gpu_blocks": GPU_BLOCKS,
+            "sms": H200_SMS, "gpu_blocks": GPU_BLOCKS, "goals": GOALS,
         },
         "counted": counted, "scaled": scaled,
         "ratios": _ratios("counted", counted) + _ratios("scaled", scaled),
@@ -609,17 +847,23 @@ def run(out_dir: str | os.PathLike | None = None, quick: bool = False) -> dict:
 
 
 def _ratios(table: str, records: list[dict]) -> list[dict]:
-    eager = {(r["op"], r["case"], r["mode"]): r for r in records if r["provider"] == "eager"}
+    """provider / baseline of bytes (read + written) and launches: every provider against eager,
+    and lightllm against compile where a compile record exists."""
+    by_key = {(r["op"], r["case"], r["mode"], r["provider"]): r for r in records}
     out = []
     for r in records:
-        base = eager.get((r["op"], r["case"], r["mode"]))
-        if r["provider"] == "eager" or base is None:
-            continue
-        moved, base_moved = r["bytes_read"] + r["bytes_written"], base["bytes_read"] + base["bytes_written"]
-        out.append({"table": table, "op": r["op"], "case": r["case"], "mode": r["mode"],
-                    "provider": r["provider"],
-                    "bytes_ratio": moved / base_moved if base_moved else math.nan,
-                    "launch_ratio": r["launches"] / base["launches"] if base["launches"] else math.nan})
+        for baseline in ("eager", "compile"):
+            base = by_key.get((r["op"], r["case"], r["mode"], baseline))
+            if base is None or r["provider"] in ("eager", baseline) or (
+                    baseline == "compile" and r["provider"] != "lightllm"):
+                continue
+            moved = r["bytes_read"] + r["bytes_written"]
+            base_moved = base["bytes_read"] + base["bytes_written"]
+            out.append({"table": table, "op": r["op"], "case": r["case"], "mode": r["mode"],
+                        "provider": r["provider"], "baseline": baseline,
+                        "bytes_ratio": moved / base_moved if base_moved else math.nan,
+                        "launch_ratio": (r["launches"] / base["launches"] if base["launches"]
+                                         else math.nan)})
     return out
 
 
@@ -632,7 +876,7 @@ def _size(n: int) -> str:
 
 def _table(traffic: dict, table: str) -> list[str]:
     ratios = {(r["op"], r["case"], r["mode"], r["provider"]): r for r in traffic["ratios"]
-              if r["table"] == table}
+              if r["table"] == table and r.get("baseline", "eager") == "eager"}
     lines = ["| op | case | mode | provider | read | written | launches | bytes / eager | "
              "launches / eager |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in traffic[table]:
@@ -646,10 +890,63 @@ def _table(traffic: dict, table: str) -> list[str]:
     return lines
 
 
+def _block_table(traffic: dict, table: str) -> list[str]:
+    """Per block and mode: launches and bytes of lightllm, eager and compile, lightllm / eager and
+    lightllm / compile, and (scaled table) whether issue 21's goals against eager are met."""
+    records = {(r["op"], r["case"], r["mode"], r["provider"]): r for r in traffic[table]
+               if r["op"] in BLOCK_OPS}
+    ratios = {(r["op"], r["case"], r["mode"], r["baseline"]): r for r in traffic["ratios"]
+              if r["table"] == table and r["op"] in BLOCK_OPS and r["provider"] == "lightllm"}
+    goals = traffic["environment"].get("goals", GOALS)
+    lines = ["| block | mode | launches lightllm / eager / compile | lightllm ÷ eager | "
+             "lightllm ÷ compile | bytes lightllm / eager / compile | lightllm ÷ eager | "
+             "lightllm ÷ compile | goals (launches ≤ "
+             f"{goals['launch_ratio']}x, bytes ≤ {goals['bytes_ratio']}x eager) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    cases = dict.fromkeys((op, case, mode) for op, case, mode, _ in records)
+    for op, case, mode in cases:
+        row = [records.get((op, case, mode, p)) for p in ("lightllm", "eager", "compile")]
+        eager, compile_ = (ratios.get((op, case, mode, b)) for b in ("eager", "compile"))
+
+        def ratio(r, key):
+            return f"{r[key]:.2f}" if r else "—"
+
+        launches = " / ".join(str(r["launches"]) if r else "—" for r in row)
+        moved = " / ".join(_size(r["bytes_read"] + r["bytes_written"]) if r else "—" for r in row)
+        met = "—"
+        if table == "scaled" and eager:
+            met = ", ".join(f"{what} {'met' if eager[key] <= goals[key] else 'not met'}"
+                            for what, key in (("launches", "launch_ratio"),
+                                              ("bytes", "bytes_ratio")))
+        label = f"{'GPT-2' if op == 'transformer_block' else 'Llama'} {case}"
+        lines.append(f"| {label} | {mode} | {launches} | {ratio(eager, 'launch_ratio')} | "
+                     f"{ratio(compile_, 'launch_ratio')} | {moved} | {ratio(eager, 'bytes_ratio')}"
+                     f" | {ratio(compile_, 'bytes_ratio')} | {met} |")
+    return lines
+
+
+def _block_kernels(traffic: dict) -> list[str]:
+    """Where lightllm's block launches and bytes go at real sizes, per kernel, largest first."""
+    lines = []
+    for r in traffic["scaled"]:
+        if r["op"] not in BLOCK_OPS or r["provider"] != "lightllm" or "per_kernel" not in r:
+            continue
+        total = r["bytes_read"] + r["bytes_written"]
+        kernels = sorted(r["per_kernel"].items(),
+                         key=lambda kv: -(kv[1]["bytes_read"] + kv[1]["bytes_written"]))
+        cells = [f"{name} {k['launches']}x {_size(k['bytes_read'] + k['bytes_written'])}"
+                 f" ({(k['bytes_read'] + k['bytes_written']) / total:.0%})"
+                 for name, k in kernels]
+        lines.append(f"- {r['op']} {r['case']} {r['mode']} ({r['launches']} launches, "
+                     f"{_size(total)}): " + "; ".join(cells))
+    return lines
+
+
 def markdown(traffic: dict) -> str:
-    """The counted table (tiny shapes) and the scaled table (real sizes), with lightllm / eager
-    ratios of bytes (read + written) and launches; ``*`` marks figures not counted (softmax's
-    CUDA kernel, from its design)."""
+    """The block summary (lightllm vs eager vs torch.compile, issue 21's goals), the counted
+    table (tiny shapes) and the scaled table (real sizes), with lightllm / eager ratios of bytes
+    (read + written) and launches; ``*`` marks figures not counted (softmax's CUDA kernel, from
+    its design; PyTorch's SDPA on meta tensors, as its fused kernel's ideal)."""
     env = traffic["environment"]
     return "\n".join([
         "## Memory traffic and kernel launches",
@@ -658,8 +955,24 @@ def markdown(traffic: dict) -> str:
         "interpreter, every provider's aten ops by a dispatch mode); scaled to real sizes in "
         f"{env['scaled_dtype']} on meta tensors with the kernels' formulas ({env['sms']} SMs, "
         "attention blocks of the GPU default configs). `*`: not counted (softmax's CUDA kernel: "
-        "its design). torch "
+        "its design; PyTorch's SDPA on meta tensors: its fused kernel's ideal). Backward: "
+        "gradients of the inputs and, for the blocks, of every parameter. `compile`: "
+        "torch.compile's inductor kernels, counted from its scheduler for a CPU device (C++ "
+        "kernels as the proxy of its GPU fusion; extern matmuls and SDPA one launch each at their "
+        "ideal bytes). torch "
         f"{env['torch']}, triton {env['triton']}, {env['date']}.",
+        "",
+        "### Blocks: lightllm vs eager vs torch.compile (real sizes)",
+        "",
+        *_block_table(traffic, "scaled"),
+        "",
+        "Where lightllm's block goes (real sizes), per kernel, largest bytes first:",
+        "",
+        *_block_kernels(traffic),
+        "",
+        "### Blocks at the counted (tiny) shapes",
+        "",
+        *_block_table(traffic, "counted"),
         "",
         "### Counted (tiny shapes)",
         "",
@@ -676,8 +989,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for traffic.json and traffic.md")
     parser.add_argument("--quick", action="store_true", help="skip the larger counted cases")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile records of the blocks")
     args = parser.parse_args(argv)
-    traffic = run(args.out, args.quick)
+    traffic = run(args.out, args.quick, compiled=not args.no_compile)
     print(markdown(traffic))
     return 0
 

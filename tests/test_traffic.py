@@ -7,6 +7,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from torch.testing import assert_close
 
 from benchmarks import traffic
 from benchmarks.counting import Counter, distinct_bytes
@@ -87,6 +88,12 @@ def test_aten_copy_fill_and_zero_write_without_reading_their_destination():
     assert per["aten.add_"] == {"bytes_read": 128, "bytes_written": 64, "launches": 1}
 
 
+def test_ops_that_touch_no_tensor_count_nothing():
+    with Counter() as c:
+        torch.promote_types(torch.float16, torch.float32)
+    assert (c.tally.read, c.tally.written, c.tally.launches) == (0, 0, 0)
+
+
 def test_layer_norm_forward_by_hand():
     # 3 x 5 fp32: x read once, w and b read by each row's program, y written, mean/rstd written;
     # the custom op itself and the interpreter's own copies count nothing.
@@ -100,8 +107,9 @@ def test_layer_norm_forward_by_hand():
 
 def _check_formulas(case: traffic.Case):
     for mode in case.modes:
-        tally = traffic.count(case.providers["lightllm"], case.make("cpu", torch.float16), mode,
-                              grad_inputs=case.grad_inputs)
+        inputs = case.make("cpu", torch.float16)
+        tally = traffic.count(case.providers["lightllm"], inputs, mode,
+                              grad_inputs=case.grad_inputs, params=traffic._params(case, "lightllm"))
         assert tally.triton_launches, f"{case.op} {mode}: no Triton kernel ran"
         for launch in tally.triton_launches:
             assert traffic.kernel_traffic(launch) == (launch.read, launch.written), (
@@ -116,6 +124,7 @@ FORMULA_CASES = [
     traffic._attention_case(1, 2, 1, 29, 45, 24, False),
     traffic._attention_case(1, 1, 1, 70, 70, 16, True),
     traffic._attention_case(2, 2, 2, 1, 520, 16, False),
+    traffic._llama_block_case("odd", 1, 11, 48, 3, 1, 16, 40),  # every kernel of the Llama block
 ]
 
 
@@ -145,10 +154,66 @@ def test_softmax_design_formula():
     assert traffic.softmax_design(1, 1 << 20, 2, "fwd") == (2 << 21, 2 << 20, 2)  # split path
 
 
+def test_llama_block_lightllm_computes_the_eager_layer():
+    # The comparison is honest only if both providers are the same function of the same weights.
+    case = traffic._llama_block_case("odd", 1, 11, 48, 3, 1, 16, 40)
+    inputs = case.make("cpu", torch.float32)
+    expected = case.providers["eager"](*inputs)
+    assert_close(case.providers["lightllm"](*inputs), expected, rtol=1e-4, atol=1e-4)
+    assert {p.data_ptr() for p in case.modules["lightllm"].parameters()} == {
+        p.data_ptr() for p in case.modules["eager"].parameters()}
+
+
+@pytest.mark.parametrize("make_case", [lambda: traffic._block_case(1, 9, 32, 2),
+                                       lambda: traffic._llama_block_case("odd", 1, 11, 48, 3, 1,
+                                                                         16, 40)],
+                         ids=["gpt2", "llama"])
+def test_block_backward_differentiates_the_weights_and_meta_sdpa_is_fused(make_case):
+    # Eager on meta tensors (the scaled table) counts what its CPU run counts: SDPA as the fused
+    # kernel, not the math backend's N x N scores. The backward is a training step's: dx and
+    # every weight gradient (two matmuls per linear layer).
+    case = make_case()
+    tallies = {}
+    for device in ("cpu", "meta"):
+        for mode in case.modes:
+            inputs = case.make(device, torch.float16)
+            tallies[device, mode] = traffic.count(case.providers["eager"], inputs, mode,
+                                                  dry=device == "meta", grad_inputs=(0,),
+                                                  params=traffic._params(case, "eager"))
+    for mode in case.modes:
+        cpu, meta = tallies["cpu", mode].per_kernel, tallies["meta", mode].per_kernel
+        assert {k: v["launches"] for k, v in cpu.items()} == {k: v["launches"] for k, v in
+                                                              meta.items()}
+        # bytes too, but for native_layer_norm(_backward)'s mean/rstd: float16 on the CPU, float32 on meta
+        # (CUDA's dtype)
+        assert {k: v for k, v in cpu.items() if not k.startswith("aten.native_layer_norm")} == {
+            k: v for k, v in meta.items() if not k.startswith("aten.native_layer_norm")}
+    linears = sum(isinstance(m, torch.nn.Linear) for m in case.modules["eager"].modules())
+    per = tallies["meta", "bwd"].per_kernel
+    matmuls = sum(k["launches"] for name, k in per.items() if name in ("aten.mm", "aten.bmm"))
+    assert matmuls == 2 * linears + (2 if case.op == "transformer_block" else 0)
+    assert not any("softmax" in name for name in per)
+
+
+def test_compile_counts_inductor_kernels():
+    case = traffic._llama_block_case("odd", 1, 11, 48, 3, 1, 16, 40)
+    tallies = traffic.compile_count(case.providers["eager"], case.make("cpu", torch.float16),
+                                    grad_inputs=(0,), params=traffic._params(case, "eager"))
+    fwd, bwd = tallies["fwd"], tallies["bwd"]
+    # 7 linear layers: 7 matmuls forward, 14 backward (dx and dW), each an extern launch
+    assert fwd.per_kernel["extern_kernels.mm"]["launches"] == 7
+    assert bwd.per_kernel["extern_kernels.mm"]["launches"] == 14
+    assert any(name.startswith("inductor.fused") for name in fwd.per_kernel)
+    eager = traffic.count(case.providers["eager"], case.make("cpu", torch.float16), "fwd",
+                          grad_inputs=(0,), params=traffic._params(case, "eager"))
+    assert 7 < fwd.launches < eager.launches  # inductor fused some of eager's elementwise ops
+    assert fwd.read > 0 and fwd.written > 0 and bwd.read > 0 and bwd.written > 0
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("traffic")
-    return traffic.run(out, quick=True), out
+    return traffic.run(out, quick=True, compiled=False), out
 
 
 def test_report_covers_every_op_and_the_block(report):
@@ -157,13 +222,14 @@ def test_report_covers_every_op_and_the_block(report):
     assert (out / "traffic.md").read_text() == traffic.markdown(data)
     ops = {"layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "linear_gelu",
            "linear_relu", "linear_swiglu", "rotary", "attention", "attention_decode", "softmax",
-           "transformer_block"}
+           "transformer_block", "llama_block"}
     for table in ("counted", "scaled"):
         seen = {(r["op"], r["provider"], r["mode"]) for r in data[table]}
         for op in ops:
             for provider in ("lightllm", "eager"):
                 assert (op, provider, "fwd") in seen, (table, op, provider)
         assert ("transformer_block", "lightllm", "bwd") in seen
+        assert ("llama_block", "lightllm", "bwd") in seen and ("llama_block", "eager", "bwd") in seen
     keys = {"op", "case", "shape", "dtype", "mode", "provider", "bytes_read", "bytes_written",
             "launches"}
     for r in data["counted"]:
@@ -172,6 +238,9 @@ def test_report_covers_every_op_and_the_block(report):
     assert any(not r["counted"] for r in data["counted"])
     for r in data["scaled"]:
         assert keys | {"exact", "formula"} <= set(r)
+    scaled_llama = {r["case"] for r in data["scaled"] if r["op"] == "llama_block"}
+    assert scaled_llama == {"SmolLM2-135M B1 N2048", "Llama-3-8B B1 N2048"}
+    assert "### Blocks: lightllm vs eager vs torch.compile" in traffic.markdown(data)
     assert {"torch", "triton", "date"} <= set(data["environment"])
 
 
