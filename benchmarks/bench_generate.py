@@ -8,8 +8,12 @@ with every op replaced by its eager reference). Weights are random (speed does n
 them), laid out as SmolLM2-135M and GPT-2-medium (GPU) / GPT-2 small (CPU).
 
 A decode step's time is the difference between generating ``n + k`` and ``n`` tokens, divided by
-``k`` (prefill and set-up cancel); tokens/s counts every sequence of the batch. Prefill is one
-forward over the prompt. GPU: context 2048, batch 1 and 16, bfloat16. CPU: context 128, batch 1
+``k`` (prefill and set-up cancel); tokens/s counts every sequence of the batch. Its memory
+roofline (``pct_roofline``, printed beside tokens/s) is the step's unavoidable traffic — every
+weight matrix read once (the input embedding's few rows aside; a tied head counts once) and the
+KV cache of the batch read once at the step's context — at the copy bandwidth measured in the
+same run: ``decode_bytes`` / bandwidth over the measured step time. Prefill is one forward over
+the prompt. GPU: context 2048, batch 1 and 16, bfloat16. CPU: context 128, batch 1
 and 4, float32 (the native CPU path).
 
     python -m benchmarks --ops generate [--quick]
@@ -22,7 +26,7 @@ import time
 
 import torch
 
-from benchmarks.harness import DEVICE, HAS_CUDA
+from benchmarks.harness import DEVICE, HAS_CUDA, measure_ceilings
 from lightllm.models import GPT
 from lightllm.testing import reference_backend
 
@@ -74,6 +78,27 @@ def _models(quick: bool, dtype):
         yield label, cls(config).to(DEVICE, dtype).eval()
 
 
+def decode_bytes(hf, batch: int, context: int) -> int:
+    """Bytes one decode step of ``batch`` sequences at ``context`` positions must read: every
+    parameter once (a matrix the step only gathers rows from — the input embedding when it is
+    not also the output head, learned positions — is left out) and each layer's K and V cache."""
+    config = hf.config
+    gathered = {id(hf.get_input_embeddings().weight)}
+    head = hf.get_output_embeddings()
+    if head is not None and head.weight is hf.get_input_embeddings().weight:
+        gathered.clear()  # tied: the head reads the whole matrix
+    for name, p in hf.named_parameters():
+        if name.endswith("wpe.weight"):
+            gathered.add(id(p))
+    weights = sum(p.numel() * p.element_size() for p in hf.parameters()
+                  if id(p) not in gathered)
+    layers = config.num_hidden_layers
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    item = next(hf.parameters()).element_size()
+    return weights + 2 * layers * batch * heads * head_dim * context * item
+
+
 def _providers(hf, ours):
     def lightllm_gen(ids, n):
         return ours.generate(ids, n)
@@ -108,6 +133,7 @@ def measure(quick: bool, only=()) -> list[dict]:
     batches = (1, 16) if HAS_CUDA else (1, 4)
     n, k = (8, 32) if HAS_CUDA else (2, 8)
     repeats = 3 if HAS_CUDA else 2
+    bandwidth = measure_ceilings()["copy_bytes_per_s"]
     rows = []
     with torch.no_grad():
         for label, hf in _models(quick, dtype):
@@ -127,8 +153,11 @@ def measure(quick: bool, only=()) -> list[dict]:
                         long = _seconds(gen, ids, n + k, repeats)
                         steps = [(b - a) / k for a, b in zip(short, long)]  # per decode step
                         decode = _quantiles_ms(steps)
+                        floor_ms = decode_bytes(hf, batch, context) / bandwidth * 1e3
                         rows.append({**base, "mode": "decode", "status": "ok", **decode,
-                                     "tokens/s": batch / (decode["median_ms"] * 1e-3)})
+                                     "tokens/s": batch / (decode["median_ms"] * 1e-3),
+                                     "roofline_ms": floor_ms,
+                                     "pct_roofline": 100 * floor_ms / decode["median_ms"]})
                         prefill = _quantiles_ms(_seconds(gen, ids, 1, repeats))
                         rows.append({**base, "mode": "prefill", "status": "ok", **prefill,
                                      "tokens/s": batch * ids.shape[1] / (prefill["median_ms"] * 1e-3)})

@@ -160,3 +160,20 @@ def test_the_command_writes_every_report(tmp_path):
     assert {r["x_name"] for r in records} == {"N"}
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["add_rms_norm-float32.png",
                                                                  "rms_norm-float32.png"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_roofline_bytes_read_every_weight_once(tied):
+    """A decode step's roofline traffic: every parameter once except an input embedding the step
+    only gathers rows from (a tied head reads it whole), plus the batch's K and V caches."""
+    transformers = pytest.importorskip("transformers")
+    from benchmarks.bench_generate import decode_bytes
+
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    weights = params if tied else params - 101 * 32
+    cache = 2 * 3 * 5 * 2 * 8 * 7  # K and V, layers, batch, kv heads, head dim, context
+    assert decode_bytes(model, 5, 7) == 4 * (weights + cache)

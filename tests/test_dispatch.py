@@ -122,8 +122,8 @@ def test_eager_and_custom_op_routes_agree(name, fn, inputs, ops):
 
 
 def _statistics_cases():
-    """Ops with outputs that carry no gradient (mean, rstd, pre-activations, g/u) and, for the
-    Add & Norm ops, a sum the caller may leave unused."""
+    """Ops with outputs that carry no gradient (mean, rstd, pre-activations, g/u, attention's
+    log-sum-exp) and, for the Add & Norm ops, a sum the caller may leave unused."""
     x, r = torch.randn(6, 40), torch.randn(6, 40)
     w, b = torch.randn(40), torch.randn(40)
     w1, w2 = torch.randn(56, 40) / 6, torch.randn(40, 56) / 7
@@ -139,14 +139,25 @@ def _statistics_cases():
         ("swiglu_feed_forward", lambda t: LF.swiglu_feed_forward(t[0], t[1], t[1].flip(0), t[2]),
          (x, w1, w2)),
     ]
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cases += [
+        ("scaled_dot_product_attention",
+         lambda t: LF.scaled_dot_product_attention(t[0], t[1], t[2], enable_gqa=True), (q, k, v)),
+        ("flash_attn_varlen_func", lambda t: LF.flash_attn_varlen_func(
+            t[0], t[1], t[2], cu, cu, 5, 5, causal=True), (q[0, :, :9].transpose(0, 1),
+                                                           k[0, :, :9].transpose(0, 1),
+                                                           v[0, :, :9].transpose(0, 1))),
+    ]
     return [pytest.param(*c, id=c[0]) for c in cases]
 
 
 @pytest.mark.parametrize("name,fn,inputs", _statistics_cases())
 def test_backward_fills_no_zero_gradients(name, fn, inputs):
-    """The gradients of outputs nobody uses (statistics, saved pre-activations, an Add & Norm's
-    unused sum) reach the backward as None: autograd materialises no zero tensor for them."""
-    leaves = [t.to(DEVICE).requires_grad_() for t in inputs]
+    """The gradients of outputs nobody uses (statistics, saved pre-activations, the lse, an Add &
+    Norm's unused sum) reach the backward as None: autograd materialises no zero tensor for
+    them."""
+    leaves = [t.to(DEVICE).detach().requires_grad_() for t in inputs]
     y = fn(leaves)
     with DispatchedOps() as ops:
         torch.autograd.grad((y * torch.randn_like(y)).sum(), leaves, allow_unused=True)

@@ -114,9 +114,12 @@ def _setup_context(ctx, inputs, output):
                                                                 lower_right)
     ctx.window = tuple(window) or (-1, -1)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse's gradient arrives as None, never as zeros
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:
+        return (None,) * len(ctx.needs_input_grad)
     q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
     if _dispatch.direct(dout):
         band = {} if ctx.window == (-1, -1) else {"window": ctx.window}
@@ -381,9 +384,12 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
     ctx.args = (max_q, max_k, dropout_p, causal, scale, wl, wr)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse's gradient arrives as None, never as zeros
 
 
 def _varlen_backward(ctx, dout, _dlse):
+    if dout is None:
+        return (None,) * 13
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, dropout_p, causal, scale, wl, wr = ctx.args
     if _dispatch.direct(dout):
