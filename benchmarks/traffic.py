@@ -1,9 +1,26 @@
 """Memory traffic and kernel launches of every op and of a transformer block, counted (GitHub issue 11).
 
-For each op (and a GPT-2 style pre-norm block: LayerNorm -> attention -> Add & Norm -> GeLU
-feed-forward -> add), forward and backward, the bytes read and written and the kernel launches
-of lightllm, of eager PyTorch (the references the benchmarks call "eager") and of PyTorch's own
-fused op ("torch", where there is one), with lightllm / eager ratios.
+For each op and two decoder blocks, forward and backward, the bytes read and written and the
+kernel launches of lightllm, of eager PyTorch (the references the benchmarks call "eager"), of
+PyTorch's own fused op ("torch", where there is one) and, for the blocks, of ``torch.compile``
+("compile"), with lightllm / eager and lightllm / compile ratios. The blocks:
+
+  transformer_block  GPT-2's pre-norm block (LayerNorm -> attention -> Add & Norm -> GeLU
+                     feed-forward -> add) as ``torch.nn.TransformerEncoderLayer`` (causal, no
+                     dropout): eager is PyTorch's layer, lightllm the same layer after
+                     ``lightllm.patch``. GPT-2 medium's sizes in the scaled table.
+  llama_block        the Llama layout (RMSNorm -> q/k/v -> rotary -> causal GQA attention -> o_proj
+                     -> Add & RMSNorm -> SwiGLU MLP -> add): eager is transformers'
+                     ``LlamaDecoderLayer`` (``attn_implementation="sdpa"``), lightllm lightllm's own
+                     Llama block on the same weights (``_llama_block_case`` says why that one).
+                     SmolLM2-135M's and Llama-3-8B's sizes, batch 1, 2048 tokens.
+  compile            ``torch.compile`` (inductor) of the eager block, counted from inductor's
+                     scheduler (``compile_count``) at both tables' shapes. This machine has no GPU,
+                     so inductor plans C++ kernels for a CPU: their fusion is the proxy counted for
+                     its GPU fusion (both fuse a reduction with its pointwise neighbours; matmuls
+                     and SDPA stay extern kernels on both).
+A block's backward differentiates its input and every parameter (a training step's weight
+gradients), in every provider.
 
 How (``benchmarks.counting`` has the two instruments and their rules):
   counted  tiny shapes on the CPU, float16 (bfloat16's code path in every provider, 2-byte
@@ -18,31 +35,39 @@ How (``benchmarks.counting`` has the two instruments and their rules):
            launch (tests/test_traffic.py). The launch plans are lightllm's own; SM-dependent plans
            take an H200's 132 SMs, and attention kernels the block sizes of their GPU default
            configs (``GPU_BLOCKS``) in place of the interpreter's single config.
+           PyTorch's SDPA, which takes its math backend on meta tensors, counts there as the fused
+           kernel it is on a GPU (``_fused_sdpa``: one launch at its ideal bytes).
 Modes: ``fwd`` is the training forward (inputs require grad, so what a backward saves is
 written); ``bwd`` the backward alone (``torch.autograd.grad`` with a random output gradient).
 Softmax's lightllm kernel is CUDA C++ the interpreter cannot run: its records give the traffic of
 the kernel's design (csrc/softmax_kernels.cuh) with ``counted: false``.
 Bytes are what each kernel's loads and stores request: a K/V tile re-read by every query block,
 a weight re-read by every row's program, counts each time (on a GPU L2 serves some of it); an
-aten op counts each input and output once, its ideal.
+aten op, and an inductor kernel, counts each input and output once, its ideal. So a block's
+lightllm bytes include its matmuls' tile re-reads, eager's and compile's do not: the scaled
+lightllm block records also carry ``bytes_matmul_ideal`` (lightllm's matmul launches with each
+operand read once, ``matmul_ideal``), the figure comparable with theirs.
 
-    python -m benchmarks.traffic --out DIR [--quick]
+    python -m benchmarks.traffic --out DIR [--quick] [--no-compile]
 
 writes ``DIR/traffic.json`` and ``DIR/traffic.md``. JSON schema::
 
     {"environment": {"torch", "triton", "python", "date", "counted_dtype", "scaled_dtype",
-                     "sms", "gpu_blocks"},
+                     "sms", "gpu_blocks", "goals"},
      "counted": [{"op", "case", "shape": {...}, "dtype", "mode", "provider", "bytes_read",
                   "bytes_written", "launches", "per_kernel": {name: {"bytes_read",
                   "bytes_written", "launches"}}, "counted": bool, "note"?}],
      "scaled":  [{"op", "case", "shape", "dtype", "mode", "provider", "bytes_read",
-                  "bytes_written", "launches", "exact": bool, "formula": str}],
+                  "bytes_written", "launches", "exact": bool, "formula": str, "per_kernel",
+                  "bytes_matmul_ideal"? (lightllm blocks)}],
      "ratios":  [{"table": "counted" | "scaled", "op", "case", "mode", "provider",
-                  "bytes_ratio", "launch_ratio"}]}
+                  "baseline": "eager" | "compile", "bytes_ratio", "launch_ratio"}]}
 
-``ratios`` give lightllm / eager of (bytes read + written) and of launches; "provider" names
-the provider compared with eager. ``run(out_dir, quick)`` returns the dict; ``markdown(traffic)``
-renders the tables.
+``ratios`` give provider / baseline of (bytes read + written) and of launches: every provider
+against eager, and lightllm against compile. The markdown opens with the blocks' table (issue
+21's goals: launches <= 0.6x and bytes <= 0.25x eager's, forward and backward) and where
+lightllm's block launches and bytes go, per kernel. ``run(out_dir, quick, compiled)`` returns
+the dict; ``markdown(traffic)`` renders the tables.
 """
 
 from __future__ import annotations
@@ -181,6 +206,20 @@ def _linear_gelu_mm(a: dict, grid) -> tuple[int, int]:
     tiles = row_tiles * col_tiles
     read, written = _epilogue_bytes(a, m, n, row_tiles)
     return read + tiles * k * (a["BLOCK_M"] * _e(a["A"]) + a["BLOCK_N"] * b), written
+
+
+def matmul_ideal(launch: Launch) -> tuple[int, int] | None:
+    """(read, written) of a lightllm matmul launch with every operand read once (A, B, B2 and
+    the bias whole, as an aten matmul counts), or None for a kernel that is no matmul: what the
+    launch's design requests past that is tile re-reads, which L2 serves in part on a GPU."""
+    if launch.kernel not in ("_linear_gelu_mm_tma", "_linear_gelu_mm"):
+        return None
+    a, tma = launch.args, launch.kernel.endswith("_tma")
+    m, n, k = a["M"], a["N"], a["K"]
+    e_a = _e(a["ADesc"] if tma else a["A"])
+    e_b = _e(a["BDesc"] if tma else a["B"]) + _e(a["B2Desc"] if tma else a["B2"]) * a["GATED"]
+    read, written = _epilogue_bytes(a, m, n, 1)
+    return read + m * k * e_a + n * k * e_b, written
 
 
 def _linear_gelu_bwd(a: dict, grid) -> tuple[int, int]:
@@ -795,6 +834,18 @@ def _count_case(case: Case, dtype: torch.dtype, device: str, compiled: bool) -> 
     return out
 
 
+def _matmul_ideal_bytes(tally: Tally) -> int:
+    """Bytes read + written with lightllm's matmul launches at their ideal (``matmul_ideal``),
+    every other launch as counted: the figure comparable with eager's and compile's aten
+    matmuls, which count each operand once."""
+    total = tally.read + tally.written
+    for launch in tally.triton_launches:
+        ideal = matmul_ideal(launch)
+        if ideal is not None:
+            total += sum(ideal) - launch.read - launch.written
+    return total
+
+
 def run(out_dir: str | os.PathLike | None = None, quick: bool = False,
         compiled: bool = True) -> dict:
     """Count everything, scale to real sizes, and write ``traffic.json`` and ``traffic.md`` to
@@ -826,6 +877,8 @@ def run(out_dir: str | os.PathLike | None = None, quick: bool = False,
                 if not exact:
                     formula += _META_SDPA
             rec.update(exact=exact, formula=formula, per_kernel=tally.per_kernel)
+            if provider == "lightllm" and case.op in BLOCK_OPS:
+                rec["bytes_matmul_ideal"] = _matmul_ideal_bytes(tally)
             scaled.append(rec)
     traffic = {
         "environment": {
@@ -900,9 +953,10 @@ def _block_table(traffic: dict, table: str) -> list[str]:
     goals = traffic["environment"].get("goals", GOALS)
     lines = ["| block | mode | launches lightllm / eager / compile | lightllm ÷ eager | "
              "lightllm ÷ compile | bytes lightllm / eager / compile | lightllm ÷ eager | "
-             "lightllm ÷ compile | goals (launches ≤ "
+             "lightllm ÷ compile | lightllm bytes, matmuls at ideal: ÷ eager / ÷ compile | "
+             "goals (launches ≤ "
              f"{goals['launch_ratio']}x, bytes ≤ {goals['bytes_ratio']}x eager) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     cases = dict.fromkeys((op, case, mode) for op, case, mode, _ in records)
     for op, case, mode in cases:
         row = [records.get((op, case, mode, p)) for p in ("lightllm", "eager", "compile")]
@@ -918,10 +972,14 @@ def _block_table(traffic: dict, table: str) -> list[str]:
             met = ", ".join(f"{what} {'met' if eager[key] <= goals[key] else 'not met'}"
                             for what, key in (("launches", "launch_ratio"),
                                               ("bytes", "bytes_ratio")))
+        ideal = "—"
+        if row[0] and "bytes_matmul_ideal" in row[0]:
+            ideal = " / ".join(f"{row[0]['bytes_matmul_ideal'] / (r['bytes_read'] + r['bytes_written']):.2f}"
+                               if r else "—" for r in row[1:])
         label = f"{'GPT-2' if op == 'transformer_block' else 'Llama'} {case}"
         lines.append(f"| {label} | {mode} | {launches} | {ratio(eager, 'launch_ratio')} | "
                      f"{ratio(compile_, 'launch_ratio')} | {moved} | {ratio(eager, 'bytes_ratio')}"
-                     f" | {ratio(compile_, 'bytes_ratio')} | {met} |")
+                     f" | {ratio(compile_, 'bytes_ratio')} | {ideal} | {met} |")
     return lines
 
 

@@ -267,3 +267,15 @@ def test_scaled_eager_on_meta_equals_the_count_on_the_cpu():
         meta = traffic.count(case.providers["eager"], case.make("meta", torch.float16), mode,
                              dry=True)
         assert (cpu.read, cpu.written, cpu.launches) == (meta.read, meta.written, meta.launches)
+
+
+def test_matmul_ideal_reads_every_operand_once():
+    # linear_gelu 5x24 -> 40 fp16, training forward: x, W, bias read once; out and the saved
+    # pre-activation written. The counted launch requests at least that (tiles re-read).
+    case = traffic._linear_case("linear_gelu", 5, 24, 40)
+    tally = traffic.count(case.providers["lightllm"], case.make("cpu", torch.float16), "fwd")
+    (launch,) = tally.triton_launches
+    assert traffic.matmul_ideal(launch) == (2 * (5 * 24 + 40 * 24 + 40), 2 * 2 * 5 * 40)
+    assert launch.read >= traffic.matmul_ideal(launch)[0]
+    others = tally.read + tally.written - launch.read - launch.written
+    assert traffic._matmul_ideal_bytes(tally) == others + sum(traffic.matmul_ideal(launch))
