@@ -99,7 +99,11 @@ def test_greedy_generation_equals_transformers(family):
     with DispatchedOps() as ops:
         got = model.generate(ids, 9, attention_mask=mask)
     assert torch.equal(got, want)
-    assert ops.lightllm["sdpa_fwd"] == hf.config.num_hidden_layers * 9  # prefill + 8 steps
+    # The padding is never attended: one packed prefill (varlen), 8 steps over the paged cache.
+    layers = hf.config.num_hidden_layers
+    assert ops.lightllm["sdpa_fwd"] == 0
+    assert ops.lightllm["varlen_fwd"] == layers
+    assert ops.lightllm["attention_kvcache"] == layers * 8
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "kernels"])
