@@ -118,7 +118,6 @@ class Engine:
                                top_p=top_p, eos_token_id=eos_token_id, generator=generator):
             yield from step
 
-    @torch.no_grad()
     def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 128,
               *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
               eos_token_id: int | None = None, generator: torch.Generator | None = None
@@ -173,6 +172,7 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
 
+    @torch.no_grad()
     def _run(self, seqs, temperature, top_k, top_p, eos, generator):
         waiting = deque(s for s in seqs if s.max_new > 0)
         running: list[_Seq] = []
