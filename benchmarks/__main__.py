@@ -1,6 +1,6 @@
 """Every benchmark in one run: ``python -m benchmarks`` (``make bench`` runs it with ``--quick``).
 
-    python -m benchmarks [--quick] [--ops layer_norm,attention] [--dtype bf16,fp32]
+    python -m benchmarks [--quick] [--ops layer_norm,attention] [--skip engine] [--dtype bf16,fp32]
                          [--providers lightllm,torch] [--name NAME | --out DIR]
                          [--compare PATH] [--threshold 0.1] [--compile] [--no-traffic] [--no-plots]
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import benchmarks
 from benchmarks import harness, peers, report
 
-END_TO_END = ("bench_transformer", "bench_patch", "bench_generate")
+END_TO_END = ("bench_transformer", "bench_patch", "bench_generate", "bench_engine")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
                  "bf16": "bfloat16"}
 
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few representative shapes")
     parser.add_argument("--ops", default="", help="comma-separated bench files or the ops in "
                         "them (layer_norm, add_layer_norm, attention, transformer, block, ...)")
+    parser.add_argument("--skip", default="", help="comma-separated bench files or ops to leave "
+                        "out (gpu-check runs the engine benchmark as its own stage)")
     parser.add_argument("--dtype", default="", help="comma-separated dtypes (fp32, fp16, bf16)")
     parser.add_argument("--providers", default="", help="comma-separated providers to time")
     parser.add_argument("--name", default="local", help="results folder benchmarks/results/NAME")
@@ -71,20 +73,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
     args.ops = {o.strip() for o in args.ops.split(",") if o.strip()}
+    args.skip = {o.strip() for o in args.skip.split(",") if o.strip()}
     args.dtypes = {DTYPE_ALIASES.get(d.strip(), d.strip()) for d in args.dtype.split(",") if d.strip()}
     args.only = [p for p in args.providers.split(",") if p]
     args.out = args.out or str(Path("benchmarks/results") / args.name)
     return args
 
 
-def collect(quick: bool, ops: set[str] = frozenset(), dtypes: set[str] = frozenset()
-            ) -> tuple[list[harness.Case], list]:
-    """The cases of every selected file (filtered by op and dtype) and the self-timed files
-    (those with a ``measure(quick, only)`` function instead of cases)."""
+def collect(quick: bool, ops: set[str] = frozenset(), dtypes: set[str] = frozenset(),
+            skip: set[str] = frozenset()) -> tuple[list[harness.Case], list]:
+    """The cases of every selected file (filtered by op and dtype; ``skip``: files left out) and
+    the self-timed files (those with a ``measure(quick, only)`` function instead of cases)."""
     cases, measures = [], []
     for name in bench_modules():
         module = importlib.import_module(f"benchmarks.{name}")
-        if not _selected(module, ops):
+        if not _selected(module, ops) or (skip and _selected(module, skip)):
             continue
         if hasattr(module, "measure"):
             measures.append(module)
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
                "results": []}
     results_json = Path(args.out) / "results.json"
 
-    cases, measures = collect(args.quick, args.ops, args.dtypes)
+    cases, measures = collect(args.quick, args.ops, args.dtypes, args.skip)
     deadline = started + args.time_limit if args.time_limit else float("inf")
     total = sum(len(harness.jobs(c, args.only)) for c in cases)
     with tqdm(total=total, desc="benchmarks", unit="run", dynamic_ncols=True,

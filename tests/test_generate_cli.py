@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from lightllm.generate import main, smollm2_path
+from lightllm import _dispatch
+from lightllm.generate import _encode, load, main, smollm2_path
+from lightllm.models import conversation, render_for
 
 
 def test_random_model_answers(capsys):
@@ -46,3 +49,36 @@ def test_smollm2_answers_the_demo_question():
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
     assert "tokens/s" in done.stderr
+
+
+@_dispatch.native_cpu()  # the CLI's logic; the engine's kernels are tests/test_engine.py's
+def test_prompts_file_answers_each_line_in_order(tmp_path, capsys):
+    """--prompts: every line through the engine, each answer under its number and prompt, and
+    the overall speed; the answers are the single-prompt path's (greedy, same template)."""
+    questions = ["What is the capital of France?", "Name a colour.", "Hi"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(questions[:2]) + "\n\n" + questions[2] + "\n")
+    assert main(["--model", "random", "--max-new-tokens", "5", "--device", "cpu",
+                 "--max-batch-tokens", "64", "--prompts", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "3 prompts" in err and "output tokens/s" in err
+    model, tok, _ = load("random", "cpu", torch.float32)
+    want = ""
+    for i, question in enumerate(questions, 1):
+        ids = torch.tensor([_encode(tok, render_for(tok, conversation(question, None)))])
+        new = model.generate(ids, 5, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+        want += f"[{i}] {question}\n{tok.decode(new.tolist(), skip_special_tokens=True).strip()}\n\n"
+    assert out == want
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give either a PROMPT or --prompts FILE"),
+    (["hi", "--prompts", "x.txt"], "give either a PROMPT or --prompts FILE"),
+    (["--prompts", "/no/such/file.txt"], "--prompts: .*No such file"),
+])
+def test_bad_prompts_file_is_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--model", "random"] + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err), err

@@ -33,6 +33,15 @@ def _hf_llama(layers=2):
     return transformers.LlamaForCausalLM(config).to(DEVICE).eval()
 
 
+def _hf_mistral(layers=3, window=8):
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=151, hidden_size=64, intermediate_size=96,
+                                        num_hidden_layers=layers, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=128,
+                                        sliding_window=window, rope_theta=500.0)
+    return transformers.MistralForCausalLM(config).to(DEVICE).eval()
+
+
 FAMILIES = {"gpt2": _hf_gpt2, "llama": _hf_llama}
 
 
@@ -90,7 +99,43 @@ def test_greedy_generation_equals_transformers(family):
     with DispatchedOps() as ops:
         got = model.generate(ids, 9, attention_mask=mask)
     assert torch.equal(got, want)
-    assert ops.lightllm["sdpa_fwd"] == hf.config.num_hidden_layers * 9  # prefill + 8 steps
+    # The padding is never attended: one packed prefill (varlen), 8 steps over the paged cache.
+    layers = hf.config.num_hidden_layers
+    assert ops.lightllm["sdpa_fwd"] == 0
+    assert ops.lightllm["varlen_fwd"] == layers
+    assert ops.lightllm["attention_kvcache"] == layers * 8
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "kernels"])
+def test_sliding_window_generates_past_it_like_transformers(native):
+    """Mistral's local attention: logits of a prompt longer than the window, and greedy tokens
+    to 3x the window (the static cache, and a left-padded batch) equal transformers'."""
+    if native and DEVICE != "cpu":
+        pytest.skip("the native CPU path")
+    window = 8
+    hf = _hf_mistral(layers=3 if native else 2, window=window)
+    model = GPT.from_hf(hf)
+    assert model.config.sliding_window == window and model.context_length == 128
+    route = _dispatch.native_cpu if native else contextlib.nullcontext
+    long = torch.randint(3, 151, (1, 3 * window + 5 if native else 2 * window + 3), device=DEVICE)
+    with torch.no_grad(), route():
+        logits = model(long)
+    want = hf(long).logits
+    want64 = copy.deepcopy(hf).double()(long).logits
+    assert_parity(logits, want64, want)
+    prompt = long[:, :window + 4] if native else long[:, :5]
+    n, eos = 3 * window, hf.generation_config.eos_token_id
+    want = hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    with route():
+        assert torch.equal(model.generate(prompt, n, eos_token_id=eos, pad_token_id=0), want)
+    if native:
+        ids, mask = _left_padded(151, [window + 5, 3, 1], window + 5)
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        assert want.shape[1] == ids.shape[1] + n
+        with route():
+            got = model.generate(ids, n, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(got, want)
 
 
 @_dispatch.native_cpu()  # the cache's bookkeeping is the model's; the kernels' parity is above

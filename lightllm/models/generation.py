@@ -3,9 +3,11 @@
 The model needs ``model(input_ids, positions, caches=..., start_pos=..., key_mask=...,
 last_only=...) -> logits`` (see ``GPT.forward``), ``make_caches(batch, length)`` (one
 ``lightllm.nn.KVCache`` per layer), ``vocab_size`` and ``context_length``. Generation is one
-prefill of the prompt and one token per step; a left-padded batch comes with ``attention_mask``.
-On a GPU the decode step is captured in a CUDA graph over the static cache (as gpt-fast): a step
-then costs one graph replay instead of its dozens of kernel launches.
+prefill of the prompt and one token per step. On a GPU the decode step is captured in a CUDA graph
+over the static cache (as gpt-fast): a step then costs one graph replay instead of its dozens of
+kernel launches. A left-padded batch comes with ``attention_mask``; a model with
+``forward_ragged`` and ``make_paged_cache`` (lightllm's GPT) then prefills only the real tokens,
+packed, and decodes over a paged cache (``lightllm.models.engine``), never attending to padding.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def generate_iter(model, input_ids: Tensor, max_new_tokens: int, *, temperature:
                           attention_mask)
     if max_new_tokens == 0:
         return
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    pad = 0 if pad is None else pad
+    if (attention_mask is not None and hasattr(model, "forward_ragged")
+            and not bool(attention_mask.all())):
+        yield from _ragged_iter(model, input_ids, attention_mask, max_new_tokens, temperature,
+                                top_k, top_p, eos_token_id, pad, generator)
+        return
     device = input_ids.device
     total = T + max_new_tokens
     caches = model.make_caches(B, total)
@@ -69,8 +78,6 @@ def generate_iter(model, input_ids: Tensor, max_new_tokens: int, *, temperature:
     logits = model(input_ids, positions, caches=caches, start_pos=0,
                    key_mask=None if key_mask is None else key_mask[:, :T], last_only=True)[:, -1]
     next_pos = positions[:, -1:] + 1  # (B, 1)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    pad = 0 if pad is None else pad
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     step = decode_step(model, B, total, caches, key_mask, cuda_graph and device.type == "cuda")
     for i in range(max_new_tokens):
@@ -84,6 +91,32 @@ def generate_iter(model, input_ids: Tensor, max_new_tokens: int, *, temperature:
         if i + 1 < max_new_tokens:
             logits = step(tokens[:, None], next_pos, T + i)
             next_pos = next_pos + 1
+
+
+def _ragged_iter(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                 eos_token_id, pad, generator) -> Iterator[Tensor]:
+    """A padded batch without computing on its padding: the real tokens of every row are packed
+    into one prefill step (variable-length attention) and decoded over a paged cache, by an
+    :class:`~lightllm.models.engine.Engine` that runs every sequence from the first step."""
+    from .engine import Engine
+
+    real = attention_mask.bool()
+    prompts = [row[keep].tolist() for row, keep in zip(input_ids, real)]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"generate: row {i} of attention_mask has no real token")
+    page_size = 16
+    pages = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
+    engine = Engine(model, max_batch_tokens=max(sum(map(len, prompts)), len(prompts)),
+                    num_pages=pages, page_size=page_size, max_seqs=len(prompts))
+    B, device = input_ids.shape[0], input_ids.device
+    for step in engine.steps(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, eos_token_id=eos_token_id, generator=generator):
+        tokens = torch.full((B,), pad, dtype=input_ids.dtype, device=device)
+        rows, new = zip(*step)
+        tokens[torch.tensor(rows, device=device)] = torch.tensor(new, dtype=tokens.dtype,
+                                                                 device=device)
+        yield tokens
 
 
 def decode_step(model, batch: int, total: int, caches: list[KVCache], key_mask: Tensor | None,

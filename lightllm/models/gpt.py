@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import CausalSelfAttention, KVCache, LayerNorm, RMSNorm
-from ..nn.attention import BACKENDS, decoder_mask
+from ..nn.attention import BACKENDS, PagedKVCache, RaggedBatch, decoder_mask
 from ..nn.fused_linear import feed_forward_block
 from . import generation
 
@@ -62,7 +62,7 @@ class GPTConfig:
     mlp_bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
-    sliding_window: int | None = None  # Mistral: generation refuses to go past it
+    sliding_window: int | None = None  # Mistral's local attention: a query sees this many positions
     extra: dict = field(default_factory=dict)  # e.g. the source architecture
 
     def __post_init__(self) -> None:
@@ -80,6 +80,10 @@ class GPTConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig: {name} must be one of {allowed}, got "
                                  f"{getattr(self, name)!r}")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int
+                                                or self.sliding_window <= 0):
+            raise ValueError(f"GPTConfig: sliding_window must be a positive int or None, got "
+                             f"{self.sliding_window!r}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"GPTConfig: rotary positions need an even head_dim, got "
                              f"{self.head_dim}")
@@ -158,7 +162,7 @@ class Block(nn.Module):
         self.norm_attn = _norm(c)
         self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.n_kv_head, bias=c.qkv_bias,
                                         dropout=c.dropout, head_dim=c.head_dim,
-                                        out_bias=c.out_bias)
+                                        out_bias=c.out_bias, sliding_window=c.sliding_window)
         self.norm_mlp = _norm(c)
         self.mlp = MLP(c)
 
@@ -197,9 +201,8 @@ class GPT(nn.Module):
 
     @property
     def context_length(self) -> int:
-        """The most positions a sequence may have (a sliding window bounds it too)."""
-        c = self.config
-        return min(c.block_size, c.sliding_window or c.block_size)
+        """The most positions a sequence may have (a sliding window does not bound it)."""
+        return self.config.block_size
 
     # -- the forward pass ------------------------------------------------------------------
 
@@ -233,19 +236,59 @@ class GPT(nn.Module):
             rope = ops.rotary_cos_sin(positions, c.head_dim, base=c.rope_base, dtype=x.dtype)
         if key_mask is None and attention_mask is not None:
             key_mask = attention_mask.bool()
-        mask = decoder_mask(B, S, start_pos, key_mask, caches is not None, input_ids.device)
+        mask = decoder_mask(B, S, start_pos, key_mask, caches is not None, input_ids.device,
+                            c.sliding_window)
+
+        def attend(i: int, block: Block, h: Tensor) -> Tensor:
+            cache = caches[i] if caches is not None else None
+            return block.attn(h, cache, start_pos, rope=rope, mask=mask)
+
+        h = self._blocks(ops, x, attend)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+    def forward_ragged(self, input_ids: Tensor, positions: Tensor, cache: PagedKVCache,
+                       batch: RaggedBatch, logits_at: Tensor | None = None) -> Tensor:
+        """Logits of a packed step of many sequences over a paged cache, without padding.
+
+        ``input_ids`` and ``positions`` (1, N): the step's tokens and each one's position in its
+        own sequence, laid out as ``batch`` says (:class:`lightllm.nn.RaggedBatch`); their keys and
+        values are written into ``cache`` (:meth:`make_paged_cache`). The embeddings, norms,
+        projections and feed-forwards run once on all N tokens; per layer the attention is grouped
+        by :meth:`CausalSelfAttention.forward_ragged`. Returns (M, V): the logits of the tokens
+        ``logits_at`` (M,) (default: all N)."""
+        c, ops = self.config, BACKENDS[self._backend]
+        x = self.wte(input_ids)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = None
+        if c.positions == "rope":
+            rope = ops.rotary_cos_sin(positions, c.head_dim, base=c.rope_base, dtype=x.dtype)
+
+        def attend(i: int, block: Block, h: Tensor) -> Tensor:
+            return block.attn.forward_ragged(h, cache.layer(i), batch, rope=rope)
+
+        h = self._blocks(ops, x, attend)[0]
+        return self.lm_head(h if logits_at is None else h[logits_at])
+
+    def _blocks(self, ops, x: Tensor, attend) -> Tensor:
+        """The normed output of the blocks on the embeddings ``x``; ``attend(i, block, h)`` is
+        layer i's attention."""
         blocks = self.blocks
         h = _plain_norm(ops, x, blocks[0].norm_attn)
         for i, block in enumerate(blocks):
-            cache = caches[i] if caches is not None else None
-            a = block.attn(h, cache, start_pos, rope=rope, mask=mask)
-            h, x = _add_norm(ops, a, x, block.norm_mlp)
+            h, x = _add_norm(ops, attend(i, block, h), x, block.norm_mlp)
             following = blocks[i + 1].norm_attn if i + 1 < len(blocks) else self.norm_f
             h, x = _add_norm(ops, block.mlp(h, self._backend), x, following)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        return h
 
     def make_caches(self, batch_size: int, max_seq_len: int) -> list[KVCache]:
         return [block.attn.make_kv_cache(batch_size, max_seq_len) for block in self.blocks]
+
+    def make_paged_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
+        """A :class:`lightllm.nn.PagedKVCache` for every layer, in the model's dtype and device."""
+        c, w = self.config, self.blocks[0].attn.k_proj.weight
+        return PagedKVCache(num_pages, page_size, c.n_kv_head, c.head_dim, num_layers=c.n_layer,
+                            dtype=w.dtype, device=w.device)
 
     # -- generation (lightllm.models.generation) -------------------------------------------
 

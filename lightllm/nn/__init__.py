@@ -4,6 +4,7 @@ from .attention import (  # noqa: F401
     KVCache,
     MultiheadAttention,
     PagedKVCache,
+    RaggedBatch,
 )
 from .fused_linear import FeedForward, SwiGLU  # noqa: F401
 from .norm import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm  # noqa: F401

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -264,29 +266,49 @@ def chunk_causal_mask(n_q: int, n_k: int, device=None):
     return torch.arange(n_k, device=device) <= rows + (n_k - n_q)
 
 
+def window_size_of(window: int | None) -> tuple[int, int]:
+    """FlashAttention's ``window_size`` of a decoder's sliding window of ``window`` positions: as
+    transformers' Mistral, a query sees itself and the ``window - 1`` keys before it."""
+    return (-1, -1) if window is None else (window - 1, 0)
+
+
 def decoder_mask(batch: int, seq: int, start_pos: int | Tensor, key_mask: Tensor | None,
-                 cached: bool, device=None) -> tuple[Tensor | None, bool]:
-    """``(attn_mask, is_causal)`` for ``seq`` new queries of a decoder at ``start_pos``, one mask
-    for every layer.
+                 cached: bool, device=None, window: int | None = None
+                 ) -> tuple[Tensor | None, bool, tuple[int, int]]:
+    """``(attn_mask, is_causal, window_size)`` for ``seq`` new queries of a decoder at
+    ``start_pos``, one mask for every layer.
 
     Without padding a fresh prefix is causal (``is_causal``), one new token over a cache needs no
     mask, and a chunk over a cache is causal aligned to the last key (:func:`chunk_causal_mask`: a
     kernel flag, no mask tensor, outside torch.compile). ``key_mask`` (batch, keys: True for real
     positions) folds padding into a boolean (batch, 1, seq, keys) mask. A tensor ``start_pos`` is
     the CUDA-graph decode step over a whole static cache: ``key_mask`` then marks its written
-    slots."""
+    slots. ``window`` (a sliding window of that many positions, :func:`window_size_of`): a fresh
+    causal prefix passes it to the kernel as ``window_size`` (top-left, like ``is_causal``); every
+    other case folds it into a boolean mask aligned to the queries' cache positions."""
+    no_window = (-1, -1)
     if isinstance(start_pos, Tensor):
-        return key_mask[:, None, None, :], False
+        mask = key_mask[:, None, None, :]
+        if window is not None:
+            slots = torch.arange(key_mask.shape[1], device=key_mask.device)
+            mask = mask & (slots > start_pos - window)
+        return mask, False, no_window
     if key_mask is None:
         if start_pos == 0 or not cached:
-            return None, seq > 1
-        if seq == 1:
-            return None, False
-        return chunk_causal_mask(seq, start_pos + seq, device), False
+            return None, seq > 1, window_size_of(window)
+        if window is None:
+            if seq == 1:
+                return None, False, no_window
+            return chunk_causal_mask(seq, start_pos + seq, device), False, no_window
     keys = start_pos + seq if cached else seq
     q_pos = torch.arange(start_pos, start_pos + seq, device=device)[:, None]
-    causal = torch.arange(keys, device=device)[None, :] <= q_pos  # (seq, keys)
-    return causal & key_mask[:, None, None, :keys], False
+    k_pos = torch.arange(keys, device=device)[None, :]
+    visible = k_pos <= q_pos  # (seq, keys)
+    if window is not None:
+        visible = visible & (k_pos > q_pos - window)
+    if key_mask is None:
+        return visible, False, no_window
+    return visible & key_mask[:, None, None, :keys], False, no_window
 
 
 class KVCache(nn.Module):
@@ -485,6 +507,32 @@ class PagedKVCache(nn.Module):
                 f"num_layers={self.num_layers}, dtype={self.k.dtype}")
 
 
+@dataclass
+class RaggedBatch:
+    """The layout of one packed step of many sequences over a :class:`PagedKVCache`, shared by every
+    layer (:meth:`CausalSelfAttention.forward_ragged`).
+
+    The N tokens come in three groups, in this order: ``n_decode`` decode tokens (one per
+    sequence), then the prompts that start at position 0 (``fresh``), then chunks that continue
+    a prompt already partly cached (``chunks``).
+
+    - ``slots`` (N,) int64: the cache row of each token's key/value, ``page * page_size + offset``.
+    - ``decode_seqlens`` (n_decode,) int32 and ``decode_table`` (n_decode, W) int32: each decode
+      sequence's length including its new token, and its pages.
+    - ``fresh``: ``(start, end, cu_seqlens, max_seqlen)``: tokens ``start:end`` of the batch, int32
+      ``cu_seqlens`` of those prompts (or chunks of them); None when there are none.
+    - ``chunks``: ``(start, end, cache_seqlens (1,) int32, block_table (1, W) int32)`` each, the
+      sequence's length including the chunk.
+    """
+
+    slots: Tensor
+    n_decode: int = 0
+    decode_seqlens: Tensor | None = None
+    decode_table: Tensor | None = None
+    fresh: tuple[int, int, Tensor, int] | None = None
+    chunks: tuple[tuple[int, int, Tensor, Tensor], ...] = ()
+
+
 class CausalSelfAttention(nn.Module):
     """Causal self-attention for decoder models, with grouped-query attention, rotary embeddings
     and a KV cache.
@@ -496,16 +544,20 @@ class CausalSelfAttention(nn.Module):
     rope=None, mask=None)`` takes ``x`` of shape ``(B, T, E)`` and returns ``(B, T, E)``. Without
     a cache it is causal self-attention over ``x``. With a cache, the new keys/values are written
     at ``start_pos`` and token ``i`` of ``x`` (absolute position ``start_pos + i``) attends keys
-    ``0 .. start_pos + i``. ``rope`` is ``(cos, sin)`` of ``lightllm.functional.rotary_cos_sin``
-    for the new tokens, applied to q and k before the cache write. ``mask`` is the
-    ``(attn_mask, is_causal)`` of :func:`decoder_mask` (padding, a CUDA-graph decode step), which a
-    model computes once for all its layers; it replaces the rule above. ``backend`` is
-    ``"lightllm"`` (the kernels) or ``"reference"`` (the eager references, see ``BACKENDS``).
+    ``0 .. start_pos + i``. ``sliding_window`` (Mistral's local attention): a query sees only
+    itself and the ``sliding_window - 1`` positions before it. ``rope`` is ``(cos, sin)`` of
+    ``lightllm.functional.rotary_cos_sin`` for the new tokens, applied to q and k before the cache
+    write. ``mask`` is the ``(attn_mask, is_causal, window_size)`` of :func:`decoder_mask`
+    (padding, a CUDA-graph decode step, the window), which a model computes once for all its
+    layers; it replaces the rule above. :meth:`forward_ragged` serves a packed batch of many
+    sequences over a :class:`PagedKVCache`. ``backend`` is ``"lightllm"`` (the kernels) or
+    ``"reference"`` (the eager references, see ``BACKENDS``).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  bias: bool = True, dropout: float = 0.0, device=None, dtype=None, *,
-                 head_dim: int | None = None, out_bias: bool | None = None) -> None:
+                 head_dim: int | None = None, out_bias: bool | None = None,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if not isinstance(num_heads, int) or num_heads <= 0:
@@ -521,6 +573,12 @@ class CausalSelfAttention(nn.Module):
                              f"({num_heads}), got {num_kv_heads!r}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"{_CSA}: dropout must be in [0, 1], got {dropout}")
+        if sliding_window is not None and (not isinstance(sliding_window, int)
+                                           or isinstance(sliding_window, bool)
+                                           or sliding_window <= 0):
+            raise ValueError(f"{_CSA}: sliding_window must be a positive int or None, got "
+                             f"{sliding_window!r}")
+        self.sliding_window = sliding_window
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.dropout = dropout
@@ -573,12 +631,59 @@ class CausalSelfAttention(nn.Module):
             q, k = ops.rotary_embedding(q, k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)
-        attn_mask, causal = mask if mask is not None else decoder_mask(
-            batch, seq, start_pos, None, kv_cache is not None, x.device)
+        if mask is None:
+            mask = decoder_mask(batch, seq, start_pos, None, kv_cache is not None, x.device,
+                                self.sliding_window)
+        attn_mask, causal = mask[0], mask[1]
+        window = {} if len(mask) < 3 or mask[2] == (-1, -1) else {"window_size": mask[2]}
         out = ops.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal, enable_gqa=kv_heads != heads)
+            is_causal=causal, enable_gqa=kv_heads != heads, **window)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, heads * head_dim))
+
+    def forward_ragged(self, x: torch.Tensor, cache: tuple[Tensor, Tensor], batch: RaggedBatch,
+                       *, rope: tuple[Tensor, Tensor] | None = None) -> torch.Tensor:
+        """Attention of a packed batch of many sequences over a paged cache (no padding).
+
+        ``x`` (1, N, E): the N new tokens of a :class:`RaggedBatch` step, ``cache`` this layer's
+        ``(k_cache, v_cache)`` of a :class:`PagedKVCache` (``layer(i)``), ``rope`` the tokens'
+        ``(cos, sin)``. The new keys and values are written at ``batch.slots``; then the decode
+        tokens attend in one ``flash_attn_with_kvcache`` call over their block table, the prompts
+        that start at position 0 in one ``flash_attn_varlen_func`` call over their own keys, and
+        each chunk that continues a cached prompt in a ``flash_attn_with_kvcache`` call. Causal,
+        with this module's sliding window. Returns (1, N, E). Inference only (no dropout)."""
+        ops = BACKENDS[self.backend]
+        n = x.shape[1]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(1, n, heads, head_dim)
+        k = self.k_proj(x).view(1, n, kv_heads, head_dim)
+        v = self.v_proj(x).view(1, n, kv_heads, head_dim)
+        if rope is not None:  # the rotary ops take (B, heads, T, D): views, no copy
+            q, k = ops.rotary_embedding(q.transpose(1, 2), k.transpose(1, 2), *rope)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k, v = q[0], k[0], v[0]  # (N, heads, D)
+        k_cache, v_cache = cache
+        rows = k_cache.shape[0] * k_cache.shape[1]
+        k_cache.view(rows, kv_heads, head_dim).index_copy_(0, batch.slots, k)
+        v_cache.view(rows, kv_heads, head_dim).index_copy_(0, batch.slots, v)
+        window = window_size_of(self.sliding_window)
+        outs = []
+        d = batch.n_decode
+        if d:
+            outs.append(ops.flash_attn_with_kvcache(
+                q[:d, None], k_cache, v_cache, cache_seqlens=batch.decode_seqlens,
+                block_table=batch.decode_table, causal=True, window_size=window)[:, 0])
+        if batch.fresh is not None:
+            start, end, cu_seqlens, longest = batch.fresh
+            outs.append(ops.flash_attn_varlen_func(
+                q[start:end], k[start:end], v[start:end], cu_seqlens, cu_seqlens, longest,
+                longest, causal=True, window_size=window))
+        for start, end, seqlens, table in batch.chunks:
+            outs.append(ops.flash_attn_with_kvcache(
+                q[None, start:end], k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                causal=True, window_size=window)[0])
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.out_proj(out.reshape(1, n, heads * head_dim))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
