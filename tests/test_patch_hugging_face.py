@@ -113,6 +113,21 @@ def test_gpt2_trains_patched():
     assert ops.lightllm["feed_forward_fwd"] == 2 and ops.lightllm["sdpa_fwd"] == 2
 
 
+def test_gpt2_mlp_weight_gradients_keep_the_conv1d_layout():
+    # Conv1D's (in, out) weight runs as weight.t(): its gradient must come back in the stored
+    # layout, or AccumulateGrad copies the transposed product (a full weight-sized copy).
+    mlp = _gpt2().transformer.h[0].mlp.train()
+    lightllm.patch(mlp)
+    x = torch.randn(2, 7, 48, device=DEVICE)
+    y = mlp(x)
+    with DispatchedOps() as ops:
+        (y * torch.randn_like(y)).sum().backward()
+    assert ops.lightllm["feed_forward_bwd"] == 1
+    assert not {"copy_", "clone", "_to_copy", "contiguous"} & set(ops.aten), ops.aten
+    for conv in (mlp.c_fc, mlp.c_proj):
+        assert conv.weight.grad.stride() == conv.weight.stride()
+
+
 def test_gpt2_greedy_generation_matches():
     model = _gpt2()
     ids, mask = _left_padded(211, [7, 4], 7)

@@ -134,6 +134,31 @@ def empty(x: Tensor) -> Tensor:
     return x.new_empty((0,))
 
 
+def _transposed(weight: Tensor) -> bool:
+    """``weight`` (out, in) is stored transposed: the ``.t()`` view of a contiguous (in, out)
+    buffer, as GPT-2's ``Conv1D`` weight is passed."""
+    return weight.stride(0) == 1 and weight.stride(1) != 1
+
+
+def weight_grad(dout: Tensor, inp: Tensor, weight: Tensor) -> Tensor:
+    """``dout^T @ inp`` (out, in) in ``weight``'s layout. For a transposed weight the product is
+    computed as the contiguous (in, out) ``inp^T @ dout`` and returned as its ``.t()`` view, so
+    autograd hands the stored parameter a gradient in its own layout (``AccumulateGrad`` then
+    keeps it instead of copying it, and ``.t()``'s backward is a view)."""
+    if _transposed(weight):
+        return torch.mm(inp.t(), dout).t()
+    return torch.mm(dout.t(), inp)
+
+
+def grad_like(x: Tensor, weight: Tensor, need: bool = True) -> Tensor:
+    """The fake of :func:`weight_grad`: ``weight``'s shape and layout (empty unless ``need``)."""
+    if not need:
+        return x.new_empty((0,))
+    if _transposed(weight):
+        return x.new_empty((weight.shape[1], weight.shape[0])).t()
+    return x.new_empty(weight.shape)
+
+
 # ------------------------------------------------------------------------------------------------
 # linear + activation
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +172,7 @@ def _linear_act_fwd_impl(x, weight, bias, activation, save_pre):
 def _linear_act_bwd_impl(dy, x, weight, pre, activation, need_dx, need_dw, need_db):
     dpre, db = launchers(pre).act_bwd(dy, pre, activation, need_db)
     dx = torch.matmul(dpre, weight) if need_dx else empty(x)
-    dw = torch.matmul(dpre.t(), x) if need_dw else empty(x)
+    dw = weight_grad(dpre, x, weight) if need_dw else empty(x)
     return dx, dw, db.to(pre.dtype) if need_db else empty(x)
 
 
@@ -175,7 +200,7 @@ def _linear_act_bwd(
 @_linear_act_bwd.register_fake
 def _(dy, x, weight, pre, activation, need_dx, need_dw, need_db):
     return (x.new_empty(x.shape if need_dx else (0,)),
-            x.new_empty(weight.shape if need_dw else (0,)),
+            grad_like(x, weight, need_dw),
             x.new_empty((weight.shape[0],) if need_db else (0,)))
 
 
@@ -228,7 +253,7 @@ def _feed_forward_fwd_impl(x, w1, b1, w2, b2, residual, activation, save):
 
 def _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, activation,
                            need_dx, need_dw1, need_db1, need_dw2, need_db2):
-    dw2 = torch.matmul(dy.t(), h) if need_dw2 else empty(x)
+    dw2 = weight_grad(dy, h, w2) if need_dw2 else empty(x)
     db2 = dy.sum(0) if need_db2 else empty(x)
     dx, dw1, db1 = empty(x), empty(x), empty(x)  # distinct: outputs may not alias each other
     if need_dx or need_dw1 or need_db1:
@@ -236,7 +261,7 @@ def _feed_forward_bwd_impl(dy, x, w1, w2, h, pre, activation,
         if need_dx:
             dx = torch.matmul(dpre, w1)
         if need_dw1:
-            dw1 = torch.matmul(dpre.t(), x)
+            dw1 = weight_grad(dpre, x, w1)
         if need_db1:
             db1 = dpre.sum(0)
     return dx, dw1, db1, dw2, db2
@@ -270,8 +295,8 @@ def _(dy, x, w1, w2, h, pre, activation, need_dx, need_dw1, need_db1, need_dw2, 
     def out(need, shape):
         return x.new_empty(shape if need else (0,))
 
-    return (out(need_dx, x.shape), out(need_dw1, w1.shape), out(need_db1, (w1.shape[0],)),
-            out(need_dw2, w2.shape), out(need_db2, (w2.shape[0],)))
+    return (out(need_dx, x.shape), grad_like(x, w1, need_dw1), out(need_db1, (w1.shape[0],)),
+            grad_like(x, w2, need_dw2), out(need_db2, (w2.shape[0],)))
 
 
 def _feed_forward_setup(ctx, inputs, output):
@@ -321,8 +346,8 @@ _FeedForward = _dispatch.autograd_function("feed_forward", _feed_forward_fwd_imp
 def _input_grads(x, w_gate, w_up, dg, du, need_dx, need_dwg, need_dwu):
     """dX = dG Wg + dU Wu, dWg = dG^T X, dWu = dU^T X (cuBLAS), empty where not needed."""
     dx = torch.matmul(dg, w_gate).addmm_(du, w_up) if need_dx else empty(x)
-    dwg = torch.matmul(dg.t(), x) if need_dwg else empty(x)
-    dwu = torch.matmul(du.t(), x) if need_dwu else empty(x)
+    dwg = weight_grad(dg, x, w_gate) if need_dwg else empty(x)
+    dwu = weight_grad(du, x, w_up) if need_dwu else empty(x)
     return dx, dwg, dwu
 
 
@@ -365,8 +390,11 @@ def _linear_swiglu_bwd(
 
 def _fake_grads(x, weights, needs):
     """Fake gradients of (x, *weights, *their biases) in that order; empty where not needed."""
-    shapes = [x.shape] + [w.shape for w in weights] + [(w.shape[0],) for w in weights]
-    return tuple(x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs))
+    k = len(weights)
+    dx = x.new_empty(x.shape if needs[0] else (0,))
+    dws = [grad_like(x, w, n) for w, n in zip(weights, needs[1:1 + k])]
+    dbs = [x.new_empty((w.shape[0],) if n else (0,)) for w, n in zip(weights, needs[1 + k:])]
+    return (dx, *dws, *dbs)
 
 
 @_linear_swiglu_bwd.register_fake
@@ -424,7 +452,7 @@ def _swiglu_ff_fwd_impl(x, w_gate, w_up, w_down, b_gate, b_up, b_down, residual,
 
 def _swiglu_ff_bwd_impl(dy, x, w_gate, w_up, w_down, h, g, u, need_dx, need_dwg, need_dwu,
                         need_dwd, need_dbg, need_dbu, need_dbd):
-    dwd = torch.matmul(dy.t(), h) if need_dwd else empty(x)
+    dwd = weight_grad(dy, h, w_down) if need_dwd else empty(x)
     dbd = dy.sum(0) if need_dbd else empty(x)
     # distinct empties: op outputs may not alias each other
     dx, dwg, dwu, dbg, dbu = empty(x), empty(x), empty(x), empty(x), empty(x)
