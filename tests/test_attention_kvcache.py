@@ -63,6 +63,23 @@ def test_paged_cache_free_returns_pages_for_reuse():
     assert cache.pages("c") == [0, 1, 3]
 
 
+def test_paged_cache_keeps_a_sequence_on_consecutive_pages_where_it_can():
+    """A sequence grows into the page after its last when that one is free, and a new one takes
+    the first run of free pages long enough for it, so its keys stay one slice of the buffers."""
+    cache = LN.PagedKVCache(num_pages=10, page_size=2, num_kv_heads=1, head_dim=8)
+    for name, tokens in (("a", 4), ("b", 2), ("c", 6), ("d", 2)):
+        cache.reserve(name, tokens)
+    assert [cache.pages(n) for n in "abcd"] == [[0, 1], [2], [3, 4, 5], [6]]
+    cache.free("a")
+    cache.free("c")  # free: 0 1 | 3 4 5 | 7 8 9
+    cache.reserve("e", 6)  # skips the run of two for the first run of three
+    assert cache.pages("e") == [3, 4, 5]
+    cache.reserve("d", 6)  # continues after page 6
+    assert cache.pages("d") == [6, 7, 8]
+    cache.reserve("f", 6)  # no run of three is left: the lowest pages
+    assert cache.pages("f") == [0, 1, 9] and cache.num_free_pages == 0
+
+
 def test_paged_cache_block_table_pads_and_checks_width():
     cache = LN.PagedKVCache(num_pages=5, page_size=2, num_kv_heads=1, head_dim=8)
     cache.reserve("a", 5)

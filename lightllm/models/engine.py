@@ -15,12 +15,13 @@ continuing a cached prompt in its own ``flash_attn_with_kvcache`` call). A seque
 (its EOS or its ``max_new_tokens``) frees its pages at once, and the next waiting prompt takes its
 place in the next step.
 
-Admission is first come, first served, by pages: a prompt is admitted when the pool can hold its
-longest possible sequence (prompt + ``max_new_tokens`` - 1 tokens) beside the longest possible
-sequences of those already running. Pages are taken as a sequence grows, so a sequence that stops
-early at its EOS never takes the rest; but a running sequence can never run short, so nothing is
-preempted or dropped. A request that could never fit (the pool, or the model's context) is a
-``ValueError`` before anything runs; one that must wait waits.
+Admission is first come, first served, by pages: a prompt is admitted when the pool's free pages
+hold its longest possible sequence (prompt + ``max_new_tokens`` - 1 tokens), and it takes them
+at once, consecutive where the pool has them (the native CPU path then reads a sequence's keys in
+place instead of gathering its pages). A running sequence can therefore never run short, so
+nothing is preempted or dropped; one that stops early at its EOS returns its pages then. A request
+that could never fit (the pool, or the model's context) is a ``ValueError`` before anything runs;
+one that must wait waits.
 """
 
 from __future__ import annotations
@@ -177,15 +178,18 @@ class Engine:
         waiting = deque(s for s in seqs if s.max_new > 0)
         running: list[_Seq] = []
         free_slots = list(range(self.max_seqs - 1, -1, -1))
-        committed = 0  # pages the running sequences may grow to
+        cache, table = self.cache, self._table
         try:
             while waiting or running:
-                # Admit from the head of the queue while its longest sequence fits the pool.
-                while (waiting and free_slots
-                       and committed + waiting[0].need <= self.num_pages):
+                # Admit from the head of the queue while the pages of its longest sequence are
+                # free; it takes them at once (consecutive where the pool has them).
+                while waiting and free_slots and waiting[0].need <= cache.num_free_pages:
                     s = waiting.popleft()
                     s.slot = free_slots.pop()
-                    committed += s.need
+                    cache.reserve(s.index, s.need * self.page_size)
+                    pages = cache.pages(s.index)
+                    table[s.slot, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+                    s.pages = len(pages)
                     running.append(s)
                 plan = self._plan(running)
                 logits = self.model.forward_ragged(*plan)
@@ -199,9 +203,8 @@ class Engine:
                     s.out.append(token)
                     produced.append((s.index, token))
                     if token == eos or len(s.out) >= s.max_new:
-                        self.cache.free(s.index)
+                        cache.free(s.index)
                         free_slots.append(s.slot)
-                        committed -= s.need
                         done.add(i)
                 if done:
                     running = [s for i, s in enumerate(running) if i not in done]
@@ -231,17 +234,7 @@ class Engine:
                 counts[i] = n
                 budget -= n
                 (fresh if s.cached == 0 else cont).append(i)
-        # Take the pages the step writes into.
         table = self._table
-        for i, s in enumerate(running):
-            if counts[i]:
-                have = s.pages
-                need = self.cache.pages_for(s.cached + counts[i])
-                if need > have:
-                    self.cache.reserve(s.index, s.cached + counts[i])
-                    table[s.slot, have:need] = torch.tensor(self.cache.pages(s.index)[have:need],
-                                                            dtype=torch.int32)
-                    s.pages = need
         ids: list[int] = []
         pos: list[int] = []
         rows: list[int] = []

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -409,7 +410,8 @@ class PagedKVCache(nn.Module):
     sits in page ``pages(seq)[t // page_size]`` at row ``t % page_size``, and
     :meth:`block_table` lays the lists of a batch out as the kernel's ``(B, max_blocks)`` int32
     table. :meth:`reserve` grows a sequence's pages to hold a number of tokens (a ``RuntimeError``
-    when too few pages are free, and nothing is taken then), :meth:`free` returns them. The
+    when too few pages are free, and nothing is taken then; consecutive pages where the pool has
+    them), :meth:`free` returns them. The
     allocator is host-side bookkeeping; the caller tracks how many tokens each sequence has written
     (``cache_seqlens``). The buffers are non-persistent and follow ``.to()``.
     """
@@ -425,7 +427,7 @@ class PagedKVCache(nn.Module):
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is handed out first
+        self._free = list(range(num_pages))  # ascending
         self._pages: dict = {}
 
     @property
@@ -480,11 +482,35 @@ class PagedKVCache(nn.Module):
             raise RuntimeError(f"{_PAGED}: {n_tokens} tokens of sequence {seq!r} need {more} more "
                                f"pages of {self.page_size}, but {len(self._free)} of "
                                f"{self.num_pages} are free")
-        self._pages[seq] = have + [self._free.pop() for _ in range(more)]
+        self._pages[seq] = have + self._take(more, have[-1] + 1 if have else None)
+
+    def _take(self, n: int, after: int | None) -> list[int]:
+        """``n`` free pages, consecutive where possible, so that a sequence's keys stay one
+        slice of the buffers (the native CPU path then reads them in place, with no gather):
+        the pages right after the sequence's last one if they are free, else the first run of
+        ``n`` consecutive free pages, else the lowest free pages."""
+        free = self._free
+        start = None
+        if after is not None:
+            i = bisect.bisect_left(free, after)
+            if i + n <= len(free) and free[i] == after and free[i + n - 1] == after + n - 1:
+                start = i
+        if start is None:
+            run = 0
+            for j, page in enumerate(free):
+                run = run + 1 if j and page == free[j - 1] + 1 else 1
+                if run == n:
+                    start = j - n + 1
+                    break
+        start = 0 if start is None else start
+        taken = free[start:start + n]
+        del free[start:start + n]
+        return taken
 
     def free(self, seq) -> None:
         """Return ``seq``'s pages to the pool (a no-op for an unknown sequence)."""
-        self._free.extend(reversed(self._pages.pop(seq, [])))
+        for page in self._pages.pop(seq, []):
+            bisect.insort(self._free, page)
 
     def block_table(self, seqs, width: int | None = None) -> torch.Tensor:
         """``(len(seqs), width)`` int32 page table on the buffers' device (``width`` defaults to the
