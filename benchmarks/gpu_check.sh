@@ -19,8 +19,8 @@
 #   tests      (LIGHTLLM_TESTS_S, 80)     the test suite on CUDA, bfloat16 included -> tests.log
 #   sanitizer  (LIGHTLLM_SANITIZER_S, 30) compute-sanitizer memcheck + racecheck over the
 #                                          extension's CUDA tests -> sanitizer.log
-# --stage NAME runs that stage alone (build first if the extension is missing). At most nine
-# files land in RESULTS_DIR (default benchmarks/results/<card>-<date>): the eight above and
+# --stage NAME runs that stage alone (build first if the extension is missing). At most eight
+# files land in RESULTS_DIR (default benchmarks/results/<card>-<date>): the seven above and
 # summary.md, which prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
