@@ -1,4 +1,4 @@
-"""Memory traffic and kernel launches of every op and of a transformer block, counted (GitHub issue 11).
+"""Memory traffic and kernel launches of every op and of a transformer block, counted.
 
 For each op and two decoder blocks, forward and backward, the bytes read and written and the
 kernel launches of lightllm, of eager PyTorch (the references the benchmarks call "eager"), of
@@ -64,8 +64,8 @@ writes ``DIR/traffic.json`` and ``DIR/traffic.md``. JSON schema::
                   "baseline": "eager" | "compile", "bytes_ratio", "launch_ratio"}]}
 
 ``ratios`` give provider / baseline of (bytes read + written) and of launches: every provider
-against eager, and lightllm against compile. The markdown opens with the blocks' table (issue
-21's goals: launches <= 0.6x and bytes <= 0.25x eager's, forward and backward) and where
+against eager, and lightllm against compile. The markdown opens with the blocks' table (the
+goals: launches <= 0.6x and bytes <= 0.25x eager's, forward and backward) and where
 lightllm's block launches and bytes go, per kernel. ``run(out_dir, quick, compiled)`` returns
 the dict; ``markdown(traffic)`` renders the tables.
 """
@@ -504,7 +504,7 @@ def _llama_block_case(model: str, batch: int, seq: int, d: int, heads: int, kv_h
     whole model), but leaves transformers' rotary (rotate_half: slices, neg, cat, mul, add per
     q and k) and its separate residual adds in place; lightllm's block is the Llama layout as
     lightllm runs it (lightllm's GPT, ``GPT.from_hf`` of a transformers checkpoint), so its
-    counts are the ones issue 21's goals are about. Both compute the same function of the same
+    counts are the ones the block goals are about. Both compute the same function of the same
     weights (tests/test_traffic.py checks the outputs at the counted shape).
     ``cos``/``sin`` (transformers' position embeddings) and lightllm's rotary table are inputs
     made once per forward outside the layers in both models, so neither is counted."""
@@ -945,7 +945,8 @@ def _table(traffic: dict, table: str) -> list[str]:
 
 def _block_table(traffic: dict, table: str) -> list[str]:
     """Per block and mode: launches and bytes of lightllm, eager and compile, lightllm / eager and
-    lightllm / compile, and (scaled table) whether issue 21's goals against eager are met."""
+    lightllm / compile, and (scaled table) whether the block goals against eager are met
+    (launches <= 0.6x, bytes <= 0.25x)."""
     records = {(r["op"], r["case"], r["mode"], r["provider"]): r for r in traffic[table]
                if r["op"] in BLOCK_OPS}
     ratios = {(r["op"], r["case"], r["mode"], r["baseline"]): r for r in traffic["ratios"]
@@ -1001,7 +1002,7 @@ def _block_kernels(traffic: dict) -> list[str]:
 
 
 def markdown(traffic: dict) -> str:
-    """The block summary (lightllm vs eager vs torch.compile, issue 21's goals), the counted
+    """The block summary (lightllm vs eager vs torch.compile, the block goals), the counted
     table (tiny shapes) and the scaled table (real sizes), with lightllm / eager ratios of bytes
     (read + written) and launches; ``*`` marks figures not counted (softmax's CUDA kernel, from
     its design; PyTorch's SDPA on meta tensors, as its fused kernel's ideal)."""
