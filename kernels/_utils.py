@@ -104,3 +104,13 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON_OUTPUTS and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like`` for kernel outputs: dense, with the dimensions of ``t`` in its stride
+    order, so a gradient comes out in its input's layout (the backward of the view that made the
+    input then needs no copy); NaN-filled when poisoning is on."""
+    out = torch.empty_like(t)
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

@@ -98,7 +98,7 @@ from ._attention import (
     seq_bucket,
     tuned,
 )
-from ._utils import autotune, cdiv, empty
+from ._utils import autotune, cdiv, empty, empty_like
 
 MAX_HEAD_DIM = 256
 _LOG2E = tl.constexpr(LOG2E)
@@ -944,15 +944,16 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float
 
 def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dropout_p: float,
                   seed: torch.Tensor | None, lower_right: bool = False, tma: bool | None = None,
-                  window: tuple[int, int] = (-1, -1)):
-    """Backward: ``(dq, dk, dv)`` shaped like q, k, v (contiguous) in their dtype. ``do`` may have any
-    strides, including the stride-0 gradient of ``out.sum()`` (which keeps it off the TMA configs);
-    ``seed``, ``lower_right``, ``tma`` and ``window`` as in the forward."""
+                  window: tuple[int, int] = (-1, -1), like_inputs: bool = True):
+    """Backward: ``(dq, dk, dv)`` shaped like q, k, v in their dtype; with ``like_inputs`` in
+    their dimension order (the gradient of a transposed view comes out transposed, so autograd's
+    backward of the view copies nothing), else contiguous (a layout that depends on shapes alone,
+    as a compiler's fake tensors need). ``do`` may have any strides, including the stride-0
+    gradient of ``out.sum()`` (which keeps it off the TMA configs); ``seed``, ``lower_right``,
+    ``tma`` and ``window`` as in the forward."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    dq = empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = _gradients(q, k, v, like_inputs)
     if Nq == 0 or Nk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     causal, causal_shift, has_left, left_shift = _band(is_causal, window,
@@ -960,6 +961,13 @@ def attention_bwd(do, q, k, v, out, lse, mask, scale: float, is_causal: bool, dr
     _backward(do, q, k, v, out, lse, dq, dk, dv, mask, scale, dropout_p, seed, tma,
               (B, Hq, Hkv, Nq, Nk, D, Dv), (causal, causal_shift, has_left, left_shift), None)
     return dq, dk, dv
+
+
+def _gradients(q, k, v, like_inputs: bool):
+    """Uninitialised dq, dk, dv: in the inputs' layouts, or contiguous."""
+    if like_inputs:
+        return empty_like(q), empty_like(k), empty_like(v)
+    return tuple(empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _backward(do, q, k, v, out, lse, dq, dk, dv, mask, scale, dropout_p, seed, tma, dims, band,
@@ -1062,15 +1070,14 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqle
 
 def varlen_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                max_seqlen_k: int, scale: float, causal: bool, window: tuple[int, int],
-               dropout_p: float, seed: torch.Tensor | None):
-    """Backward of ``varlen_fwd``: ``(dq, dk, dv)`` shaped like q, k, v. dK / dV programs run
+               dropout_p: float, seed: torch.Tensor | None, like_inputs: bool = True):
+    """Backward of ``varlen_fwd``: ``(dq, dk, dv)`` shaped like q, k, v (``like_inputs`` as in
+    ``attention_bwd``). dK / dV programs run
     over (sequence, key block of ``max_seqlen_k``, kv head), dQ programs as the forward's."""
     total_q, Hq, D = q.shape
     total_k, Hkv, Dv = k.shape[0], k.shape[1], v.shape[-1]
     B = cu_seqlens_q.shape[0] - 1
-    dq = empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = _gradients(q, k, v, like_inputs)
     if total_q * Hq == 0 or total_k == 0 or B <= 0 or max_seqlen_q <= 0 or max_seqlen_k <= 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     band = _band(causal, window, 0)

@@ -571,3 +571,25 @@ def test_chunk_causal_mask_is_a_flag_outside_compile_and_a_mask_inside():
     assert isinstance(chunk_causal_mask(5, 9), CausalBias)
     compiled = torch.compile(lambda: chunk_causal_mask(5, 9, DEVICE), fullgraph=True)()
     assert compiled.dtype == torch.bool and torch.equal(compiled.cpu(), expected)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_attention_gradients_come_back_in_the_projections_layout(gqa):
+    """In eager mode the attention backward writes dq, dk, dv in the layout of q, k, v
+    (transposed views of the projections' (B, T, heads * D) outputs), so autograd's backward of
+    those views copies nothing: no clone in a CausalSelfAttention's backward (counted by
+    the profiler, which leaves the op on its eager route; the custom-op route returns
+    contiguous gradients, whose strides its fake can know)."""
+    m = CausalSelfAttention(48, 4, 2 if gqa else 4).to(DEVICE)
+    x = torch.randn(2, 9, 48, device=DEVICE, requires_grad=True)
+    y = m(x)
+    loss = (y * torch.randn_like(y)).sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(loss, [x, *m.parameters()])
+    names = [e.name for e in prof.events()]
+    assert "aten::mm" in names  # the profiler saw the backward
+    # a view's backward on a gradient of another layout is a clone + _unsafe_view (the
+    # interpreter's own copy_ of a launch's tensors is not one)
+    copies = [n for n in names if n in ("aten::clone", "aten::_to_copy", "aten::contiguous",
+                                        "aten::_unsafe_view")]
+    assert not copies, copies

@@ -96,8 +96,10 @@ def _sdpa_bwd(
     attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float, seed: Tensor | None,
     lower_right: bool, window_left: int = -1, window_right: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # Contiguous gradients: the fake below must know their strides from the shapes alone.
     return kernel.attention_bwd(dout, q, k, v, out, lse, attn_mask, scale, is_causal, dropout_p,
-                                seed, lower_right, window=(window_left, window_right))
+                                seed, lower_right, window=(window_left, window_right),
+                                like_inputs=False)
 
 
 @_sdpa_bwd.register_fake
@@ -369,7 +371,7 @@ def _varlen_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     return kernel.varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, scale, causal, (window_left, window_right), dropout_p,
-                             seed)
+                             seed, like_inputs=False)  # contiguous, as the fake says
 
 
 @_varlen_bwd.register_fake
