@@ -192,6 +192,19 @@ def score_tile(q, k_ptrs, mask_ptrs, cols, offs_m, row_ok, col_ok, d_ok, qk_scal
     return s, k
 
 
+@triton.jit
+def split_program(num_splits, n_rows, n_kv_heads, BLOCK_M: tl.constexpr):
+    """Which work a split-KV program owns, on the 1-D grid of (key chunk, block of ``n_rows``
+    query rows, batch * kv head) with chunks fastest: ``(split, first row, off_b, off_hkv)``
+    (64-bit batch and kv-head indices)."""
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    row_blocks = tl.cdiv(n_rows, BLOCK_M)
+    row_start = (pid // num_splits) % row_blocks * BLOCK_M
+    off_bkv = pid // num_splits // row_blocks
+    return split, row_start, (off_bkv // n_kv_heads).to(tl.int64), (off_bkv % n_kv_heads).to(tl.int64)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launch helpers
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ a thread (the binding limit of the 8-warp default, which compiles to 128-212 reg
 memory (227 KiB on Hopper), both from the device's facts (``_device``). Chunks take about
 equally long, so a grid runs for ceil(P·S / slots) waves and keeps P·S / (ceil(P·S / slots) ·
 slots) of the slots busy (its wave efficiency); S is the count, among
-those ``_chunking`` realises up to one chunk per SPLIT_ALIGN keys, of the best efficiency, the
+those ``chunking`` realises up to one chunk per SPLIT_ALIGN keys, of the best efficiency, the
 fewest chunks within WAVE_SLACK of it (less scratch and combine work), and never below one full
 wave of programs when the keys allow one (the HBM stream needs programs in flight, not only busy
 SMs). A rule of about 2 × SMs programs, whatever a program holds and whatever the last wave,
@@ -72,6 +72,7 @@ from ._attention import (
     mask_args,
     score_tile,
     seq_bucket,
+    split_program,
     tuned,
 )
 from ._device import DeviceFacts
@@ -86,7 +87,7 @@ def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def _fits(c: triton.Config, meta: dict) -> bool:
+def split_fits(c: triton.Config, meta: dict) -> bool:
     # K and V tiles of the stages in flight stay well inside an SM's shared memory (fp32 included),
     # and the fp32 score tile within 1024 elements a warp: compiled for sm_90a, the 64-row blocks
     # of a filled GQA group spill past that (N=128 at 4 warps, N=256 at 8).
@@ -96,11 +97,11 @@ def _fits(c: triton.Config, meta: dict) -> bool:
 
 
 # Memory-bound: the GPU default keeps 2 x 128 keys in flight per program; see _attention.tuned.
-_SPLIT_CONFIGS = [
+SPLIT_CONFIGS = [
     _cfg(128, 8, 3), _cfg(64, 4, 3), _cfg(64, 4, 4), _cfg(128, 4, 2), _cfg(128, 4, 3),
     _cfg(256, 8, 2), _cfg(64, 4, 2),
 ]
-_SPLIT = tuned(_cfg(64, 4, 2), _SPLIT_CONFIGS, _fits)
+_SPLIT = tuned(_cfg(64, 4, 2), SPLIT_CONFIGS, split_fits)
 
 
 @autotune(key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CHUNK_KEY", "HAS_MASK"], **_SPLIT)
@@ -120,14 +121,9 @@ def _attention_decode_split(
 ):
     # -- this program: one key chunk of one kv head, a block of (group head, query token) rows;
     #    on the grid's one axis chunks run fastest, then row blocks, then batch * kv heads --
-    pid = tl.program_id(0)
-    split = pid % num_splits
-    row_blocks = tl.cdiv(group * n_q, BLOCK_M)
-    row_block = (pid // num_splits) % row_blocks
-    off_bkv = pid // num_splits // row_blocks
-    off_b = (off_bkv // n_kv_heads).to(tl.int64)
-    off_hkv = (off_bkv % n_kv_heads).to(tl.int64)
-    r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    split, row_start, off_b, off_hkv = split_program(num_splits, group * n_q, n_kv_heads,
+                                                     BLOCK_M)
+    r = row_start + tl.arange(0, BLOCK_M)
     row_ok = r < group * n_q
     off_h = off_hkv * group + (r // n_q).to(tl.int64)
     tok = (r % n_q).to(tl.int64)
@@ -214,7 +210,7 @@ def _attention_decode_combine(
              out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
 
 
-def _chunking(blocks: int, splits: int) -> tuple[int, int]:
+def chunking(blocks: int, splits: int) -> tuple[int, int]:
     """(number of chunks, chunk length) for about ``splits`` chunks of a multiple of SPLIT_ALIGN
     over keys of ``blocks`` SPLIT_ALIGN blocks (cdiv(cdiv(Nk, s), A) = cdiv(cdiv(Nk, A), s): the
     chunking of Nk keys is that of its blocks)."""
@@ -239,7 +235,7 @@ def ctas_per_sm(config: triton.Config, meta: dict, device: DeviceFacts) -> int:
 def default_config(meta: dict) -> triton.Config:
     """The config a GPU launch takes with LIGHTLLM_AUTOTUNE=0: the first that fits (else the
     last, as ``_attention.tuned`` prunes)."""
-    return next((c for c in _SPLIT_CONFIGS if _fits(c, meta)), _SPLIT_CONFIGS[-1])
+    return next((c for c in SPLIT_CONFIGS if split_fits(c, meta)), SPLIT_CONFIGS[-1])
 
 
 def wave_efficiency(programs: int, slots: int) -> float:
@@ -252,7 +248,7 @@ def wave_splits(programs: int, slots: int, blocks: int) -> int:
     resident programs and keys of ``blocks`` SPLIT_ALIGN blocks: among the counts that give at
     least one full wave (all counts up to ``blocks`` when none does), the fewest chunks within
     WAVE_SLACK of the best. Chunks of j blocks make cdiv(blocks, j) of them, exactly the counts
-    ``_chunking`` realises."""
+    ``chunking`` realises."""
     counts = sorted({cdiv(blocks, j) for j in range(1, blocks + 1)})
     counts = [s for s in counts if programs * s >= slots] or counts
     efficiency = [wave_efficiency(programs * s, slots) for s in counts]
@@ -261,13 +257,14 @@ def wave_splits(programs: int, slots: int, blocks: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(batch: int, heads: int, kv_heads: int, n_q: int, blocks: int, d: int, dv: int,
+def plan(batch: int, heads: int, kv_heads: int, n_q: int, blocks: int, d: int, dv: int,
           item: int, device: DeviceFacts, num_splits: int | None
           ) -> tuple[int, int, int, int, dict, dict]:
     """(num_splits, chunk, BLOCK_M, row blocks, constexprs of the split kernel, of the combine):
     the split count of ``wave_splits`` for the programs the default config keeps on an SM unless
     ``num_splits`` forces a count. Keys count as their ``blocks`` of SPLIT_ALIGN, so a decode
-    loop meets a new plan once every SPLIT_ALIGN tokens."""
+    loop meets a new plan once every SPLIT_ALIGN tokens. Shared by the family's split-KV
+    kernels (the KV-cache kernel plans over its cache's capacity)."""
     group = heads // kv_heads
     block_m = min(64, max(16, next_pow2(group * n_q)))
     row_blocks = cdiv(group * n_q, block_m)
@@ -277,7 +274,7 @@ def _plan(batch: int, heads: int, kv_heads: int, n_q: int, blocks: int, d: int, 
         meta = {**split_meta, "ITEM": item}
         slots = device.sms * ctas_per_sm(default_config(meta), meta, device)
         num_splits = wave_splits(batch * kv_heads * row_blocks, slots, blocks)
-    num_splits, chunk = _chunking(blocks, num_splits)
+    num_splits, chunk = chunking(blocks, num_splits)
     combine_meta = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, next_pow2(num_splits)),
                         BLOCK_DV=head_block(dv), num_warps=4)
     return num_splits, chunk, block_m, row_blocks, split_meta, combine_meta
@@ -289,7 +286,7 @@ def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = N
     split count, for tests)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    num_splits, chunk, _, row_blocks, split_meta, combine_meta = _plan(
+    num_splits, chunk, _, row_blocks, split_meta, combine_meta = plan(
         B, Hq, Hkv, Nq, cdiv(Nk, SPLIT_ALIGN), D, Dv, q.element_size(), _device.facts(q.device),
         num_splits)
     dev = q.device
@@ -308,14 +305,18 @@ def attention_decode_fwd(q, k, v, mask, scale: float, num_splits: int | None = N
         INPUT_PRECISION=dot_precision(q.dtype), **split_meta,
     )
     # -- 2. merge the chunks of each query row --
-    _attention_decode_combine[(B * Hq * Nq,)](
-        o_part, lse_part, out, lse, *out.stride(), Hq, Nq, num_splits, **combine_meta,
-    )
+    combine_splits(o_part, lse_part, out, lse, out.stride(), Hq, Nq, num_splits, combine_meta)
     return out, lse
 
 
-# The split kernel's configs, their pruning and the chunking, shared with the paged-cache kernel
-# (attention_paged.py), which plans its splits the same way.
-SPLIT_CONFIGS = _SPLIT_CONFIGS
-split_fits = _fits
-chunking = _chunking
+def combine_splits(o_part, lse_part, out, lse, out_strides, heads: int, n_q: int,
+                   num_splits: int, meta: dict) -> None:
+    """Merge the fp32 partials ``o_part`` (rows, S, Dv) / ``lse_part`` (rows, S) of the S key
+    chunks of each of the ``batch * heads * n_q`` query rows into ``out`` (read through
+    ``out_strides`` as (batch, heads, n_q, Dv)) and the natural-log ``lse`` (rows,): the combine
+    launch of every split-KV kernel of the family (``meta``: their plan's combine meta)."""
+    rows = o_part.shape[0]
+    _attention_decode_combine[(rows,)](
+        o_part, lse_part, out, lse, *out_strides, heads, n_q, num_splits, **meta,
+    )
+

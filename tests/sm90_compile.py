@@ -445,7 +445,7 @@ def scenario_attention_decode(mod, cap: Capture):
             mod.attention_decode_fwd(q, k, v, mask, d ** -0.5)
 
 
-def scenario_attention_paged(mod, cap: Capture):
+def scenario_attention_kvcache(mod, cap: Capture):
     """KV-cache attention over pages of 16 (keys gathered per row through the block table): the
     bf16 decode step of GQA 8:1 at head dim 128 with new keys appended and split-KV, every config;
     the fp32 chunk of 64 new tokens of SmolLM2's heads (9:3, d64) over a dense cache with a local
@@ -503,7 +503,7 @@ def scenario_rotary(mod, cap: Capture):
 SCENARIOS = {
     "attention": scenario_attention,
     "attention_decode": scenario_attention_decode,
-    "attention_paged": scenario_attention_paged,
+    "attention_kvcache": scenario_attention_kvcache,
     "norm": scenario_norm,
     "fused_linear": scenario_fused_linear,
     "rotary": scenario_rotary,

@@ -124,13 +124,13 @@ def _blocks(nk):
 
 
 def _plan(b, hq, hkv, nq, nk, d, item=2, sms=132, num_splits=None):
-    return decode._plan(b, hq, hkv, nq, _blocks(nk), d, d, item,
+    return decode.plan(b, hq, hkv, nq, _blocks(nk), d, d, item,
                         dataclasses.replace(HOPPER, sms=sms), num_splits)
 
 
 def _two_wave_splits(programs, sms, nk):
     """The split count of the two-wave rule: about 2 x SMs programs."""
-    return decode._chunking(_blocks(nk), max(1, min(math.ceil(2 * sms / programs), _blocks(nk))))[0]
+    return decode.chunking(_blocks(nk), max(1, min(math.ceil(2 * sms / programs), _blocks(nk))))[0]
 
 
 def test_programs_per_sm_from_the_config():
@@ -189,7 +189,7 @@ def test_wave_splits_are_realised_exactly(nk):
     for programs in (1, 7, 24, 64, 130, 256, 1000):
         for slots in (4, 132, 264):
             splits = decode.wave_splits(programs, slots, blocks)
-            count, chunk = decode._chunking(blocks, splits)
+            count, chunk = decode.chunking(blocks, splits)
             assert count == splits and chunk % decode.SPLIT_ALIGN == 0
             assert splits * chunk >= nk > (splits - 1) * chunk
 

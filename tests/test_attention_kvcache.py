@@ -18,7 +18,8 @@ import lightllm.functional as LF
 import lightllm.nn as LN
 from lightllm import _dispatch
 from lightllm.kernels import _device
-from lightllm.kernels import attention_paged as paged_kernel
+from lightllm.kernels import attention_decode as decode_kernel
+from lightllm.kernels import attention_kvcache as kvcache_kernel
 from lightllm.reference import attention as reference
 from lightllm.testing import DispatchedOps, assert_parity
 
@@ -48,8 +49,9 @@ def test_paged_cache_refuses_when_short_without_taking_pages():
     with pytest.raises(RuntimeError, match="need 2 more pages of 4, but 1 of 3 are free"):
         cache.reserve("b", 5)
     assert cache.pages("b") == [] and cache.num_free_pages == 1
-    with pytest.raises(ValueError, match="n_tokens"):
-        cache.reserve("a", -1)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="n_tokens"):
+            cache.reserve("a", bad)
 
 
 def test_paged_cache_free_returns_pages_for_reuse():
@@ -231,10 +233,10 @@ def test_kvcache_split_kv_forced_and_planned():
         seqlens, table)
     for splits in (3, 1):
         kc, vc = k_cache.clone(), v_cache.clone()
-        out = paged_kernel.attention_kvcache_fwd(q, kc, vc, k, v, seqlens, 0, table,
+        out = kvcache_kernel.attention_kvcache_fwd(q, kc, vc, k, v, seqlens, 0, table,
                                                  1 / math.sqrt(32), -1, 0, num_splits=splits)
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
-    plan = paged_kernel._plan(1, 32, 8, 1, 16, 128, 128, 2, _device.HOPPER, None)
+    plan = decode_kernel.plan(1, 32, 8, 1, 16, 128, 128, 2, _device.HOPPER, None)
     assert plan[0] > 1  # one sequence of 4096 cache slots on 132 SMs splits
 
 
@@ -244,7 +246,7 @@ def test_kvcache_kernel_clamps_bad_lengths():
     q, k_cache, v_cache, k, v, _, table = _make(2, 1, 2, 1, 16, 1, [10, 10], 16, torch.float32)
     bad = torch.tensor([10_000, -50], dtype=torch.int32, device=DEVICE)
     before = k_cache.clone(), v_cache.clone()
-    out = paged_kernel.attention_kvcache_fwd(q, k_cache, v_cache, k, v, bad, 0, table, 0.25,
+    out = kvcache_kernel.attention_kvcache_fwd(q, k_cache, v_cache, k, v, bad, 0, table, 0.25,
                                              -1, 0)
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
     assert torch.isfinite(out).all()

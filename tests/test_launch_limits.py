@@ -16,7 +16,7 @@ from conftest import DEVICE
 import lightllm.functional as LF
 from lightllm.kernels import attention as attention_kernel
 from lightllm.kernels import attention_decode as decode_kernel
-from lightllm.kernels import attention_paged as paged_kernel
+from lightllm.kernels import attention_kvcache as kvcache_kernel
 from lightllm.testing import stub_launches
 
 MAX_X = 2**31 - 1
@@ -184,7 +184,7 @@ def test_kvcache_many_splits():
     q = _t(1, 1, 2, D)
     seqlens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     with stub_launches() as launches:
-        paged_kernel.attention_kvcache_fwd(q, pages, pages, None, None, seqlens, 0, table,
+        kvcache_kernel.attention_kvcache_fwd(q, pages, pages, None, None, seqlens, 0, table,
                                            D ** -0.5, -1, 0, num_splits=LONG_KEYS)
     _check(launches, ["_attention_kvcache_split", "_attention_decode_combine"], "4096 splits")
 

@@ -472,7 +472,7 @@ class PagedKVCache(nn.Module):
 
     def reserve(self, seq, n_tokens: int) -> None:
         """Grow ``seq``'s pages to hold ``n_tokens`` tokens in all (never shrinks)."""
-        if not isinstance(n_tokens, int) or n_tokens < 0:
+        if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 0:
             raise ValueError(f"{_PAGED}: n_tokens must be a non-negative int, got {n_tokens!r}")
         have = self._pages.get(seq, [])
         more = self.pages_for(n_tokens) - len(have)

@@ -694,14 +694,14 @@ def scaled_dot_product_attention(
 # length ``seqlen`` for every sequence. The op writes k / v (B, Sn, Hkv, D) into the caches at
 # positions cache_seqlens[b] .. + Sn - 1 (declared in mutates_args) and returns the attention of
 # the Sq queries, the last Sq positions of each sequence, over its cache_seqlens[b] + Sn keys.
-# CUDA (and the interpreter) run kernels/attention_paged.py: one append launch, then split-KV
+# CUDA (and the interpreter) run kernels/attention_kvcache.py: one append launch, then split-KV
 # programs that read each sequence's length on the device (no host sync: CUDA-graph capturable).
 # The native CPU path appends with one index_put_ per cache and runs PyTorch's SDPA per sequence
 # on a view of its keys (a slice of the dense cache; a run of consecutive pages; else a gather of
 # its pages). Inference only: a call that autograd would record is refused.
 # ================================================================================================
 
-from lightllm.kernels import attention_paged as paged  # noqa: E402
+from lightllm.kernels import attention_kvcache as kvcache_kernel  # noqa: E402
 from lightllm.reference import attention as _reference  # noqa: E402
 
 _KV = "flash_attn_with_kvcache"
@@ -922,7 +922,7 @@ def _kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_tabl
 def _kvcache_forward(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table, scale,
                      causal, left, right):
     if _dispatch.runs_triton(q) and q.dtype is not torch.float64:
-        return paged.attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, seqlen,
+        return kvcache_kernel.attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, seqlen,
                                            block_table, scale, left, right)
     return _kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, seqlen, block_table, scale,
                            causal, left, right)

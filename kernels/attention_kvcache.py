@@ -21,7 +21,7 @@ The caches are ``(B, max_len, Hkv, D)`` (dense: the "page" of sequence b is b it
      pages: any page size works; the page index read from the table is clamped to the cache, so a
      bad table cannot read outside it. With one chunk the program writes the output directly;
      otherwise it writes its chunk's normalised partial and log2-sum-exp, and
-  3. ``attention_decode._attention_decode_combine`` merges them (one program per query row).
+  3. ``attention_decode.combine_splits`` merges them (one program per query row).
 
 No host synchronisation anywhere (lengths stay on the device): CUDA-graph capturable, and a replay
 with other ``cache_seqlens`` attends over the new lengths. The split count comes from
@@ -35,25 +35,27 @@ bounded by an element count of a tensor the caller passed (the op layer refuses 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _device
-from ._attention import LOG2E, dot_precision, head_block, load_tile, seq_bucket, tuned
-from ._device import DeviceFacts
-from ._utils import autotune, cdiv, empty, next_pow2
+from ._attention import (
+    LOG2E,
+    dot_precision,
+    head_block,
+    load_tile,
+    seq_bucket,
+    split_program,
+    tuned,
+)
+from ._utils import autotune, cdiv, empty
 from .attention_decode import (
     SPLIT_ALIGN,
     SPLIT_CONFIGS,
-    _attention_decode_combine,
-    chunking,
-    ctas_per_sm,
-    default_config,
+    combine_splits,
+    plan,
     split_fits,
-    wave_splits,
 )
 
 _KVCACHE = tuned(triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2), SPLIT_CONFIGS,
@@ -142,14 +144,9 @@ def _attention_kvcache_split(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # -- this program: one key chunk of one kv head, a block of (query token, group head) rows --
-    pid = tl.program_id(0)
-    split = pid % num_splits
-    row_blocks = tl.cdiv(group * n_q, BLOCK_M)
-    row_block = (pid // num_splits) % row_blocks
-    off_bkv = pid // num_splits // row_blocks
-    off_b = (off_bkv // n_kv_heads).to(tl.int64)
-    off_hkv = (off_bkv % n_kv_heads).to(tl.int64)
-    r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    split, row_start, off_b, off_hkv = split_program(num_splits, group * n_q, n_kv_heads,
+                                                     BLOCK_M)
+    r = row_start + tl.arange(0, BLOCK_M)
     row_ok = r < group * n_q
     tok = r // group
     off_h = off_hkv * group + (r % group).to(tl.int64)
@@ -168,8 +165,8 @@ def _attention_kvcache_split(
     shift = n_k - n_q  # query token i sits at key position i + shift
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_k)
-    first_tok = row_block * BLOCK_M // group
-    last_tok = tl.minimum((row_block * BLOCK_M + BLOCK_M - 1) // group, n_q - 1)
+    first_tok = row_start // group
+    last_tok = tl.minimum((row_start + BLOCK_M - 1) // group, n_q - 1)
     if HAS_RIGHT:
         hi = tl.minimum(hi, last_tok + shift + window_right + 1)
     if HAS_LEFT:
@@ -226,26 +223,6 @@ def _attention_kvcache_split(
                  mask=row_ok[:, None] & dv_ok[None, :])
 
 
-@functools.lru_cache(maxsize=4096)
-def _plan(batch: int, heads: int, kv_heads: int, n_q: int, blocks: int, d: int, dv: int,
-          item: int, device: DeviceFacts, num_splits: int | None) -> tuple:
-    """(num_splits, chunk, row blocks, constexprs of the split kernel, of the combine) for a
-    cache of ``blocks`` SPLIT_ALIGN blocks a sequence: ``attention_decode``'s wave planning."""
-    group = heads // kv_heads
-    block_m = min(64, max(16, next_pow2(group * n_q)))
-    row_blocks = cdiv(group * n_q, block_m)
-    split_meta = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=head_block(d), BLOCK_DV=head_block(dv),
-                      BLOCK_M=block_m)
-    if num_splits is None:
-        meta = {**split_meta, "ITEM": item}
-        slots = device.sms * ctas_per_sm(default_config(meta), meta, device)
-        num_splits = wave_splits(batch * kv_heads * row_blocks, slots, blocks)
-    num_splits, chunk = chunking(blocks, num_splits)
-    combine_meta = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, next_pow2(num_splits)),
-                        BLOCK_DV=head_block(dv), num_warps=4)
-    return num_splits, chunk, row_blocks, split_meta, combine_meta
-
-
 def attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, seqlen: int, block_table,
                           scale: float, window_left: int, window_right: int,
                           num_splits: int | None = None):
@@ -278,7 +255,7 @@ def attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, seqlen: int,
         )
     if not out.numel():
         return out
-    num_splits, chunk, row_blocks, split_meta, combine_meta = _plan(
+    num_splits, chunk, _, row_blocks, split_meta, combine_meta = plan(
         B, H, Hkv, Sq, max(1, cdiv(capacity, SPLIT_ALIGN)), D, Dv, q.element_size(),
         _device.facts(dev), num_splits)
     split = num_splits > 1
@@ -301,8 +278,6 @@ def attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, seqlen: int,
     if split:
         # -- 3. merge the chunks of each query row (out read as (B, H, Sq, Dv)) --
         lse = torch.empty((B * H * Sq,), dtype=torch.float32, device=dev)
-        _attention_decode_combine[(B * H * Sq,)](
-            o_part, lse_part, out, lse, os_[0], os_[2], os_[1], os_[3], H, Sq, num_splits,
-            **combine_meta,
-        )
+        combine_splits(o_part, lse_part, out, lse, (os_[0], os_[2], os_[1], os_[3]), H, Sq,
+                       num_splits, combine_meta)
     return out
